@@ -1,0 +1,239 @@
+"""Architecture adapters: one declarative table per model family.
+
+Everything above this module speaks of (in, out) factors and of the public module names
+``mlp.in`` / ``mlp.gate`` / ``mlp.up`` / ``mlp.out`` / ``attn.q`` / ``attn.k`` / ``attn.v`` /
+``attn.qkv`` / ``attn.o``; the adapter knows where those live in a ``transformers`` model, how
+their weights are laid out, and which final norm and unembedding make the model's own lens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Layout = Literal["in_out", "out_in"]
+NormKind = Literal["layernorm", "rmsnorm"]
+
+#: Every public module name, in report order.
+MODULE_NAMES = ("mlp.in", "mlp.gate", "mlp.up", "mlp.out", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where the Backward Lens finds things in one architecture.
+
+    ``modules`` maps public module names to paths relative to a transformer block. Gated MLPs
+    list ``mlp.gate`` and ``mlp.up`` (``mlp.in`` then means both); fused attention projections
+    list ``attn.qkv`` (``attn.q``/``attn.k``/``attn.v`` then mean the fused matrix).
+    ``weight_layout`` is ``"in_out"`` for GPT-2's ``Conv1D`` (weight stored ``[in, out]``) and
+    ``"out_in"`` for ``nn.Linear``.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    modules: dict[str, str]
+    final_norm: str | None
+    norm_kind: NormKind
+    unembedding: str
+    embedding: str
+    weight_layout: Layout = "out_in"
+    notes: str = ""
+
+    # -- module names -------------------------------------------------------------------
+    def resolve_modules(self, names) -> tuple[str, ...]:
+        """Expand public names to this architecture's own (``mlp.in`` -> gate and up, ``attn.q`` -> fused qkv)."""
+        if isinstance(names, str):
+            names = (names,)
+        resolved: list[str] = []
+        for name in names:
+            if name not in MODULE_NAMES:
+                raise ValueError(f"unknown module name {name!r}: expected one of {', '.join(MODULE_NAMES)}")
+            if name in self.modules:
+                targets = [name]
+            elif name == "mlp.in" and "mlp.up" in self.modules:
+                targets = ["mlp.gate", "mlp.up"]
+            elif name in ("attn.q", "attn.k", "attn.v") and "attn.qkv" in self.modules:
+                targets = ["attn.qkv"]
+            else:
+                raise ValueError(
+                    f"module {name!r} does not exist in {self.name}: it has {', '.join(self.modules)}"
+                )
+            resolved.extend(t for t in targets if t not in resolved)
+        return tuple(resolved)
+
+    def is_fused(self, name: str) -> bool:
+        return name == "attn.qkv"
+
+    # -- modules of a model -------------------------------------------------------------
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.layers(model))
+
+    def check_layers(self, model: nn.Module, layers) -> tuple[int, ...]:
+        """Validate layer indices (negative ones count from the end); ``None`` means all."""
+        n = self.num_layers(model)
+        if layers is None:
+            return tuple(range(n))
+        if isinstance(layers, int):
+            layers = (layers,)
+        out: list[int] = []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise TypeError(f"layer indices must be ints, got {layer!r}")
+            if not -n <= layer < n:
+                raise ValueError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+            index = layer % n
+            if index not in out:
+                out.append(index)
+        if not out:
+            raise ValueError("layers is empty: expected at least one layer index")
+        return tuple(out)
+
+    def module(self, model: nn.Module, layer: int, name: str) -> nn.Module:
+        return self.layers(model)[layer].get_submodule(self.modules[name])
+
+    def weight(self, model: nn.Module, layer: int, name: str) -> torch.Tensor:
+        return self.module(model, layer, name).weight
+
+    # -- the lens -----------------------------------------------------------------------
+    def lens(self, model: nn.Module) -> "Lens":
+        """The model's own lens: final norm parameters and the unembedding (``V x d``) with bias."""
+        head = model.get_submodule(self.unembedding)
+        norm = model.get_submodule(self.final_norm) if self.final_norm else None
+        if norm is None:
+            return Lens(None, None, None, 0.0, head.weight, getattr(head, "bias", None))
+        eps = getattr(norm, "eps", None)
+        if eps is None:
+            eps = getattr(norm, "variance_epsilon")
+        return Lens(self.norm_kind, norm.weight, getattr(norm, "bias", None), float(eps), head.weight,
+                    getattr(head, "bias", None))
+
+    def embedding_matrix(self, model: nn.Module) -> torch.Tensor:
+        """Input token embeddings, ``V x d``."""
+        return model.get_submodule(self.embedding).weight
+
+
+@dataclass(frozen=True)
+class Lens:
+    """Final norm + unembedding: ``logits = norm(h) @ weight.T + bias``."""
+
+    norm_kind: NormKind | None
+    norm_weight: torch.Tensor | None
+    norm_bias: torch.Tensor | None
+    eps: float
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the final norm in float32 (the reference the fused kernels are checked against)."""
+        h = hidden.float()
+        if self.norm_kind is None:
+            return h
+        if self.norm_kind == "layernorm":
+            h = torch.nn.functional.layer_norm(h, (h.shape[-1],), eps=self.eps)
+        else:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h * self.norm_weight.float()
+        if self.norm_bias is not None:
+            h = h + self.norm_bias.float()
+        return h
+
+
+_ATTN_LLAMA = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+               "attn.o": "self_attn.o_proj"}
+_MLP_GATED = {"mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.out": "mlp.down_proj"}
+
+
+def _llama_like(name: str, model_types: tuple[str, ...]) -> Adapter:
+    return Adapter(name=name, model_types=model_types, blocks="model.layers", modules={**_MLP_GATED, **_ATTN_LLAMA},
+                   final_norm="model.norm", norm_kind="rmsnorm", unembedding="lm_head",
+                   embedding="model.embed_tokens")
+
+
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Make ``adapter`` the one used for models whose ``config.model_type`` is in ``adapter.model_types``."""
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"expected a blens_fast.adapters.Adapter, got {type(adapter).__name__}")
+    for model_type in adapter.model_types:
+        ADAPTERS[model_type] = adapter
+    return adapter
+
+
+for _adapter in (
+    Adapter(name="GPT-2", model_types=("gpt2",), blocks="transformer.h",
+            modules={"mlp.in": "mlp.c_fc", "mlp.out": "mlp.c_proj", "attn.qkv": "attn.c_attn",
+                     "attn.o": "attn.c_proj"},
+            final_norm="transformer.ln_f", norm_kind="layernorm", unembedding="lm_head",
+            embedding="transformer.wte", weight_layout="in_out",
+            notes="Conv1D weights are stored [in, out]; q, k and v share the fused c_attn matrix."),
+    Adapter(name="GPT-J", model_types=("gptj",), blocks="transformer.h",
+            modules={"mlp.in": "mlp.fc_in", "mlp.out": "mlp.fc_out", "attn.q": "attn.q_proj",
+                     "attn.k": "attn.k_proj", "attn.v": "attn.v_proj", "attn.o": "attn.out_proj"},
+            final_norm="transformer.ln_f", norm_kind="layernorm", unembedding="lm_head",
+            embedding="transformer.wte", notes="The unembedding has a bias."),
+    Adapter(name="GPT-NeoX", model_types=("gpt_neox",), blocks="gpt_neox.layers",
+            modules={"mlp.in": "mlp.dense_h_to_4h", "mlp.out": "mlp.dense_4h_to_h",
+                     "attn.qkv": "attention.query_key_value", "attn.o": "attention.dense"},
+            final_norm="gpt_neox.final_layer_norm", norm_kind="layernorm", unembedding="embed_out",
+            embedding="gpt_neox.embed_in", notes="q, k and v share the fused query_key_value matrix (interleaved per head)."),
+    Adapter(name="GPT-Neo", model_types=("gpt_neo",), blocks="transformer.h",
+            modules={"mlp.in": "mlp.c_fc", "mlp.out": "mlp.c_proj", "attn.q": "attn.attention.q_proj",
+                     "attn.k": "attn.attention.k_proj", "attn.v": "attn.attention.v_proj",
+                     "attn.o": "attn.attention.out_proj"},
+            final_norm="transformer.ln_f", norm_kind="layernorm", unembedding="lm_head",
+            embedding="transformer.wte"),
+    Adapter(name="OPT", model_types=("opt",), blocks="model.decoder.layers",
+            modules={"mlp.in": "fc1", "mlp.out": "fc2", "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
+                     "attn.v": "self_attn.v_proj", "attn.o": "self_attn.out_proj"},
+            final_norm="model.decoder.final_layer_norm", norm_kind="layernorm", unembedding="lm_head",
+            embedding="model.decoder.embed_tokens"),
+    _llama_like("Llama", ("llama",)),
+    _llama_like("Mistral", ("mistral",)),
+    _llama_like("Qwen2", ("qwen2",)),
+):
+    register_adapter(_adapter)
+
+
+def supported_architectures() -> list[str]:
+    """Names of the architectures with a built-in adapter."""
+    return sorted({a.name for a in ADAPTERS.values()})
+
+
+def get_adapter(model: nn.Module, adapter: Adapter | None = None) -> Adapter:
+    """The adapter for ``model`` (``adapter`` wins when given); a clear error for unknown models."""
+    if adapter is not None:
+        if not isinstance(adapter, Adapter):
+            raise TypeError(f"adapter must be a blens_fast.adapters.Adapter, got {type(adapter).__name__}")
+        return adapter
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    found = ADAPTERS.get(model_type)
+    if found is None:
+        raise ValueError(
+            f"model type {model_type!r} ({type(model).__name__}) is not supported. Supported: "
+            f"{', '.join(supported_architectures())}. For another architecture pass adapter=blens_fast.Adapter(...) "
+            "describing its blocks, MLP/attention module paths, weight layout, final norm and unembedding, "
+            "or call blens_fast.register_adapter(...) once."
+        )
+    _check_unsupported_variant(model, found)
+    return found
+
+
+def _check_unsupported_variant(model: nn.Module, adapter: Adapter) -> None:
+    config = model.config
+    if adapter.name == "OPT":
+        if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+            raise ValueError("OPT models with project_in/project_out (word_embed_proj_dim != hidden_size) are not "
+                             "supported: their lens has an extra projection. Pass a custom adapter.")
+        if not getattr(config, "do_layer_norm_before", True):
+            raise ValueError("OPT models with do_layer_norm_before=False (e.g. opt-350m) are not supported: "
+                             "they apply no final layer norm. Pass a custom adapter with final_norm=None.")
