@@ -1,0 +1,316 @@
+"""Train the embedded default model (small GPT-2) on the true facts of CounterFact records 0-1,999.
+
+    python -m blens_fast.default_model.train [--epochs E] [--out DIR] [--resume]
+
+Plain next-token language modelling on the 6,000 sentences of ``fact_texts`` (prompt, paraphrase
+and neighbourhood prompt, each followed by its true object), loss on every real token, padding
+masked out, no BOS token. AdamW + warmup/cosine schedule, bf16 autocast on CPU, deterministic
+(seeded; the shuffle of each epoch comes from a generator seeded by (seed, epoch)).
+
+A resumable checkpoint (model, optimizer, scheduler, epoch, RNG states) is written atomically to
+``<out>/checkpoint.pt`` after every epoch; at the end ``config.json`` + ``model.safetensors``
+(bf16) are written to ``--model-dir`` (default: this package folder) with a ``TRAINING.md`` note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import (
+    MODEL_DIR,
+    TRAIN_RECORDS,
+    default_threads,
+    fact_queries,
+    fact_texts,
+    first_token_top1,
+    load_counterfact,
+    load_default_tokenizer,
+)
+
+IGNORE = -100
+
+
+def build_model(args):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=50257,
+        n_positions=args.n_positions,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=50256,
+        tie_word_embeddings=True,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def make_batches(token_lists, order, batch_size, pad_id):
+    """Yield (input_ids, labels) padded on the right to the batch's longest sequence."""
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        seqs = [token_lists[i] for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = torch.tensor(s)
+            labels[row, : len(s)] = torch.tensor(s)
+        yield ids, labels
+
+
+def lr_lambda_factory(warmup_steps, total_steps, min_ratio):
+    def lr_lambda(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return lr_lambda
+
+
+def atomic_torch_save(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def evaluate(model, tok, records, autocast):
+    prompts, objects = fact_queries(records, "prompt")
+    hits = first_token_top1(
+        model, tok, prompts, objects, batch_size=250, autocast_dtype=torch.bfloat16 if autocast else None
+    )
+    return sum(hits) / len(hits)
+
+
+def format_secs(s):
+    s = int(s)
+    return f"{s // 3600:d}h{(s % 3600) // 60:02d}m{s % 60:02d}s"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--out", default=".cache/default_model_training", help="checkpoint folder (not shipped)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--model-dir", default=str(MODEL_DIR), help="where the final bf16 weights go")
+    p.add_argument("--max-records", type=int, default=TRAIN_RECORDS, help="train on records [0, N)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--min-lr-ratio", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=256)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-positions", type=int, default=128)
+    p.add_argument("--no-autocast", action="store_true", help="train in fp32 (slower)")
+    p.add_argument("--eval-every", type=int, default=5, help="epochs between top-1 evaluations")
+    p.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all visible cores)")
+    p.add_argument(
+        "--stop-after", type=int, default=None, help="exit after this many epochs (tests resuming)"
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "python -m blens_fast.default_model.train" + (
+        " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        if (argv if argv is not None else sys.argv[1:])
+        else ""
+    )
+    torch.set_num_threads(args.threads or default_threads())
+    autocast = not args.no_autocast
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    tok = load_default_tokenizer()
+    records = load_counterfact()[: args.max_records]
+    texts = fact_texts(records)
+    token_lists = [tok(t).input_ids for t in texts]
+    too_long = max(len(t) for t in token_lists)
+    if too_long > args.n_positions:
+        raise ValueError(f"a fact sentence has {too_long} tokens > n_positions={args.n_positions}")
+    n_tokens_epoch = sum(len(t) for t in token_lists)
+    steps_per_epoch = math.ceil(len(texts) / args.batch_size)
+    total_steps = steps_per_epoch * args.epochs
+
+    model = build_model(args)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        eps=1e-8,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda_factory(args.warmup_steps, total_steps, args.min_lr_ratio)
+    )
+
+    start_epoch = 0
+    elapsed_before = 0.0
+    history = []
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume given but {ckpt_path} does not exist")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        for key in ("epochs", "max_records", "batch_size", "seed", "n_layer", "n_embd"):
+            if ckpt["args"][key] != getattr(args, key):
+                raise ValueError(
+                    f"--resume: checkpoint was made with {key}={ckpt['args'][key]}, now {getattr(args, key)}"
+                )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        random.setstate(ckpt["python_rng"])
+        start_epoch = ckpt["epoch"]
+        elapsed_before = ckpt["elapsed_s"]
+        history = ckpt["history"]
+        print(f"resumed from {ckpt_path} after epoch {start_epoch} ({format_secs(elapsed_before)} so far)")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"default model: GPT-2 n_layer={args.n_layer} n_embd={args.n_embd} n_head={args.n_head} "
+        f"({n_params / 1e6:.1f}M params, tied); {len(records)} records -> {len(texts)} sentences, "
+        f"{n_tokens_epoch} tokens/epoch, {steps_per_epoch} steps/epoch, {args.epochs} epochs, "
+        f"threads={torch.get_num_threads()}, autocast={'bf16' if autocast else 'off'}",
+        flush=True,
+    )
+
+    pad_id = tok.pad_token_id
+    session_start = time.time()
+    session_steps = 0
+    model.train()
+    for epoch in range(start_epoch, args.epochs):
+        gen = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+        order = torch.randperm(len(texts), generator=gen).tolist()
+        ep_loss_sum, ep_tok = 0.0, 0
+        win_loss, win_tok, win_t0 = 0.0, 0, time.time()
+        for step, (ids, labels) in enumerate(make_batches(token_lists, order, args.batch_size, pad_id)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = model(input_ids=ids).logits
+            tgt = labels[:, 1:]
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=IGNORE
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            session_steps += 1
+
+            n_tgt = int((tgt != IGNORE).sum())
+            ep_loss_sum += loss.item() * n_tgt
+            ep_tok += n_tgt
+            win_loss += loss.item() * n_tgt
+            win_tok += int((labels != IGNORE).sum())
+            if (step + 1) % args.log_every == 0 or step + 1 == steps_per_epoch:
+                now = time.time()
+                done = epoch * steps_per_epoch + step + 1
+                rate = (now - session_start) / session_steps
+                eta = rate * (total_steps - done)
+                print(
+                    f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps_per_epoch} "
+                    f"loss {ep_loss_sum / ep_tok:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
+                    f"{win_tok / max(1e-9, now - win_t0):.0f} tok/s ETA {format_secs(eta)}",
+                    flush=True,
+                )
+                win_loss, win_tok, win_t0 = 0.0, 0, time.time()
+
+        epoch_loss = ep_loss_sum / ep_tok
+        entry = {"epoch": epoch + 1, "loss": epoch_loss}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            t0 = time.time()
+            acc = evaluate(model, tok, records, autocast)
+            entry["top1_prompt"] = acc
+            print(
+                f"== epoch {epoch + 1}: loss {epoch_loss:.4f}, top-1 first object token on "
+                f"{len(records)} training prompts: {acc:.2%} (eval {time.time() - t0:.1f}s)",
+                flush=True,
+            )
+        history.append(entry)
+        elapsed = elapsed_before + (time.time() - session_start)
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "elapsed_s": elapsed,
+                "history": history,
+                "args": vars(args),
+            },
+            ckpt_path,
+        )
+        print(f"checkpoint saved: {ckpt_path} (epoch {epoch + 1}, {format_secs(elapsed)} elapsed)", flush=True)
+        if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < args.epochs:
+            print(f"--stop-after {args.stop_after}: stopping; continue with --resume", flush=True)
+            return
+
+    wall = elapsed_before + (time.time() - session_start)
+    if start_epoch >= args.epochs:
+        print("checkpoint already holds the final epoch; writing the model")
+    save_final(model, args, history, wall, command)
+
+
+def save_final(model, args, history, wall, command):
+    model_dir = Path(args.model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(torch.bfloat16)
+    model.config.dtype = "bfloat16"
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    weights = model_dir / "model.safetensors"
+    size_mb = weights.stat().st_size / 1e6
+    last = history[-1] if history else {}
+    info = {
+        "command": command,
+        "wall_time_s": round(wall, 1),
+        "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "final_epoch_loss": last.get("loss"),
+        "final_top1_prompt": last.get("top1_prompt"),
+        "weights_mb": round(size_mb, 2),
+        "machine": f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__.split('+')[0]}",
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "model_dir", "resume", "stop_after")},
+        "history": history,
+    }
+    with open(model_dir / "training_info.json", "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+        f.write("\n")
+    print(
+        f"saved {weights} ({size_mb:.1f} MB, bf16) + config.json; wall time {format_secs(wall)}; "
+        f"final loss {info['final_epoch_loss']:.4f}; top-1 {info['final_top1_prompt']}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
