@@ -1,0 +1,27 @@
+"""Small helpers for written results: markdown tables and a description of the machine."""
+from __future__ import annotations
+
+import os
+import platform
+
+import pandas as pd
+import torch
+
+
+def markdown_table(frame: pd.DataFrame, *, index: bool = False, floatfmt: str = ".4g") -> str:
+    """A GitHub markdown table of ``frame`` (no optional dependency needed)."""
+    if index:
+        frame = frame.reset_index()
+    header = [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in frame.itertuples(index=False):
+        cells = [format(v, floatfmt) if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    """E.g. ``"CPU x86_64, 2 cores, torch 2.13.0+cpu"`` or the GPU's name."""
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"

@@ -1,0 +1,1 @@
+"""Subcommands of the `blens` command line (see blens_fast/cli.py)."""
