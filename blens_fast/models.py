@@ -27,6 +27,7 @@ def load_model(spec: str = "default", *, dtype: torch.dtype = torch.float32, dev
                          + (f" (found {', '.join(found)}; only safetensors checkpoints are loaded)" if found else ""))
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # one-line output on the command line
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)

@@ -21,11 +21,16 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from .._checks import as_str_list, check_positive_int
     from ..lens import lens
     from ..models import load_model
 
+    as_str_list(args.prompt, "prompts")  # fail fast, before loading a model
+    as_str_list(args.target, "targets")
+    check_positive_int(args.k, "k")
+    layers = parse_layers(args.layers)
     model, tokenizer = load_model(args.model, device=args.device)
-    report = lens(model, tokenizer, args.prompt, args.target, layers=parse_layers(args.layers), k=args.k,
+    report = lens(model, tokenizer, args.prompt, args.target, layers=layers, k=args.k,
                   normalized=args.normalized, impl=args.impl)
     print(report.format(positions=args.positions))
     if args.out:
