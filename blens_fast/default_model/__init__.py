@@ -74,7 +74,7 @@ def load_default_model(dtype: torch.dtype = torch.float32, device="cpu", model_d
         raise FileNotFoundError(
             f"default model weights not found in {model_dir} (need config.json and {WEIGHTS_FILE}); "
             f"train them with `{TRAIN_COMMAND}` run from the repository root "
-            "(about 40 epochs, roughly 1 CPU hour)"
+            "(about an hour on 1-2 CPU cores)"
         )
     model = GPT2LMHeadModel.from_pretrained(
         str(model_dir), local_files_only=True, dtype=dtype, use_safetensors=True
