@@ -12,6 +12,9 @@ def load_model(spec: str = "default", *, dtype: torch.dtype = torch.float32, dev
     A folder must hold a ``transformers`` causal LM saved as safetensors (``config.json`` and
     ``*.safetensors``) and its tokenizer; remote code is never run and nothing is downloaded.
     """
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one-line output on the command line
     if spec == "default":
         from .default_model import load_default_model
 
@@ -25,9 +28,6 @@ def load_model(spec: str = "default", *, dtype: torch.dtype = torch.float32, dev
         found = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         raise ValueError(f"--model {spec!r}: no *.safetensors weights in that folder"
                          + (f" (found {', '.join(found)}; only safetensors checkpoints are loaded)" if found else ""))
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # one-line output on the command line
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
