@@ -67,8 +67,6 @@ def load_default_model(dtype: torch.dtype = torch.float32, device="cpu", model_d
 
     ``model_dir`` defaults to this package folder (``config.json`` + ``model.safetensors``).
     """
-    from transformers import GPT2LMHeadModel
-
     model_dir = Path(model_dir) if model_dir is not None else MODEL_DIR
     if not (model_dir / WEIGHTS_FILE).is_file() or not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
@@ -76,6 +74,8 @@ def load_default_model(dtype: torch.dtype = torch.float32, device="cpu", model_d
             f"train them with `{TRAIN_COMMAND}` run from the repository root "
             "(about an hour on 1-2 CPU cores)"
         )
+    from transformers import GPT2LMHeadModel
+
     model = GPT2LMHeadModel.from_pretrained(
         str(model_dir), local_files_only=True, dtype=dtype, use_safetensors=True
     )
