@@ -112,12 +112,14 @@ class LowRankGradient:
 
     def rank(self, tol: float | None = None) -> int:
         """Numerical rank. Default tolerance as ``torch.linalg.matrix_rank``: ``sigma_max * max(shape) * eps``
-        of the factors' dtype."""
+        of the factors' dtype (float32's for half-precision factors: their products are exact in float64, and
+        a bfloat16 eps would call every gradient rank 0)."""
         s = self.svdvals()
         if s.numel() == 0:
             return 0
         if tol is None:
-            tol = s[0].item() * max(self.shape) * torch.finfo(self.x.dtype).eps
+            dtype = self.x.dtype if self.x.dtype in (torch.float32, torch.float64) else torch.float32
+            tol = s[0].item() * max(self.shape) * torch.finfo(dtype).eps
         return int((s > tol).sum().item())
 
     def to(self, *args, **kwargs) -> "LowRankGradient":

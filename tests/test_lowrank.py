@@ -91,3 +91,9 @@ def test_constructor_checks():
         LowRankGradient(torch.zeros(3, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="layout='rows'"):
         LowRankGradient(torch.zeros(3, 4), torch.zeros(3, 4), "rows")
+
+
+def test_half_precision_factors_use_float32_tolerance():
+    x, d = factors(6, 64, 96, dtype=torch.float32)
+    g = LowRankGradient(x.bfloat16(), d.bfloat16())
+    assert g.rank() == 6 == torch.linalg.matrix_rank(g.to(torch.float32).dense()).item()

@@ -14,13 +14,13 @@ from __future__ import annotations
 from ..bench import DTYPES, MODEL_SPECS, BenchConfig, run_bench
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"{text!r}: expected comma-separated integers, e.g. 10,100,1000") from None
+        raise ValueError(f"{option} {text!r}: expected comma-separated integers, e.g. 10,100,1000") from None
     if not values or any(v < 1 for v in values):
-        raise ValueError(f"{text!r}: expected positive integers")
+        raise ValueError(f"{option} {text!r}: expected positive integers")
     return values
 
 
@@ -46,6 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--memory-prompts", type=int, default=None,
                         help="CPU only: the memory pass (torch.profiler) runs on the M longest prompts "
                              "(default: all)")
+    parser.add_argument("--naive-single-pass", action="store_true",
+                        help="CPU only: time the naive way in its (profiled) memory pass instead of running it twice "
+                             "(for models whose dense SVDs take minutes)")
     parser.add_argument("--k", type=int, default=10, help="tokens per list (default 10)")
     parser.add_argument("--normalized", action="store_true", help="project unit-normalised vectors")
     parser.add_argument("--impl", default="auto", help="projection implementation (default auto)")
@@ -58,12 +61,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    tokens = (None,) if args.tokens is None else _int_list(args.tokens)
-    config = BenchConfig(model=args.model, layers=args.layers, prompts=_int_list(args.prompts), tokens=tokens,
+    tokens = (None,) if args.tokens is None else _int_list(args.tokens, "--tokens")
+    config = BenchConfig(model=args.model, layers=args.layers, prompts=_int_list(args.prompts, "--prompts"),
+                         tokens=tokens,
                          device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                          naive_prompts=args.naive_prompts, memory_prompts=args.memory_prompts, k=args.k,
                          normalized=args.normalized, impl=args.impl, threads=args.threads, seed=args.seed,
-                         agreement=args.agreement, progress=not args.no_progress, out=args.out)
+                         agreement=args.agreement, naive_single_pass=args.naive_single_pass,
+                         progress=not args.no_progress, out=args.out)
     report = run_bench(config)
     main = next(r for r in report["runs"] if r["main"])
     ratios = main.get("ratios") or {}

@@ -26,8 +26,8 @@ VARIANTS = {
     "none": ("unedited", "none", {}),
     "forward_shift": ("forward shift (paper: key a_n)", "forward_shift", {}),
     "forward_shift_normalized": ("forward shift, key a_n/(a_n.a_n)", "forward_shift", {"normalize": True}),
-    "forward_shift_auto": ("forward shift, key a_n/(a_n.a_n), scale from last-position logits", "forward_shift",
-                           {"normalize": True, "scale": "auto"}),
+    "forward_shift_normalized_auto": ("forward shift, key a_n/(a_n.a_n), scale from last-position logits",
+                                      "forward_shift", {"normalize": True, "scale": "auto"}),
     "forward_shift_whitened": ("forward shift, whitened key C^-1 a_n/(a_n^T C^-1 a_n)", "forward_shift",
                                {"whiten": True}),
     "forward_shift_whitened_auto": ("forward shift, whitened key, scale from last-position logits", "forward_shift",
@@ -48,8 +48,8 @@ def _scale(text: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     parser.add_argument("--method", default="forward_shift",
-                        help="none, forward_shift, gradient, a variant name (" + ", ".join(VARIANTS) + ") "
-                             "or 'all' (default: forward_shift)")
+                        help="comma-separated variant names (" + ", ".join(VARIANTS) + ") or 'all' "
+                             "(default: forward_shift)")
     parser.add_argument("--n", type=int, default=1000, help="records to evaluate (default: 1000)")
     parser.add_argument("--start", type=int, default=0, help="index of the first record (default: 0)")
     parser.add_argument("--records", default=None, help="CounterFact JSON (default: the shipped edit file)")
@@ -67,16 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tradeoff", action="store_true", help="also sweep scales and plot the trade-off")
     parser.add_argument("--calibrate", default=None, metavar="FILE",
                         help="calibrate layer/scale per variant on these records and write FILE (JSON)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _variant_runs(args) -> list[tuple[str, str, dict]]:
-    if args.method == "all":
-        names = list(VARIANTS)
-    elif args.method in VARIANTS:
-        names = [args.method]
-    else:
-        raise ValueError(f"--method {args.method!r}: expected all, none, forward_shift, gradient or one of "
+    names = list(VARIANTS) if args.method == "all" else [m.strip() for m in args.method.split(",")]
+    unknown = [m for m in names if m not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--method {args.method!r}: expected all, or comma-separated names among "
                          f"{', '.join(VARIANTS)}")
     runs = []
     if not args.no_baseline and "none" not in names:
@@ -84,7 +84,7 @@ def _variant_runs(args) -> list[tuple[str, str, dict]]:
     for name in names:
         label, method, options = VARIANTS[name]
         options = dict(options)
-        if args.method != "all":
+        if len(names) == 1:
             extra = {"layer": args.layer, "scale": args.scale, "margin": args.margin, "lr": args.lr,
                      "steps": args.steps}
             if args.whiten:
@@ -119,6 +119,12 @@ def run(args) -> int:
     if len(records) < args.n:
         raise ValueError(f"--n {args.n} --start {args.start}: the file has only {len(records)} records from there")
     runs = _variant_runs(args) if args.calibrate is None else []
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: expected at least 1")
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device=args.device)
     out = Path(args.out)
     if args.calibrate is not None:
@@ -129,6 +135,19 @@ def run(args) -> int:
         for name, settings in record["variants"].items():
             print(f"  {name}: {settings}")
         return 0
+    if args.method == "all" or "," in args.method:  # several variants: skip the ones not calibrated
+        from ..edit import calibrated_defaults, variant_name
+
+        known = calibrated_defaults(model)
+        kept = []
+        for label, method, options in runs:
+            name = variant_name(method, whiten=bool(options.get("whiten")), normalize=bool(options.get("normalize")),
+                                auto=options.get("scale") == "auto")
+            if method == "none" or name in known:
+                kept.append((label, method, options))
+            else:
+                print(f"skipping {label}: no calibrated {name!r} settings for this model")
+        runs = kept
     rows = []
     for label, method, options in runs:
         row = evaluate_counterfact(model, tokenizer, records, method=method, n=args.n, label=label,
@@ -151,6 +170,6 @@ def run(args) -> int:
 
         started = time.perf_counter()
         paths = run_tradeoff(model, tokenizer, records, n=args.n, out_dir=out, progress=not args.quiet,
-                             reference_rows=rows)
+                             reference_rows=json.loads(json_path.read_text())["rows"])  # with merged rows
         print(f"wrote {', '.join(map(str, paths))} ({time.perf_counter() - started:.0f} s)")
     return 0

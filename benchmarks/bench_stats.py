@@ -1,0 +1,170 @@
+"""Benchmarks of gradient_stats (results under benchmarks/results/stats_*.{json,md}).
+
+memory:   the bytes gradient_stats holds (sketch accumulators + Gaussian test matrices) against accumulating dense
+          gradients, at GPT-J-6B dimensions (d = 4096, MLP 16384, 28 layers, mlp.in + mlp.out), for the whole model
+          and for a single module counting its own test matrices; plus the time of one fused update there.
+accuracy: on a small model, the top singular values of the summed gradient over a set of CounterFact facts
+          from the one-pass sketch against the dense sum (SVD of the explicitly summed d_in x d_out gradient).
+
+    PYTHONPATH=. python benchmarks/bench_stats.py memory
+    PYTHONPATH=. python benchmarks/bench_stats.py accuracy [--model default] [--records 200] [--rank 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def machine() -> dict:
+    import torch
+
+    from blens_fast._report import machine_description
+
+    return {"machine": machine_description(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+
+
+def memory(args) -> dict:
+    import torch
+
+    from blens_fast.ops.lowrank import resolve_impl, sketch_update
+    from blens_fast.stats import StatsAccumulator
+
+    d, d_ff, layers = 4096, 16384, 28
+    shapes = {}
+    for layer in range(layers):
+        shapes[(layer, "mlp.in")] = (d, d_ff, "out_in")
+        shapes[(layer, "mlp.out")] = (d_ff, d, "out_in")
+    dense_bytes_module = d * d_ff * 4
+    acc = StatsAccumulator(shapes, rank=args.rank)
+    whole = acc.nbytes()
+    single = StatsAccumulator({(0, "mlp.in"): shapes[(0, "mlp.in")]}, rank=args.rank).nbytes()
+    norms_bytes = 8 * len(shapes) * args.examples  # one float64 norm per example and module
+    # one fused update at these dimensions (T tokens), as the backward hook hands X and Delta over
+    g = torch.Generator().manual_seed(0)
+    t_tokens = 32
+    x = torch.randn(t_tokens, d, generator=g)
+    delta = torch.randn(t_tokens, d_ff, generator=g)
+    key = (0, "mlp.in")
+    acc.update_factors(key, [x], [delta])  # warm-up, builds the test matrices
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        acc.update_factors(key, [x], [delta])
+    seconds = (time.perf_counter() - start) / args.repeats
+    start = time.perf_counter()
+    for _ in range(max(1, args.repeats // 2)):
+        dense = x.T @ delta  # what a dense accumulation does per example (plus the d x 4d add)
+    dense_seconds = (time.perf_counter() - start) / max(1, args.repeats // 2)
+    del dense
+    return {"benchmark": "memory", "dims": {"d_model": d, "d_mlp": d_ff, "layers": layers,
+                                            "modules": ["mlp.in", "mlp.out"]},
+            "rank": args.rank, "sketch_sizes_k_l_m": [acc.k, acc.l, acc.m],
+            "dense_bytes_all_modules": dense_bytes_module * len(shapes), "stats_bytes_all_modules": whole,
+            "ratio_all_modules": whole / (dense_bytes_module * len(shapes)),
+            "dense_bytes_one_module": dense_bytes_module, "stats_bytes_one_module_own_test_matrices": single,
+            "ratio_one_module": single / dense_bytes_module,
+            "per_example_norm_bytes_for_examples": {"examples": args.examples, "bytes": norms_bytes},
+            "target_ratio": 0.02, "fused_update_seconds_T32": seconds, "fused_update_impl": resolve_impl(
+                "auto", torch.device("cpu")), "dense_outer_product_seconds_T32": dense_seconds, **machine()}
+
+
+def accuracy(args) -> dict:
+    import torch
+
+    from blens_fast.capture import capture
+    from blens_fast.models import load_model
+    from blens_fast.stats import gradient_stats
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_bulk import counterfact_records
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    records = counterfact_records(args.records)
+    layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
+    start = time.perf_counter()
+    stats = gradient_stats(model, tokenizer, records, layers=layers, rank=args.rank, batch_size=args.batch_size,
+                           sketch_size=args.sketch_size, seed=args.seed)
+    stats_seconds = time.perf_counter() - start
+    dense: dict = {}
+    start = time.perf_counter()
+    for i in range(0, len(records), args.batch_size):
+        chunk = records[i:i + args.batch_size]
+        cap = capture(model, tokenizer, [r["prompt"] for r in chunk], [r["target"] for r in chunk], layers=layers)
+        for key in stats.summed:
+            g = cap.gradient(*key).dense().double()
+            dense[key] = g if key not in dense else dense[key] + g
+    dense_seconds = time.perf_counter() - start
+    rows = []
+    for key, summed in stats.summed.items():
+        s = torch.linalg.svdvals(dense[key])
+        r = summed.singular_values.shape[0]
+        rel = ((summed.singular_values - s[:r]).abs() / s[:r]).tolist()
+        frob = dense[key].norm().item()
+        rows.append({"layer": key[0], "module": key[1], "shape": list(summed.shape),
+                     "top_singular_values_dense": s[:r].tolist(), "relative_errors": rel,
+                     "max_relative_error_top_r": max(rel), "relative_error_top1": rel[0],
+                     "frobenius_dense": frob, "frobenius_estimate": summed.frobenius,
+                     "frobenius_relative_error": summed.frobenius / frob - 1,
+                     "energy_share_estimate": summed.energy_share,
+                     "energy_share_dense": float((s[:r] ** 2).sum() / frob ** 2),
+                     "approximation_error_estimate": summed.approximation_error})
+    worst = max(row["max_relative_error_top_r"] for row in rows)
+    return {"benchmark": "accuracy", "model": args.model, "records": len(records), "rank": args.rank,
+            "sketch_sizes_k_l_m": list(stats.sketch), "seed": args.seed, "target_relative_error": 1e-3,
+            "worst_relative_error_top_r": worst,
+            "worst_relative_error_top1": max(row["relative_error_top1"] for row in rows),
+            "stats_seconds": stats_seconds, "dense_seconds": dense_seconds, "modules": rows, **machine()}
+
+
+def write(result: dict, name: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+    lines = [f"# {name}", "", f"machine: {result.get('machine')} (load average {result.get('load_average')})", ""]
+    for key, value in result.items():
+        if key in ("modules", "machine", "load_average"):
+            continue
+        lines.append(f"- **{key}**: {value}")
+    if "modules" in result:
+        lines += ["", "| layer | module | max rel. error top-r | rel. error top-1 | frobenius rel. error | "
+                  "energy share (est / dense) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {m['layer']} | {m['module']} | {m['max_relative_error_top_r']:.2e} | "
+                  f"{m['relative_error_top1']:.2e} | {m['frobenius_relative_error']:+.2e} | "
+                  f"{m['energy_share_estimate']:.4f} / {m['energy_share_dense']:.4f} |" for m in result["modules"]]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "modules"}, indent=1, default=str))
+    for m in result.get("modules", []):
+        print(m["layer"], m["module"], f"{m['max_relative_error_top_r']:.2e}", f"{m['frobenius_relative_error']:+.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("memory")
+    m.add_argument("--rank", type=int, default=8)
+    m.add_argument("--examples", type=int, default=20000)
+    m.add_argument("--repeats", type=int, default=5)
+    m.add_argument("--name", default="stats_memory")
+    a = sub.add_parser("accuracy")
+    a.add_argument("--model", default="default")
+    a.add_argument("--records", type=int, default=200)
+    a.add_argument("--rank", type=int, default=8)
+    a.add_argument("--sketch-size", type=int, default=None)
+    a.add_argument("--layers", default=None)
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--name", default="stats_accuracy")
+    args = parser.parse_args()
+    write(memory(args) if args.what == "memory" else accuracy(args), args.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Fused top-k vocabulary projection: ``topk(norm(h) @ W.T + b)`` without the ``N x V`` logits.
+
+One public call, :func:`topk_logits`, with an ``impl=`` switch; arguments are checked here, the
+kernels live in their own files:
+
+========== ==========================================================================================
+``torch``  reference: chunked ``matmul`` + ``torch.topk`` (memory bounded by one chunk of logits)
+``naive``  the full ``N x V`` logits + selection (comparison only)
+``cpu``    C++ (``csrc/cpu/topk_cpu.cpp``): cache-sized blocks, each block's GEMM through torch's
+           BLAS, then a threshold selection and online log-sum-exp while the block is hot
+``triton`` Triton (``ops/triton/topk.py``): GEMM tiles, per-tile top-k merged into a running top-k
+``cuda``   CUDA (``csrc/cuda/topk_kernel.cu``): tensor-core tile GEMM + warp-level top-k
+``auto``   the fastest one available for the tensors' device, falling back cleanly
+========== ==========================================================================================
+
+Semantics shared by every implementation (the tests check each against the reference):
+
+* values are float32 logits (float32 accumulation whatever the input dtype), sorted descending for
+  ``largest=True`` and ascending otherwise; indices are int64; ``logsumexp`` is over the whole row,
+  so ``exp(values - logsumexp)`` are exact softmax probabilities (also for the bottom-k);
+* **ties go to the lower vocabulary index**;
+* **NaN policy: an error.** A row whose logits contain NaN or +-inf (NaN/inf in ``hidden``, ``weight``
+  or ``bias``, or float overflow) has a non-finite log-sum-exp; :func:`topk_logits` raises
+  ``ValueError`` naming the rows instead of returning a selection that means nothing. A finite
+  ``-inf`` bias (masking tokens) is fine as long as the row keeps finite logits.
+* ``hidden`` may have leading batch dimensions ``(..., d)``; the results keep them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import reference
+
+IMPLS = ("auto", "torch", "naive", "cpu", "triton", "cuda")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Largest k the register/shared-memory top-k of the GPU kernels holds; above it ``auto`` uses the
+#: chunked torch path on the GPU (the output is then ``N x k`` anyway).
+GPU_MAX_K = 256
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Top (or bottom) k tokens per row.
+
+    ``values`` (float32, ``(..., k)``, sorted: descending when ``largest`` else ascending),
+    ``indices`` (int64 token ids, same shape), ``logsumexp`` (float32, ``(...)``: over the whole
+    vocabulary, so :meth:`probs` are exact softmax probabilities) and ``largest``.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    logsumexp: torch.Tensor
+    largest: bool = True
+
+    # -- shape ---------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Leading (row) shape, without ``k``."""
+        return tuple(self.logsumexp.shape)
+
+    def __len__(self) -> int:
+        return self.values.shape[0] if self.values.dim() > 1 else 1
+
+    def __getitem__(self, item) -> "TopK":
+        """Rows by index/slice/mask, e.g. ``topk[3]``, ``topk[10:20]``."""
+        if self.values.dim() < 2:
+            raise IndexError("a TopK of a single vector has no rows to index")
+        return TopK(self.values[item], self.indices[item], self.logsumexp[item], self.largest)
+
+    def flatten(self) -> "TopK":
+        """Rows flattened to ``(N, k)``."""
+        return TopK(self.values.reshape(-1, self.k), self.indices.reshape(-1, self.k),
+                    self.logsumexp.reshape(-1), self.largest)
+
+    def to(self, device) -> "TopK":
+        return TopK(self.values.to(device), self.indices.to(device), self.logsumexp.to(device), self.largest)
+
+    def cpu(self) -> "TopK":
+        return self.to("cpu")
+
+    @staticmethod
+    def cat(parts, dim: int = 0) -> "TopK":
+        """Concatenate results along a row dimension (all with the same ``k`` and ``largest``)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("TopK.cat needs at least one TopK")
+        ks, largest = {p.k for p in parts}, {p.largest for p in parts}
+        if len(ks) != 1 or len(largest) != 1:
+            raise ValueError(f"TopK.cat needs equal k and largest, got k={sorted(ks)} largest={sorted(largest)}")
+        return TopK(torch.cat([p.values for p in parts], dim), torch.cat([p.indices for p in parts], dim),
+                    torch.cat([p.logsumexp for p in parts], dim), parts[0].largest)
+
+    # -- derived -------------------------------------------------------------------------
+    def probs(self) -> torch.Tensor:
+        """Softmax probabilities of the selected tokens: ``exp(values - logsumexp)``."""
+        return torch.exp(self.values - self.logsumexp.unsqueeze(-1))
+
+    def log_probs(self) -> torch.Tensor:
+        return self.values - self.logsumexp.unsqueeze(-1)
+
+    def decode(self, tokenizer) -> list:
+        """Token strings, as nested lists shaped like ``indices`` (``tokenizer.decode`` of each id)."""
+        ids = self.indices.cpu()
+        cache: dict[int, str] = {}
+        for i in torch.unique(ids).tolist():
+            cache[i] = tokenizer.decode([i])
+        return _map_nested(ids.tolist(), cache)
+
+    def to_pandas(self, tokenizer=None):
+        """Long format: one row per (row, rank) with ``row, rank, token_id, logit, prob`` (+ ``token``)."""
+        import pandas as pd
+
+        flat = self.flatten().cpu()
+        n, k = flat.values.shape
+        data = {
+            "row": torch.arange(n).repeat_interleave(k).numpy(),
+            "rank": torch.arange(k).repeat(n).numpy(),
+            "token_id": flat.indices.reshape(-1).numpy(),
+            "logit": flat.values.reshape(-1).numpy(),
+            "prob": flat.probs().reshape(-1).numpy(),
+        }
+        frame = pd.DataFrame(data)
+        if tokenizer is not None:
+            ids = flat.indices.reshape(-1)
+            cache = {i: tokenizer.decode([i]) for i in torch.unique(ids).tolist()}
+            frame["token"] = [cache[i] for i in ids.tolist()]
+        return frame
+
+
+def _map_nested(x, cache):
+    if isinstance(x, list):
+        return [_map_nested(y, cache) for y in x]
+    return cache[x]
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """The normalisation a fused kernel applies to each loaded block of ``hidden``:
+    ``x = (h * a[row] - c[row]) * norm_weight + norm_bias``, then rounded to the weight dtype.
+    Built by :func:`blens_fast.project` from :func:`reference.row_norm_coefficients`."""
+
+    a: torch.Tensor
+    c: torch.Tensor
+    norm_weight: torch.Tensor | None = None
+    norm_bias: torch.Tensor | None = None
+    reference: object = field(default=None, compare=False)  # callable(h_chunk) -> normalised, for torch impls
+
+
+# ---------------------------------------------------------------------------------------
+def topk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, k: int = 10,
+                largest: bool = True, impl: str = "auto") -> TopK:
+    """Exact top-k (``largest=False``: bottom-k) of ``hidden @ weight.T (+ bias)`` per row, fused.
+
+    ``hidden``: ``(..., d)``; ``weight``: ``V x d`` (an ``lm_head``), same floating dtype (float32,
+    bfloat16 or float16) and device; ``bias``: ``V`` or None. Returns a :class:`TopK`. See the module
+    docstring for the tie rule (lower index wins) and the NaN policy (``ValueError``).
+    """
+    hidden, weight, bias, k, lead = _check(hidden, weight, bias, k, largest, impl)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: expected the same dtype")
+    return _run(hidden, weight, bias, k, largest, impl, lead, prologue=None)
+
+
+def _check(hidden, weight, bias, k, largest, impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}")
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be a bool, got {type(largest).__name__}: {largest!r}")
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{name} is {t.dtype}: expected float32, bfloat16 or float16")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V x d, as in an lm_head), got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (..., d), got a 0-d tensor")
+    v, d = weight.shape
+    if hidden.shape[-1] != d:
+        raise ValueError(f"hidden has {hidden.shape[-1]} features but weight has {d} columns "
+                         f"(weight is V x d = {v} x {d})")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}: expected one device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be floating point, got {bias.dtype}")
+        if bias.dim() != 1 or bias.shape[0] != v:
+            raise ValueError(f"bias has shape {tuple(bias.shape)} but weight has {v} rows: expected ({v},)")
+        if bias.device != weight.device:
+            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}: expected one device")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}: {k!r}")
+    if not 1 <= k <= v:
+        raise ValueError(f"k={k} is out of range: the vocabulary has V={v} entries, expected 1 <= k <= {v}")
+    lead = tuple(hidden.shape[:-1])
+    return hidden.reshape(-1, d), weight, bias, k, lead
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available_impls(device: torch.device | str = "cpu") -> list[str]:
+    """The implementations usable for tensors on ``device`` in this environment, fastest first."""
+    from . import _extension
+
+    device = torch.device(device)
+    out = []
+    if device.type == "cuda":
+        if _extension.cuda_extension(required=False) is not None:
+            out.append("cuda")
+        if _triton_available():
+            out.append("triton")
+    else:
+        if _extension.cpu_extension(required=False) is not None:
+            out.append("cpu")
+        if _interpreting() and _triton_available():
+            out.append("triton")
+    return out + ["torch", "naive"]
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _resolve_impl(impl, device, k):
+    from . import _extension
+
+    if impl == "auto":
+        if device.type == "cuda":
+            if k <= GPU_MAX_K:
+                if _extension.cuda_extension(required=False) is not None:
+                    return "cuda"
+                if _triton_available():
+                    return "triton"
+            return "torch"
+        if device.type == "cpu" and _extension.cpu_extension(required=False) is not None:
+            return "cpu"
+        return "torch"
+    if impl == "cpu" and device.type != "cpu":
+        raise ValueError(f"impl='cpu' needs CPU tensors, got tensors on {device}")
+    if impl == "cuda" and device.type != "cuda":
+        raise ValueError(f"impl='cuda' needs CUDA tensors, got tensors on {device}")
+    if impl == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        raise ValueError(f"impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+                         f"got tensors on {device}")
+    if impl in ("cuda", "triton") and k > GPU_MAX_K:
+        raise ValueError(f"impl={impl!r} supports k <= {GPU_MAX_K}, got k={k}: use impl='auto' or 'torch'")
+    return impl
+
+
+def _run(hidden, weight, bias, k, largest, impl, lead, prologue):
+    n = hidden.shape[0]
+    dev = weight.device
+    if n == 0:
+        out = (torch.empty(0, k, device=dev), torch.empty(0, k, dtype=torch.int64, device=dev),
+               torch.empty(0, device=dev))
+    else:
+        name = _resolve_impl(impl, dev, k)
+        with torch.no_grad():
+            out = _DISPATCH[name](hidden, weight, bias, k, largest, prologue)
+    values, indices, lse = out
+    bad = ~torch.isfinite(lse)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        shown = ", ".join(str(r) for r in rows[:8].tolist()) + (", ..." if rows.numel() > 8 else "")
+        raise ValueError(f"{rows.numel()} of {n} rows have NaN or infinite logits (rows {shown}): hidden, weight "
+                         "or bias contains NaN/inf, or the logits overflow float32; drop or fix those rows first")
+    return TopK(values.reshape(*lead, k), indices.reshape(*lead, k), lse.reshape(lead), largest)
+
+
+# -- implementations ----------------------------------------------------------------------
+def _impl_torch(hidden, weight, bias, k, largest, prologue, naive=False):
+    if prologue is None:
+        fn = reference.naive_topk if naive else reference.chunked_topk
+        return fn(hidden, weight, bias, k=k, largest=largest)
+    # the reference norm (Lens.normalize) one chunk at a time, rounded to the weight dtype like the model
+    n, v = hidden.shape[0], weight.shape[0]
+    rows = n if naive else max(1, reference.DEFAULT_CHUNK_ELEMENTS // max(v, 1))
+    parts = []
+    for s in range(0, n, rows):
+        h = prologue.reference(hidden[s:s + rows]).to(weight.dtype)
+        parts.append(reference.naive_topk(h, weight, bias, k=k, largest=largest))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _impl_naive(hidden, weight, bias, k, largest, prologue):
+    return _impl_torch(hidden, weight, bias, k, largest, prologue, naive=True)
+
+
+def _impl_cpu(hidden, weight, bias, k, largest, prologue):
+    from . import _extension
+
+    ext = _extension.cpu_extension(required=True)
+    a = c = nw = nb = None
+    if prologue is not None:
+        a, c, nw, nb = prologue.a, prologue.c, prologue.norm_weight, prologue.norm_bias
+    values, indices, lse = ext.topk_logits(hidden, weight, bias, a, c, nw, nb, k, largest,
+                                           _CPU_BLOCK_ROWS, _CPU_BLOCK_VOCAB, _CPU_GEMM_MODE)
+    return values, indices, lse
+
+
+#: CPU kernel tuning (0 = choose from the shapes; see csrc/cpu/topk_cpu.cpp). Module-level so the
+#: benchmark can sweep them.
+_CPU_BLOCK_ROWS = 0
+_CPU_BLOCK_VOCAB = 0
+_CPU_GEMM_MODE = 0  # 0 auto, 1 float32 GEMM on upcast blocks, 2 the input dtype's own GEMM
+
+
+def _impl_triton(hidden, weight, bias, k, largest, prologue):
+    from .triton.topk import triton_topk
+
+    return triton_topk(hidden, weight, bias, k=k, largest=largest, prologue=prologue)
+
+
+def _impl_cuda(hidden, weight, bias, k, largest, prologue):
+    from . import _extension
+
+    ext = _extension.cuda_extension(required=True)
+    a = c = nw = nb = None
+    if prologue is not None:
+        a, c, nw, nb = prologue.a, prologue.c, prologue.norm_weight, prologue.norm_bias
+    return tuple(ext.topk_logits(hidden, weight, bias, a, c, nw, nb, k, largest))
+
+
+_DISPATCH = {"torch": _impl_torch, "naive": _impl_naive, "cpu": _impl_cpu, "triton": _impl_triton,
+             "cuda": _impl_cuda}

@@ -1,0 +1,65 @@
+"""`blens bench` end to end on tiny random models: both ways agree, every file is written."""
+import json
+
+import pytest
+
+from blens_fast.bench import BenchConfig, compare, run_bench
+from blens_fast.cli import main
+
+
+def test_bench_command_writes_json_markdown_and_png(tmp_path, capsys):
+    code = main(["bench", "--model", "tiny", "--prompts", "1,2", "--batch-size", "2", "--naive-prompts", "1",
+                 "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    stem = tmp_path / "bench_cpu_tiny"
+    for suffix in (".json", ".md", ".png"):
+        assert stem.with_suffix(suffix).stat().st_size > 0
+    report = json.loads(stem.with_suffix(".json").read_text())
+    main_run = next(r for r in report["runs"] if r["main"])
+    assert main_run["prompts"] == 2 and main_run["agree"]
+    agreement = main_run["agreement"]
+    assert agreement["prompts_compared"] == 1
+    assert agreement["gradient_rank_equal"] == 1.0
+    assert agreement["topk_tokens_equal"] >= 0.99 and agreement["target_rank_equal"] >= 0.95
+    naive, fast = main_run["ways"]["naive"], main_run["ways"]["blens_fast"]
+    assert naive["extrapolated"] and naive["prompts_run"] == 1 and not fast["extrapolated"]
+    for rec in (naive, fast):
+        assert set(rec["seconds"]) == {"gradients", "rank", "projection", "end_to_end"}
+        assert all(v > 0 for v in rec["peak_bytes_beyond_weights"].values())
+    # the naive way keeps a dense gradient for every parameter: more than the weights of the MLPs at least
+    assert naive["peak_bytes_beyond_weights"]["gradients"] > fast["peak_bytes_beyond_weights"]["gradients"]
+    assert main_run["ratios"]["time"]["end_to_end"] > 0
+    assert len(report["runs"]) == 2  # the scaling point N=1 runs blens_fast only
+    md = stem.with_suffix(".md").read_text()
+    assert "| end to end |" in md and report["torch"] in md and "bench_cpu_tiny.png" in md
+
+
+def test_compare_counts_tied_rows_by_value():
+    import torch
+
+    def result(indices, values, ranks):
+        return dict(rank=torch.ones(1, 1, 2, dtype=torch.long), norm=torch.ones(1, 1, 2, dtype=torch.float64),
+                    indices={n: indices for n in ("ff1_top", "ff2_bottom", "ff2_top")},
+                    values={n: values for n in ("ff1_top", "ff2_bottom", "ff2_top")},
+                    target_rank={n: ranks for n in ("ff1_top", "ff2_bottom", "ff2_top")})
+
+    values = torch.tensor([[3.0, 2.0, 1.0], [0.0, 0.0, 0.0]])
+    a = result(torch.tensor([[5, 6, 7], [2, 0, 1]]), values, torch.tensor([1, 1]))
+    b = result(torch.tensor([[5, 6, 7], [0, 1, 2]]), values, torch.tensor([1, 1]))
+    c = result(torch.tensor([[6, 5, 7], [0, 1, 2]]), values, torch.tensor([2, 1]))
+    same = compare(a, b, 1)
+    assert same["topk_tokens_equal"] == 1.0 and same["rows_with_exact_ties"] == 3
+    differ = compare(a, c, 1)
+    assert differ["topk_tokens_equal"] == 0.5 and differ["target_rank_equal"] == 0.5
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    assert main(["bench", "--model", "tiny", "--prompts", "0", "--out", str(tmp_path)]) == 2
+    assert "prompts" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no CUDA device|device"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+        run_bench(BenchConfig(model="tiny", prompts=(1,), device="cuda"))

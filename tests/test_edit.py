@@ -1,0 +1,278 @@
+"""edit(): forward shift (paper, normalised, whitened, auto scale) and the gradient baseline on tiny models."""
+import pytest
+import torch
+from torch import nn
+
+from blens_fast.adapters import get_adapter
+from blens_fast.capture import batch_inputs, target_log_probs, tokenize_examples
+from blens_fast.edit import Edit, edit, ff2_whitening, model_fingerprint
+from conftest import make_tiny_model
+
+PROMPT = "The Eiffel Tower is located in the city of"
+TARGET = " Rome"
+OTHER = ("Danielle Darrieux speaks", " English")
+ARCHS = ["gpt2", "llama", "gptj", "opt", "qwen2"]  # Conv1D [in, out], gated, parallel block, nn.Linear
+
+
+def tiny(arch, dtype=torch.float32):
+    """A tiny model whose unembedding equals its input embedding (as in GPT-2, and roughly in trained
+    models): only then does adding a token's input embedding to the residual promote that token."""
+    model = make_tiny_model(arch, dtype)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is not embed.weight:
+        with torch.no_grad():
+            head.weight.copy_(embed.weight)
+    return model
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(model, snap):
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def last_logits(model, tokenizer, prompt):
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0, -1].float()
+
+
+def ff2_input(model, tokenizer, prompt, layer):
+    """a_n by an independent route: a hook on the full model's forward."""
+    kept = {}
+    module = get_adapter(model).module(model, layer, "mlp.out")
+    handle = module.register_forward_hook(lambda m, args, out: kept.__setitem__("a", args[0].detach()))
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    return kept["a"].reshape(ids.shape[1], -1)[-1].float()
+
+
+def token(tokenizer, text):
+    return tokenizer(text)["input_ids"][0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_paper_shift_is_the_outer_product_in_the_weights_layout_and_reverts_bit_for_bit(arch, tokenizer):
+    model = tiny(arch)
+    adapter = get_adapter(model)
+    snap = snapshot(model)
+    before = last_logits(model, tokenizer, PROMPT)
+    a = ff2_input(model, tokenizer, PROMPT, 1)
+    e = adapter.embedding_matrix(model)[token(tokenizer, TARGET)].float()
+    result = edit(model, tokenizer, PROMPT, TARGET, layer=1, scale=0.5, skip_if_argmax=False)
+    weight = adapter.weight(model, 1, "mlp.out")
+    expected = 0.5 * (torch.outer(a, e) if adapter.weight_layout == "in_out" else torch.outer(e, a))
+    torch.testing.assert_close(weight - snap[_state_name(model, weight)], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(result.delta(1, "mlp.out"), expected, rtol=1e-4, atol=1e-6)
+    after = last_logits(model, tokenizer, PROMPT)
+    t = token(tokenizer, TARGET)
+    assert after[t] - before[t] > 0.5 * ((after - before).abs().mean())
+    assert result.applied and result.touched == ((1, "mlp.out"),)
+    result.revert()
+    assert same_weights(model, snap)
+    result.revert()  # a second revert is a no-op
+    assert same_weights(model, snap)
+
+
+def _state_name(model, weight):
+    return next(k for k, v in model.state_dict().items() if v.data_ptr() == weight.data_ptr())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gptj"])
+def test_normalised_shift_moves_the_residual_by_exactly_scale_times_embedding(arch, tokenizer):
+    model = tiny(arch, torch.float64)
+    adapter = get_adapter(model)
+    seen = []
+    norm = model.get_submodule(adapter.final_norm)
+    handle = norm.register_forward_pre_hook(lambda m, args: seen.append(args[0][0, -1].clone()))
+    last_logits(model, tokenizer, PROMPT)
+    with edit(model, tokenizer, PROMPT, TARGET, layer=-1, scale=3.0, normalize=True, skip_if_argmax=False):
+        last_logits(model, tokenizer, PROMPT)
+    handle.remove()
+    e = adapter.embedding_matrix(model)[token(tokenizer, TARGET)]
+    torch.testing.assert_close(seen[-1] - seen[0], 3.0 * e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_whitened_keys_answer_one_to_their_prompt_and_zero_to_the_other_edited_prompt(arch, tokenizer):
+    model = tiny(arch, torch.float64)
+    texts = ["Paris is the capital of France", "The cat sat on the mat", "Hello world, this is a test",
+             "Danielle Darrieux speaks French"] * 3
+    whitening = ff2_whitening(model, tokenizer, 1, texts, file_cache=False)
+    assert whitening.inverse.shape[0] == get_adapter(model).weight(model, 1, "mlp.out").shape[
+        0 if get_adapter(model).weight_layout == "in_out" else 1]
+    prompts, targets = [PROMPT, OTHER[0]], [TARGET, OTHER[1]]
+    result = edit(model, tokenizer, prompts, targets, layer=1, scale=2.0, whiten=whitening, skip_if_argmax=False)
+    delta = result.delta(1, "mlp.out")
+    delta = delta if get_adapter(model).weight_layout == "in_out" else delta.T  # [d_ff, d]
+    embed = get_adapter(model).embedding_matrix(model)
+    for i, prompt in enumerate(prompts):
+        a = ff2_input(model, tokenizer, prompt, 1)  # the edit at layer 1 does not change layer 1's FF2 input
+        shift = a.float() @ delta
+        expected = 2.0 * embed[token(tokenizer, targets[i])].float()
+        torch.testing.assert_close(shift, expected, rtol=1e-3, atol=1e-4)
+    result.revert()
+    again = ff2_whitening(model, tokenizer, 1, texts, file_cache=False)
+    assert again is whitening  # cached in memory
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_auto_scale_gives_the_target_exactly_the_requested_lead(arch, tokenizer):
+    model = tiny(arch)
+    snap = snapshot(model)
+    t = token(tokenizer, TARGET)
+    for margin in (0.0, 0.02):
+        with edit(model, tokenizer, PROMPT, TARGET, layer=-1, scale="auto", margin=margin, normalize=True) as result:
+            logits = last_logits(model, tokenizer, PROMPT)
+            lead = logits[t] - torch.cat([logits[:t], logits[t + 1:]]).max()
+            assert result.info["shifts"][0] > 0
+            assert margin - 1e-4 <= lead.item() <= margin + 1e-2
+        assert same_weights(model, snap)
+    with pytest.raises(ValueError, match="last layer"):
+        edit(model, tokenizer, PROMPT, TARGET, layer=0, scale="auto", margin=0.0)
+    assert same_weights(model, snap)
+
+
+def test_skip_when_the_target_already_is_the_argmax(tokenizer):
+    model = tiny("gpt2")
+    with edit(model, tokenizer, PROMPT, TARGET, layer=-1, scale="auto", margin=0.01, normalize=True):
+        snap = snapshot(model)
+        inner = edit(model, tokenizer, [PROMPT, OTHER[0]], [TARGET, OTHER[1]], layer=-1, scale=1.0)
+        assert inner.info["skipped"] == [True, False]
+        assert inner.updates[0].left.shape[0] == 1  # rank one: only the second fact
+        inner.revert()
+        assert same_weights(model, snap)
+        alone = edit(model, tokenizer, PROMPT, TARGET, layer=-1, scale=1.0)
+        assert alone.updates == () and same_weights(model, snap)
+        alone.revert()
+
+
+def test_context_manager_reverts_after_an_exception(tokenizer):
+    model = tiny("gpt2")
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with edit(model, tokenizer, PROMPT, TARGET, layer=0, scale=1.0, skip_if_argmax=False):
+            assert not same_weights(model, snap)
+            raise RuntimeError("boom")
+    assert same_weights(model, snap)
+
+
+@pytest.mark.parametrize("arch,method", [("gpt2", "forward_shift"), ("llama", "gradient"), ("gptj", "forward_shift")])
+def test_save_load_round_trip_gives_the_same_weights(arch, method, tokenizer, tmp_path):
+    model = tiny(arch)
+    snap = snapshot(model)
+    kwargs = dict(lr=0.5, steps=2) if method == "gradient" else dict(scale=0.7, skip_if_argmax=False)
+    first = edit(model, tokenizer, [PROMPT, OTHER[0]], [TARGET, OTHER[1]], method=method, layer=1, **kwargs)
+    edited = snapshot(model)
+    first.save(tmp_path / "edit.safetensors")
+    first.revert()
+    assert same_weights(model, snap)
+    loaded = Edit.load(tmp_path / "edit.safetensors")
+    assert not loaded.applied and loaded.info["method"] == method and loaded.touched == first.touched
+    with loaded.apply(model):
+        assert same_weights(model, edited)
+    assert same_weights(model, snap)
+    with pytest.raises(FileNotFoundError):
+        Edit.load(tmp_path / "missing.safetensors")
+
+
+def test_gradient_step_equals_the_dense_normalised_step(tokenizer):
+    model = tiny("gpt2", torch.float64)
+    adapter = get_adapter(model)
+    weight = adapter.weight(model, 0, "mlp.out")
+    original = weight.detach().clone()
+    examples = tokenize_examples(tokenizer, [PROMPT], [TARGET])
+    ids, mask = batch_inputs(examples, 0, "cpu")
+    model.zero_grad()
+    (-target_log_probs(model(input_ids=ids, attention_mask=mask).logits, examples).sum()).backward()
+    grad = weight.grad.clone()
+    model.zero_grad()
+    result = edit(model, tokenizer, PROMPT, TARGET, method="gradient", layer=0, lr=0.3, steps=1)
+    torch.testing.assert_close(weight.detach(), original - 0.3 * grad / grad.norm(), rtol=1e-10, atol=1e-12)
+    result.revert()
+    assert torch.equal(weight, original)
+
+
+def test_gradient_steps_lower_the_loss(tokenizer):
+    model = tiny("llama")
+    result = edit(model, tokenizer, PROMPT, TARGET, method="gradient", layer=1, lr=0.5, steps=4)
+    losses = result.info["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    result.revert()
+
+
+def test_bfloat16_edit_reverts_bit_for_bit(tokenizer):
+    model = tiny("gpt2", torch.bfloat16)
+    snap = snapshot(model)
+    with edit(model, tokenizer, PROMPT, TARGET, layer=1, scale=1.0, normalize=True, skip_if_argmax=False):
+        assert not same_weights(model, snap)
+    assert same_weights(model, snap)
+
+
+class _EmptyFor:
+    """A tokenizer that tokenizes one given text to nothing."""
+
+    def __init__(self, tokenizer, text):
+        self.tokenizer, self.text = tokenizer, text
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def __call__(self, text, **kwargs):
+        return {"input_ids": []} if text.strip() == self.text.strip() else self.tokenizer(text, **kwargs)
+
+
+def test_errors_leave_the_model_untouched(tokenizer):
+    model = tiny("gpt2")
+    snap = snapshot(model)
+    cases = [
+        (dict(layer=2, scale=1.0), ValueError, "out of range"),
+        (dict(layer=-3, scale=1.0), ValueError, "out of range"),
+        (dict(layer=0, scale=-1.0), ValueError, "scale"),
+        (dict(layer=0, scale="big"), ValueError, "auto"),
+        (dict(layer=0), ValueError, "no calibrated scale"),
+        (dict(scale=1.0), ValueError, "pass layer="),
+        (dict(layer=0, scale=1.0, method="rome"), ValueError, "method"),
+        (dict(layer=0, method="gradient"), ValueError, "lr"),
+        (dict(layer=0, scale=1.0, whiten="yes"), TypeError, "whiten"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            edit(model, tokenizer, PROMPT, TARGET, defaults={}, **kwargs)
+        assert same_weights(model, snap), kwargs
+    for target, match in [("", "empty"), ("   ", "empty")]:
+        with pytest.raises(ValueError, match=match):
+            edit(model, tokenizer, PROMPT, target, layer=0, scale=1.0)
+    with pytest.raises(ValueError, match="tokenizes to no tokens"):
+        edit(model, _EmptyFor(tokenizer, "Rome"), PROMPT, TARGET, layer=0, scale=1.0)
+    with pytest.raises(ValueError, match="one target per prompt"):
+        edit(model, tokenizer, [PROMPT, OTHER[0]], [TARGET], layer=0, scale=1.0)
+    assert same_weights(model, snap)
+
+
+def test_unsupported_model_is_a_clear_error(tokenizer):
+    class Bert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {"model_type": "bert"})()
+            self.layer = nn.Linear(4, 4)
+
+    model = Bert()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="not supported"):
+        edit(model, tokenizer, PROMPT, TARGET, layer=0, scale=1.0)
+    assert same_weights(model, snap)
+
+
+def test_calibrated_defaults_are_read_and_the_fingerprint_survives_edits(tokenizer):
+    model = tiny("gpt2")
+    fingerprint = model_fingerprint(model)
+    with edit(model, tokenizer, PROMPT, TARGET, defaults={"layer": 1, "scale": 0.25}, skip_if_argmax=False) as result:
+        assert result.info["layer"] == 1 and result.info["scale"] == 0.25
+        assert model_fingerprint(model) == fingerprint
+    other = tiny("gpt2")
+    with torch.no_grad():
+        other.transformer.wte.weight[0, 0] += 1.0
+    assert model_fingerprint(other) != fingerprint

@@ -1,0 +1,132 @@
+"""blens_fast.project: the model's own lens (final norm + unembedding + bias), fused, on tiny random
+configs of GPT-2 (LayerNorm), Llama (RMSNorm) and GPT-J (unembedding bias), against the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from blens_fast.adapters import get_adapter
+from blens_fast.ops import reference
+from blens_fast.project import project
+
+CUDA = torch.cuda.is_available()
+IMPLS = ["torch", "cpu", "triton"] + (["cuda"] if CUDA else [])
+V = 997  # not a multiple of any tile
+
+
+def _randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = get_adapter(model).lens(model)
+    with torch.no_grad():
+        for p in (lens.norm_weight, lens.norm_bias, lens.bias):
+            if p is not None:
+                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=g) if p is lens.norm_weight
+                        else 0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=V, n_positions=16, n_embd=48, n_layer=1, n_head=2))
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False))
+    gptj = transformers.GPTJForCausalLM(transformers.GPTJConfig(
+        vocab_size=V, n_positions=16, n_embd=48, n_layer=1, n_head=2, rotary_dim=8))
+    return {"gpt2": _randomize(gpt2), "llama": _randomize(llama, 1), "gptj": _randomize(gptj, 2)}
+
+
+def _device(impl):
+    return "cuda" if impl == "cuda" or (impl == "triton" and CUDA) else "cpu"
+
+
+def truth(model, vectors, final_norm, normalize):
+    """float64 logits of the lens: Lens.normalize is the norm reference."""
+    lens = get_adapter(model).lens(model)
+    h = vectors.double()
+    if normalize:
+        h = F.normalize(h, dim=-1)
+    if final_norm and lens.norm_kind is not None:
+        h = lens.normalize(h.float()).double()  # float32 statistics, as the kernels
+    logits = h @ lens.weight.double().T
+    if lens.bias is not None:
+        logits = logits + lens.bias.double()
+    return logits
+
+
+def check(res, logits, k, largest, tol=2e-4):
+    n = logits.shape[0]
+    assert res.values.shape == (n, k)
+    t = logits.cpu()
+    vals, idx = res.values.cpu().double(), res.indices.cpu()
+    tol = tol * (1 + t.abs().max().item())
+    assert (vals - t.gather(1, idx)).abs().max().item() <= tol
+    kth = torch.topk(t, k, dim=1, largest=largest).values[:, -1:]
+    picked = t.gather(1, idx)
+    assert ((picked >= kth - tol) if largest else (picked <= kth + tol)).all()
+    assert (res.logsumexp.cpu().double() - torch.logsumexp(t, 1)).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gptj"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_project_matches_reference(models, arch, impl):
+    model = models[arch].to(_device(impl))
+    g = torch.Generator().manual_seed(5)
+    vectors = (3 * torch.randn(23, 48, generator=g) + 0.5).to(_device(impl))
+    cases = [(10, True, True, False), (17, False, True, True), (5, True, False, False), (1, True, True, True)]
+    if impl == "triton" and not CUDA:
+        cases = cases[:2]  # the interpreter is slow
+    for k, largest, final_norm, normalize in cases:
+        res = project(model, vectors, k=k, largest=largest, final_norm=final_norm, normalize=normalize, impl=impl)
+        check(res, truth(model, vectors.cpu(), final_norm, normalize).to(vectors.device), k, largest)
+    model.to("cpu")
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_project_fused_equals_torch_impl(models, impl):
+    """The fused prologue gives the same tokens as the chunked torch path (Lens.normalize per chunk)."""
+    model = models["gpt2"]
+    vectors = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(9)) * 4
+    ref = project(model, vectors, k=8, impl="torch")
+    res = project(model, vectors, k=8, impl=impl)
+    assert res.values.shape == (2, 5, 8) and res.logsumexp.shape == (2, 5)
+    assert torch.equal(res.indices, ref.indices)
+    assert torch.allclose(res.values, ref.values, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(res.logsumexp, ref.logsumexp, atol=1e-4, rtol=1e-4)
+
+
+def test_project_bf16_model(models):
+    """A bfloat16 model: the normalised vectors are rounded to bf16 like the model's own norm output."""
+    model = models["llama"].to(torch.bfloat16)
+    try:
+        vectors = torch.randn(16, 48, generator=torch.Generator().manual_seed(2))
+        ref = project(model, vectors, k=10, impl="torch")
+        lens = get_adapter(model).lens(model)
+        h = lens.normalize(vectors).to(torch.bfloat16)
+        direct = reference.naive_topk(h, lens.weight, None, k=10)
+        assert torch.equal(ref.indices, direct[1])
+        res = project(model, vectors, k=10, impl="cpu")
+        # the CPU kernel multiplies in float32 (exact products of the bf16 operands): the same tokens
+        # up to the bf16 rounding of torch's own bf16 GEMM output
+        logits = (h.double() @ lens.weight.double().T)
+        check(res, logits, 10, True, tol=1e-2)
+    finally:
+        model.to(torch.float32)
+
+
+def test_project_errors(models):
+    model = models["gpt2"]
+    with pytest.raises(ValueError, match="vectors have 32 features but the model's unembedding has d=48"):
+        project(model, torch.randn(3, 32))
+    with pytest.raises(ValueError, match="k=998 is out of range"):
+        project(model, torch.randn(3, 48), k=998)
+    with pytest.raises(TypeError, match="vectors must be floating point"):
+        project(model, torch.ones(3, 48, dtype=torch.long))
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        project(model, torch.randn(3, 48), normalize="yes")
+    with pytest.raises(ValueError, match="not supported"):
+        project(torch.nn.Module(), torch.randn(3, 3))
+    with pytest.raises(ValueError, match="NaN or infinite logits"):
+        project(model, torch.full((2, 48), float("nan")), impl="cpu")

@@ -1,0 +1,298 @@
+"""blens_fast.ops.topk: every implementation against the pure-torch reference.
+
+Values are checked against a float64 ground truth with ml-cross-entropy's fair bar: a kernel's error
+may not exceed the same-dtype torch error plus a small epsilon. Index sets must be a valid top-k of
+the truth (every selected logit within tolerance of the k-th value); on integer inputs (exact logits,
+many ties) indices and values must equal the reference exactly, lower index first.
+Triton runs through TRITON_INTERPRET=1 (set in conftest.py) on small shapes only.
+"""
+import pytest
+import torch
+
+from blens_fast.ops import reference
+from blens_fast.ops.topk import TopK, available_impls, topk_logits
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+FUSED = ["cpu", "triton"] + (["cuda"] if CUDA else [])
+ALL = ["torch", "naive"] + FUSED
+KS = [1, 2, 5, 10, 17, 64, 100]
+
+
+def device_for(impl):
+    return "cuda" if impl in ("cuda",) or (impl == "triton" and CUDA) else "cpu"
+
+
+def make(n, d, v, dtype=torch.float32, bias=False, device="cpu", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(n, d, generator=g) * scale).to(dtype).to(device)
+    w = (torch.randn(v, d, generator=g) / d ** 0.5).to(dtype).to(device)
+    b = torch.randn(v, generator=g).to(device) if bias else None
+    return h, w, b
+
+
+def truth_logits(h, w, b):
+    logits = h.double() @ w.double().T
+    return logits + b.double() if b is not None else logits
+
+
+def same_dtype_error(h, w, b, truth):
+    """Error of torch's own same-dtype matmul against the float64 truth (the fair bar)."""
+    return (reference.logits_block(h, w, b).double() - truth).abs().max().item() if h.numel() else 0.0
+
+
+def check(res: TopK, h, w, b, k, largest, eps=1e-4):
+    n = h.shape[0]
+    assert res.values.shape == (n, k) and res.indices.shape == (n, k) and res.logsumexp.shape == (n,)
+    assert res.values.dtype == torch.float32 and res.indices.dtype == torch.int64
+    assert res.logsumexp.dtype == torch.float32 and res.largest == largest
+    if n == 0:
+        return
+    truth = truth_logits(h, w, b).cpu()
+    vals, idx, lse = res.values.cpu().double(), res.indices.cpu(), res.logsumexp.cpu().double()
+    tol = same_dtype_error(h, w, b, truth.to(h.device)) + eps * (1 + truth.abs().max().item())
+    # sorted, distinct indices
+    diffs = vals[:, 1:] - vals[:, :-1]
+    assert (diffs <= 0).all() if largest else (diffs >= 0).all()
+    assert all(len(set(r)) == k for r in idx.tolist())
+    # values are the logits at the returned indices
+    assert (vals - truth.gather(1, idx)).abs().max().item() <= tol
+    # a valid top-k: every selected truth logit beats the truth's k-th value (within tolerance)
+    kth = torch.topk(truth, k, dim=1, largest=largest).values[:, -1:]
+    picked = truth.gather(1, idx)
+    assert ((picked >= kth - tol) if largest else (picked <= kth + tol)).all()
+    # log-sum-exp of the whole row
+    assert (lse - torch.logsumexp(truth, dim=1)).abs().max().item() <= tol
+
+
+# -- correctness -------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["torch", "naive", "cpu"] + (["cuda"] if CUDA else []))
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_random_shapes(impl, k, largest, bias):
+    # V (1001) is not a multiple of any tile size, d (123) neither
+    h, w, b = make(67, 123, 1001, bias=bias, device=device_for(impl), seed=k)
+    check(topk_logits(h, w, b, k=k, largest=largest, impl=impl), h, w, b, k, largest)
+
+
+TRITON_FAST = [(1, True, False), (17, False, True), (100, True, True), (5, False, False)]
+
+
+@pytest.mark.parametrize("k,largest,bias", TRITON_FAST)
+def test_random_shapes_triton(k, largest, bias):
+    h, w, b = make(37, 48, 601, bias=bias, device=device_for("triton"), seed=k)
+    check(topk_logits(h, w, b, k=k, largest=largest, impl="triton"), h, w, b, k, largest)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_random_shapes_triton_full(k, largest, bias):
+    h, w, b = make(67, 123, 1001, bias=bias, device=device_for("triton"), seed=k)
+    check(topk_logits(h, w, b, k=k, largest=largest, impl="triton"), h, w, b, k, largest)
+
+
+def test_triton_small_tiles_and_splits():
+    """Several row tiles, several vocabulary tiles per split and a split merge."""
+    from blens_fast.ops.triton.topk import triton_topk
+
+    h, w, b = make(40, 40, 333, bias=True, device=device_for("triton"))
+    for largest in (True, False):
+        values, indices, lse = triton_topk(h, w, b, k=5, largest=largest, splits=3, block_m=16, block_n=32,
+                                           block_k=16)
+        check(TopK(values, indices, lse, largest), h, w, b, 5, largest)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(impl, dtype):
+    h, w, b = make(33, 64, 777, dtype=dtype, bias=True, device=device_for(impl), scale=2.0)
+    for largest in (True, False):
+        check(topk_logits(h, w, b, k=10, largest=largest, impl=impl), h, w, b, 10, largest, eps=2e-3)
+
+
+@pytest.mark.parametrize("impl", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_ties(impl, dtype):
+    """Integer inputs: exact logits with many ties; lower index wins, everywhere."""
+    g = torch.Generator().manual_seed(1)
+    dev = device_for(impl)
+    h = torch.randint(-2, 3, (29, 8), generator=g).to(dtype).to(dev)
+    w = torch.randint(-2, 3, (517, 8), generator=g).to(dtype).to(dev)
+    b = torch.randint(-1, 2, (517,), generator=g).float().to(dev)
+    for k in (1, 17, 64):
+        for largest in (True, False):
+            ref = reference.naive_topk(h.double().cpu(), w.double().cpu(), b.double().cpu(), k=k, largest=largest)
+            res = topk_logits(h, w, b, k=k, largest=largest, impl=impl)
+            assert torch.equal(res.indices.cpu(), ref[1]), (impl, k, largest)
+            assert torch.equal(res.values.cpu().double(), ref[0])
+
+
+def test_reference_tie_rule():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0]])
+    v, i = reference.select_topk(logits, 2, largest=True)
+    assert i.tolist() == [[1, 2]] and v.tolist() == [[3.0, 3.0]]
+    v, i = reference.select_topk(logits, 4, largest=True)
+    assert i.tolist() == [[1, 2, 4, 3]]
+    v, i = reference.select_topk(-logits, 2, largest=False)
+    assert i.tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("impl", ALL)
+def test_n_zero_one_and_leading_dims(impl):
+    dev = device_for(impl)
+    h, w, b = make(6, 16, 300, bias=True, device=dev)
+    empty = topk_logits(h[:0], w, b, k=7, impl=impl)
+    assert empty.values.shape == (0, 7) and empty.logsumexp.shape == (0,)
+    one = topk_logits(h[:1], w, b, k=7, impl=impl)
+    check(one, h[:1], w, b, 7, True)
+    batched = topk_logits(h.reshape(2, 3, 16), w, b, k=4, largest=False, impl=impl)
+    assert batched.values.shape == (2, 3, 4) and batched.logsumexp.shape == (2, 3)
+    flat = topk_logits(h, w, b, k=4, largest=False, impl=impl)
+    assert torch.equal(batched.indices.reshape(6, 4), flat.indices)
+    single = topk_logits(h[0], w, b, k=3, impl=impl)
+    assert single.values.shape == (3,) and single.logsumexp.shape == ()
+
+
+@pytest.mark.parametrize("impl", ALL)
+def test_k_equals_v_and_noncontiguous(impl):
+    dev = device_for(impl)
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(9, 64, generator=g).to(dev)
+    h = big[:, ::2]                        # stride 2 along d
+    w = torch.randn(32, 200, generator=g).to(dev).T  # V x d with strides (1, V)
+    assert not h.is_contiguous() and not w.is_contiguous()
+    check(topk_logits(h, w, k=10, impl=impl), h, w, None, 10, True)
+    if impl in ("cuda", "triton"):
+        return  # the GPU kernels stop at k <= 256
+    full = topk_logits(h, w, k=200, largest=False, impl=impl)
+    check(full, h, w, None, 200, False)
+
+
+def test_cpu_vocab_splits_and_blocks():
+    """Small N makes the C++ kernel split the vocabulary; tiny blocks force many compactions."""
+    from blens_fast.ops import topk as topk_mod
+
+    h, w, b = make(3, 32, 5003, bias=True)
+    for largest in (True, False):
+        check(topk_logits(h, w, b, k=17, largest=largest, impl="cpu"), h, w, b, 17, largest)
+    old = (topk_mod._CPU_BLOCK_ROWS, topk_mod._CPU_BLOCK_VOCAB)
+    try:
+        topk_mod._CPU_BLOCK_ROWS, topk_mod._CPU_BLOCK_VOCAB = 5, 67
+        h, w, b = make(23, 32, 1001, bias=True)
+        for k in (1, 64, 300):
+            check(topk_logits(h, w, b, k=k, impl="cpu"), h, w, b, k, True)
+    finally:
+        topk_mod._CPU_BLOCK_ROWS, topk_mod._CPU_BLOCK_VOCAB = old
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the Triton interpreter
+@pytest.mark.parametrize("impl", ALL)
+def test_nan_rows_raise(impl):
+    dev = device_for(impl)
+    h, w, _ = make(5, 16, 300, device=dev)
+    h[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite logits \(rows 3\)"):
+        topk_logits(h, w, k=5, impl=impl)
+    h[3, 2] = float("inf")
+    with pytest.raises(ValueError, match="rows 3"):
+        topk_logits(h, w, k=5, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ALL)
+def test_masked_vocabulary(impl):
+    """A -inf bias masks tokens: finite rows, the masked tokens never selected (unless k forces it)."""
+    dev = device_for(impl)
+    h, w, _ = make(4, 16, 300, device=dev)
+    b = torch.zeros(300, device=dev)
+    b[::2] = float("-inf")
+    res = topk_logits(h, w, b, k=10, impl=impl)
+    assert (res.indices % 2 == 1).all()
+    assert torch.isfinite(res.logsumexp).all()
+
+
+# -- errors ------------------------------------------------------------------------------------
+def test_argument_errors():
+    h, w, b = make(4, 16, 50)
+    with pytest.raises(ValueError, match="hidden has 16 features but weight has 8 columns"):
+        topk_logits(h, w[:, :8])
+    with pytest.raises(ValueError, match="k=51 is out of range.*V=50"):
+        topk_logits(h, w, k=51)
+    with pytest.raises(ValueError, match="k=0"):
+        topk_logits(h, w, k=0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        topk_logits(h, w, k=2.0)
+    with pytest.raises(TypeError, match="hidden is torch.int64"):
+        topk_logits(h.long(), w)
+    with pytest.raises(TypeError, match="hidden is torch.float16 but weight is torch.float32"):
+        topk_logits(h.half(), w)
+    with pytest.raises(ValueError, match=r"bias has shape \(49,\) but weight has 50 rows"):
+        topk_logits(h, w, bias=torch.zeros(49))
+    with pytest.raises(ValueError, match="impl='fast' is not one of"):
+        topk_logits(h, w, impl="fast")
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        topk_logits(h, w[None])
+    with pytest.raises(ValueError, match="hidden is on meta but weight is on cpu"):
+        topk_logits(h.to("meta"), w)
+    if not CUDA:
+        with pytest.raises(ValueError, match="impl='cuda' needs CUDA tensors"):
+            topk_logits(h, w, impl="cuda")
+    with pytest.raises(ValueError, match="supports k <= 256"):
+        topk_logits(*make(2, 4, 300, device=device_for("triton"))[:2], k=257, impl="triton")
+
+
+def test_available_and_auto():
+    impls = available_impls("cpu")
+    assert impls[-2:] == ["torch", "naive"] and "cpu" in impls
+    h, w, b = make(5, 16, 300, bias=True)
+    auto = topk_logits(h, w, b, k=7)
+    ref = topk_logits(h, w, b, k=7, impl="torch")
+    assert torch.equal(auto.indices, ref.indices)
+
+
+# -- TopK helpers ------------------------------------------------------------------------------
+class _Tok:
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def test_topk_helpers():
+    h, w, b = make(3, 16, 100, bias=True)
+    res = topk_logits(h, w, b, k=4, impl="torch")
+    truth = torch.softmax(truth_logits(h, w, b), dim=1)
+    assert torch.allclose(res.probs().double(), truth.gather(1, res.indices), atol=1e-6)
+    assert res.decode(_Tok())[1][0] == f"<{res.indices[1, 0].item()}>"
+    df = res.to_pandas()
+    assert list(df.columns) == ["row", "rank", "token_id", "logit", "prob"] and len(df) == 12
+    assert df.loc[5, "token_id"] == res.indices[1, 1].item()
+    assert "token" in res.to_pandas(_Tok()).columns
+    both = TopK.cat([res[:1], res[1:]])
+    assert torch.equal(both.indices, res.indices) and len(both) == 3 and res.k == 4
+
+
+@pytest.mark.slow
+def test_cpu_64bit_offsets():
+    """N * V beyond 2**31 on the C++ path (tiny d keeps it affordable)."""
+    n, v = 44_000, 50_000
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, 2, generator=g)
+    w = torch.randn(v, 2, generator=g)
+    res = topk_logits(h, w, k=3, impl="cpu")
+    rows = torch.tensor([0, n // 2, n - 1])
+    ref = reference.naive_topk(h[rows], w, k=3)
+    assert torch.equal(res.indices[rows], ref[1])
+
+
+@pytest.mark.slow
+def test_triton_compiles_for_sm80_sm90():
+    """The Triton kernel lowers to PTX/cubin for A100 and H100 (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "blens_fast.ops.triton.compile_check"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
