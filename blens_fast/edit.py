@@ -612,6 +612,8 @@ def _keys(a: torch.Tensor, keep: torch.Tensor, whitening: Whitening | None, norm
 
 #: the smallest logit lead scale="auto" aims for (margin=0 means: just the argmax, by this much)
 MIN_LEAD = 1e-3
+#: the largest shift scale="auto" tries, in units of |pre-norm residual| / |target embedding|
+MAX_SHIFT = 10.0
 
 
 class LogitCurve:
@@ -671,17 +673,43 @@ class LogitCurve:
         return self.smallest_shifts(row, token, [margin], **kwargs)[0]
 
     @torch.no_grad()
-    def smallest_shifts(self, row: int, token: int, margins, *, grid: int = 49, iters: int = 24,
-                        candidates: int = 64) -> list[float]:
+    def smallest_shifts(self, row: int, token: int, margins, *, grid: int = 41, iters: int = 24,
+                        candidates: int = 64, cap: float = MAX_SHIFT) -> list[float]:
         """Per margin, the smallest ``c >= 0`` giving ``token`` a logit lead >= ``margin`` over every other token
-        (0 if it already has it): a geometric grid from 1e-3 to 1e3 times ``|P|/|e|`` over the whole vocabulary,
+        (0 if it already has it): a geometric grid from 1e-3 to ``cap`` times ``|P|/|e|`` (:data:`MAX_SHIFT`),
         then bisection inside the bracketing grid step against the ``candidates`` strongest rivals at the
         bracket's ends, then a check of the result against the whole vocabulary (a full bisection if it fails).
-        The best grid point when no grid point reaches the margin. Margins are at least :data:`MIN_LEAD`, so
-        that rounding in the edited forward pass cannot undo a tie break."""
-        device = self.a.device
+        When no shift up to the cap reaches the margin: the smallest one that makes the target the argmax, and
+        when none does, 0 (no edit: a larger push would only damage the model). Margins are at least
+        :data:`MIN_LEAD`, so that rounding in the edited forward pass cannot undo a tie break."""
         margins = [max(float(m), MIN_LEAD) for m in margins]
-        shifts = torch.cat([torch.zeros(1, device=device), self.unit[row] * torch.logspace(-3, 3, grid, device=device)])
+        found = self._smallest_shifts(row, token, margins, grid, iters, candidates, 4 * candidates, cap)
+        if found is not None:
+            return found
+        return self._smallest_shifts(row, token, margins, grid, iters, candidates, None, cap)
+
+    def _smallest_shifts(self, row, token, margins, grid, iters, candidates, rivals, cap):
+        """With ``rivals``: the grid and bisection over the target and the ``rivals`` tokens strongest at no shift
+        or along ``e``, each result then checked against the whole vocabulary (None if one fails: the caller
+        falls back to ``rivals=None``, the whole vocabulary). The restricted lead is never below the full lead,
+        so a result that passes the check is the full problem's answer too."""
+        device = self.a.device
+        shifts = torch.cat([torch.zeros(1, device=device),
+                            self.unit[row] * torch.logspace(-3, math.log10(cap), grid, device=device)])
+        if rivals is not None:
+            z0 = self.logits(torch.zeros(1, device=device), torch.full((1,), row, device=device))[0]
+            top = torch.cat([z0.topk(rivals).indices, self.b.topk(rivals).indices]).unique()
+            columns = torch.cat([torch.tensor([token], device=device), top[top != token]])
+            results = []
+            for margin, (lo, hi) in zip(margins, self._brackets(row, columns, shifts, margins)):
+                if hi is None:
+                    return None
+                if hi > 0:
+                    lo, hi = self._bisect(row, token, columns, margin, lo, hi, iters)
+                if self.lead(row, token, torch.tensor([hi], device=device)).item() < margin:
+                    return None
+                results.append(hi)
+            return results
         z = self.logits(shifts, torch.full((len(shifts),), row, device=device))
         zt = z[:, token].clone()
         z[:, token] = -torch.inf
@@ -690,19 +718,41 @@ class LogitCurve:
         for margin in margins:
             ok = (leads >= margin).nonzero().flatten()
             if len(ok) == 0:
-                out.append(float(shifts[leads.argmax()]))
+                margin = MIN_LEAD
+                ok = (leads >= margin).nonzero().flatten()
+            if len(ok) == 0:
+                out.append(0.0)
                 continue
             j = int(ok[0])
             if j == 0:
                 out.append(0.0)
                 continue
             lo, hi = float(shifts[j - 1]), float(shifts[j])
-            rivals = torch.cat([z[j - 1].topk(candidates).indices, z[j].topk(candidates).indices]).unique()
-            columns = torch.cat([torch.tensor([token], device=device), rivals])
+            strongest = torch.cat([z[j - 1].topk(candidates).indices, z[j].topk(candidates).indices]).unique()
+            columns = torch.cat([torch.tensor([token], device=device), strongest])
             lo, hi = self._bisect(row, token, columns, margin, lo, hi, iters)
             if self.lead(row, token, torch.tensor([hi], device=device)).item() < margin:  # a rival outside the set
                 lo, hi = self._bisect(row, token, None, margin, float(shifts[j - 1]), float(shifts[j]), iters)
             out.append(hi)
+        return out
+
+    def _brackets(self, row, columns, shifts, margins):
+        """Per margin, ``(lo, hi)`` grid shifts around the first one whose restricted lead reaches it (``(0, 0)``
+        when no shift is needed; ``(None, None)`` when no grid point reaches it)."""
+        sigma = 1.0 if self.kind is None else (self.hh[row] + 2 * shifts * self.hx[row] + shifts * shifts * self.he
+                                               + self.eps).sqrt()[:, None]
+        z = (self.a[row, columns][None] + shifts[:, None] * self.b[columns][None]) / sigma + self.const[columns][None]
+        leads = z[:, 0] - z[:, 1:].max(-1).values
+        out = []
+        for margin in margins:
+            ok = (leads >= margin).nonzero().flatten()
+            if len(ok) == 0:
+                out.append((None, None))
+            elif int(ok[0]) == 0:
+                out.append((0.0, 0.0))
+            else:
+                j = int(ok[0])
+                out.append((float(shifts[j - 1]), float(shifts[j])))
         return out
 
     def _bisect(self, row, token, columns, margin, lo, hi, iters):

@@ -276,3 +276,16 @@ def test_calibrated_defaults_are_read_and_the_fingerprint_survives_edits(tokeniz
     with torch.no_grad():
         other.transformer.wte.weight[0, 0] += 1.0
     assert model_fingerprint(other) != fingerprint
+
+
+def test_auto_scale_never_pushes_beyond_its_cap(tokenizer):
+    model = tiny("gpt2")
+    snap = snapshot(model)
+    t = token(tokenizer, TARGET)
+    with edit(model, tokenizer, PROMPT, TARGET, layer=-1, scale="auto", margin=1e6, normalize=True) as result:
+        if result.updates:  # the margin is out of reach: at most the argmax, and only within the cap
+            logits = last_logits(model, tokenizer, PROMPT)
+            assert logits.argmax().item() == t
+        else:
+            assert result.info["skipped"] == [True] and same_weights(model, snap)
+    assert same_weights(model, snap)
