@@ -289,3 +289,14 @@ def test_auto_scale_never_pushes_beyond_its_cap(tokenizer):
         else:
             assert result.info["skipped"] == [True] and same_weights(model, snap)
     assert same_weights(model, snap)
+
+
+def test_default_model_finds_its_calibrated_settings():
+    """The shipped calibration must match the shipped model, whatever the dtype or thread count."""
+    from blens_fast.default_model import load_default_model
+    from blens_fast.edit import calibrated_defaults
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = load_default_model(dtype=dtype)
+        settings = calibrated_defaults(model)
+        assert settings["forward_shift"]["layer"] == 1 and settings["forward_shift_whitened"]["layer"] == 3
