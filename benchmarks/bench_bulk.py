@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from blens_fast._report import machine_info  # noqa: E402
+
 
 def counterfact_records(n: int) -> list[dict]:
     """``n`` records from the shipped CounterFact edit file: its prompts, then its rephrased prompts, each with the
@@ -49,15 +51,6 @@ def write_jsonl(records, path: Path) -> Path:
         for r in records:
             f.write(json.dumps(r) + "\n")
     return path
-
-
-def machine() -> dict:
-    import torch
-
-    from blens_fast._report import machine_description
-
-    return {"machine": machine_description(), "threads": torch.get_num_threads(),
-            "load_average": os.getloadavg()}
 
 
 # -- throughput ----------------------------------------------------------------------------------------------
@@ -117,7 +110,7 @@ def throughput(args) -> dict:
             "layers": layers or "all", "rows": rows, "lens_seconds": lens_times, "model_seconds": model_times,
             "lens_records_per_s": len(records) / lens_t, "lens_tokens_per_s": tokens / lens_t,
             "model_records_per_s": len(records) / model_t, "model_tokens_per_s": tokens / model_t,
-            "ratio": model_t / lens_t, "target_ratio": 0.7, **machine()}
+            "ratio": model_t / lens_t, "target_ratio": 0.7, **machine_info()}
 
 
 # -- kill and resume -------------------------------------------------------------------------------------------
@@ -188,7 +181,7 @@ def resume(args) -> dict:
             "rows": manifest["rows"], "every_record_exactly_once": not duplicates and not missing and not extra,
             "settings": {"batch_size": args.batch_size, "k": args.k, "layers": args.layers or "all",
                          "shard_size": args.shard_size, "threads": args.threads, "processes": args.nproc},
-            **machine()}
+            **machine_info()}
 
 
 def _committed(out: Path) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,13 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-
-def machine() -> dict:
-    import torch
-
-    from blens_fast._report import machine_description
-
-    return {"machine": machine_description(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+from blens_fast._report import machine_info  # noqa: E402
 
 
 def memory(args) -> dict:
@@ -72,7 +65,7 @@ def memory(args) -> dict:
             "ratio_one_module": single / dense_bytes_module,
             "per_example_norm_bytes_for_examples": {"examples": args.examples, "bytes": norms_bytes},
             "target_ratio": 0.02, "fused_update_seconds_T32": seconds, "fused_update_impl": resolve_impl(
-                "auto", torch.device("cpu")), "dense_outer_product_seconds_T32": dense_seconds, **machine()}
+                "auto", torch.device("cpu")), "dense_outer_product_seconds_T32": dense_seconds, **machine_info()}
 
 
 def accuracy(args) -> dict:
@@ -121,7 +114,7 @@ def accuracy(args) -> dict:
             "sketch_sizes_k_l_m": list(stats.sketch), "seed": args.seed, "target_relative_error": 1e-3,
             "worst_relative_error_top_r": worst,
             "worst_relative_error_top1": max(row["relative_error_top1"] for row in rows),
-            "stats_seconds": stats_seconds, "dense_seconds": dense_seconds, "modules": rows, **machine()}
+            "stats_seconds": stats_seconds, "dense_seconds": dense_seconds, "modules": rows, **machine_info()}
 
 
 def write(result: dict, name: str) -> None:

@@ -25,3 +25,8 @@ def machine_description() -> str:
     if torch.cuda.is_available():
         return f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     return f"CPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def machine_info() -> dict:
+    """The machine, torch's thread count and the load average, for benchmark results."""
+    return {"machine": machine_description(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
