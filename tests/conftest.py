@@ -53,3 +53,12 @@ def tokenizer_without_pad():
     """The raw GPT-2 tokenizer, which has no pad token."""
     return transformers.GPT2TokenizerFast(vocab=str(TOKENIZER_DIR / "vocab.json"),
                                           merges=str(TOKENIZER_DIR / "merges.txt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    """A tiny GPT-2 saved as a local checkpoint (safetensors + tokenizer), as `--model PATH` reads it."""
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    make_tiny_model("gpt2").save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path

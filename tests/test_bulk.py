@@ -18,7 +18,6 @@ from blens_fast.cli import main as cli_main
 from blens_fast.lens import analyze
 from blens_fast.stats import gradient_stats
 
-from conftest import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = [("The mother tongue of Danielle Darrieux is", "French"), ("The capital of France is", "Paris"),
@@ -37,19 +36,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny GPT-2 saved as a local checkpoint (safetensors + tokenizer), as `--model PATH` reads it."""
-    path = tmp_path_factory.mktemp("tiny_gpt2")
-    make_tiny_model("gpt2").save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
+def tiny(tiny_checkpoint):
     from blens_fast.models import load_model
 
-    return load_model(str(tiny_dir))
+    return load_model(str(tiny_checkpoint))
 
 
 def write_jsonl(path, n, *, start=0):
@@ -125,11 +115,11 @@ def test_killed_anywhere_resumes_exactly_once(tmp_path, tiny, point):
     assert not list(out.rglob("*.tmp"))
 
 
-def test_sigkill_and_resume_through_the_command_line(tmp_path, tiny_dir, capsys):
+def test_sigkill_and_resume_through_the_command_line(tmp_path, tiny_checkpoint, capsys):
     data = write_jsonl(tmp_path / "in.jsonl", 24)
     out = tmp_path / "out"
     args = [sys.executable, "-m", "blens_fast.cli", "project-dataset", "--input", str(data), "--output", str(out),
-            "--model", str(tiny_dir), "--k", "2", "--layers", "0", "--shard-size", "6", "--batch-size", "4",
+            "--model", str(tiny_checkpoint), "--k", "2", "--layers", "0", "--shard-size", "6", "--batch-size", "4",
             "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "BLENS_FAULT": "after_stats:2"}
     killed = subprocess.run(args + ["--stats", "--stats-rank", "2"], env=env, capture_output=True, text=True)
@@ -262,10 +252,10 @@ def test_batches_respect_size_and_token_budget():
     assert sorted(r.index for b in batches for r in b) == list(range(6))
 
 
-def test_torchrun_two_processes_give_the_same_result(tmp_path, tiny_dir):
+def test_torchrun_two_processes_give_the_same_result(tmp_path, tiny_checkpoint):
     """2 gloo processes split the shards; the merged result equals one process's, row for row."""
     data = write_jsonl(tmp_path / "in.jsonl", 12)
-    common = ["--input", str(data), "--model", str(tiny_dir), "--k", "2", "--layers", "1", "--shard-size", "3",
+    common = ["--input", str(data), "--model", str(tiny_checkpoint), "--k", "2", "--layers", "1", "--shard-size", "3",
               "--batch-size", "2", "--no-progress", "--stats", "--stats-rank", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("BLENS_FAULT", None)

@@ -90,17 +90,9 @@ def test_lens_bad_input(tokenizer, kwargs, match):
         lens(model, tokenizer, PROMPT, TARGET, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny_gpt2")
-    make_tiny_model("gpt2").save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_command_writes_files(checkpoint, tmp_path, capsys):
+def test_command_writes_files(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "lens"
-    code = main(["lens", "--prompt", PROMPT, "--target", "French", "--model", str(checkpoint), "--k", "4",
+    code = main(["lens", "--prompt", PROMPT, "--target", "French", "--model", str(tiny_checkpoint), "--k", "4",
                  "--layers", "0-1", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
@@ -115,8 +107,8 @@ def test_command_writes_files(checkpoint, tmp_path, capsys):
     (["--prompt", "a", "--target", "b", "--layers", "9"], "layer 9 is out of range"),
     (["--prompt", "a", "--target", "b", "--layers", "x"], "--layers 'x'"),
 ])
-def test_command_bad_input_exits_2(checkpoint, capsys, extra, match):
-    assert main(["lens", "--model", str(checkpoint), *extra]) == 2
+def test_command_bad_input_exits_2(tiny_checkpoint, capsys, extra, match):
+    assert main(["lens", "--model", str(tiny_checkpoint), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err
     assert err.splitlines()[-1].startswith("blens lens: error:")
