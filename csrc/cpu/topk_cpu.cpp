@@ -102,10 +102,11 @@ inline void lse_update_scalar(RowState& st, float block_max, const float* x, con
   st.m = m_new;
 }
 
-void scan_row_scalar(const Selector& sel, RowState& st, const float* x, const float* b, int64_t len,
-                     int32_t base, float sign) {
+// Selection over columns [from, len) one at a time; returns their maximum logit (NaNs flag the row).
+inline float select_scalar(const Selector& sel, RowState& st, const float* x, const float* b, int64_t from,
+                           int64_t len, int32_t base, float sign) {
   float bmax = kNegInf;
-  for (int64_t j = 0; j < len; ++j) {
+  for (int64_t j = from; j < len; ++j) {
     float v = b ? x[j] + b[j] : x[j];
     if (v != v) {
       st.nan = true;
@@ -115,7 +116,12 @@ void scan_row_scalar(const Selector& sel, RowState& st, const float* x, const fl
     float key = v * sign;
     if (st.filled ? key > st.thr : key >= st.thr) sel.push(st, key, base + static_cast<int32_t>(j));
   }
-  lse_update_scalar(st, bmax, x, b, len);
+  return bmax;
+}
+
+void scan_row_scalar(const Selector& sel, RowState& st, const float* x, const float* b, int64_t len,
+                     int32_t base, float sign) {
+  lse_update_scalar(st, select_scalar(sel, st, x, b, 0, len, base, sign), x, b, len);
 }
 
 #ifdef BLENS_X86
@@ -172,16 +178,7 @@ __attribute__((target("avx2,fma"))) void scan_row_avx2(const Selector& sel, RowS
   _mm256_store_ps(lanes, vmax);
   float bmax = kNegInf;
   for (int i = 0; i < 8; ++i) bmax = std::max(bmax, lanes[i]);
-  for (; j < len; ++j) {  // tail
-    float v = b ? x[j] + b[j] : x[j];
-    if (v != v) {
-      st.nan = true;
-      continue;
-    }
-    bmax = std::max(bmax, v);
-    float key = v * sign;
-    if (st.filled ? key > st.thr : key >= st.thr) sel.push(st, key, base + static_cast<int32_t>(j));
-  }
+  bmax = std::max(bmax, select_scalar(sel, st, x, b, j, len, base, sign));  // tail
   // online log-sum-exp over the block
   if (st.nan) return;
   float m_new = std::max(st.m, bmax);
