@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from blens_fast._report import machine_info  # noqa: E402
+from blens_fast._report import machine_info, write_result  # noqa: E402
 
 
 def counterfact_records(n: int) -> list[dict]:
@@ -202,19 +202,12 @@ def _value_counts(table):
 
 
 def write(result: dict, name: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
-    lines = [f"# {name}", "", f"machine: {result.get('machine')} (load average {result.get('load_average')})", ""]
-    for key, value in result.items():
-        if key in ("attempts", "machine", "load_average"):
-            continue
-        lines.append(f"- **{key}**: {value}")
+    table = []
     if "attempts" in result:
-        lines += ["", "| attempt | killed after (s) | return code | shards committed |", "|---|---|---|---|"]
-        lines += [f"| {a['attempt']} | {a['killed_after_s']} | {a['returncode']} | {a['shards_committed']} |"
+        table = ["| attempt | killed after (s) | return code | shards committed |", "|---|---|---|---|"]
+        table += [f"| {a['attempt']} | {a['killed_after_s']} | {a['returncode']} | {a['shards_committed']} |"
                   for a in result["attempts"]]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "attempts"}, indent=1, default=str))
+    write_result(RESULTS, name, result, table_key="attempts", table=table)
 
 
 def main() -> None:

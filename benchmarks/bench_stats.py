@@ -12,7 +12,6 @@ accuracy: on a small model, the top singular values of the summed gradient over 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from blens_fast._report import machine_info  # noqa: E402
+from blens_fast._report import machine_info, write_result  # noqa: E402
 
 
 def memory(args) -> dict:
@@ -118,21 +117,14 @@ def accuracy(args) -> dict:
 
 
 def write(result: dict, name: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
-    lines = [f"# {name}", "", f"machine: {result.get('machine')} (load average {result.get('load_average')})", ""]
-    for key, value in result.items():
-        if key in ("modules", "machine", "load_average"):
-            continue
-        lines.append(f"- **{key}**: {value}")
+    table = []
     if "modules" in result:
-        lines += ["", "| layer | module | max rel. error top-r | rel. error top-1 | frobenius rel. error | "
-                  "energy share (est / dense) |", "|---|---|---|---|---|---|"]
-        lines += [f"| {m['layer']} | {m['module']} | {m['max_relative_error_top_r']:.2e} | "
+        table = ["| layer | module | max rel. error top-r | rel. error top-1 | frobenius rel. error | "
+                 "energy share (est / dense) |", "|---|---|---|---|---|---|"]
+        table += [f"| {m['layer']} | {m['module']} | {m['max_relative_error_top_r']:.2e} | "
                   f"{m['relative_error_top1']:.2e} | {m['frobenius_relative_error']:+.2e} | "
                   f"{m['energy_share_estimate']:.4f} / {m['energy_share_dense']:.4f} |" for m in result["modules"]]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "modules"}, indent=1, default=str))
+    write_result(RESULTS, name, result, table_key="modules", table=table)
     for m in result.get("modules", []):
         print(m["layer"], m["module"], f"{m['max_relative_error_top_r']:.2e}", f"{m['frobenius_relative_error']:+.2e}")
 

@@ -1,8 +1,11 @@
 """Small helpers for written results: markdown tables and a description of the machine."""
 from __future__ import annotations
 
+import json
 import os
 import platform
+
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -30,3 +33,18 @@ def machine_description() -> str:
 def machine_info() -> dict:
     """The machine, torch's thread count and the load average, for benchmark results."""
     return {"machine": machine_description(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+
+
+def write_result(directory, name: str, result: dict, *, table_key: str | None = None, table: list[str] = ()) -> None:
+    """``name.json`` (all of ``result``) and ``name.md`` (its fields as bullets, then ``table`` built by the caller
+    from ``result[table_key]``) in ``directory``; prints the fields."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
+    lines = [f"# {name}", "", f"machine: {result.get('machine')} (load average {result.get('load_average')})", ""]
+    lines += [f"- **{key}**: {value}" for key, value in result.items()
+              if key not in (table_key, "machine", "load_average")]
+    if table:
+        lines += ["", *table]
+    (directory / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != table_key}, indent=1, default=str))
