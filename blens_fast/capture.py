@@ -89,15 +89,21 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def batch_inputs(examples: Sequence[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` (right padding keeps every real position's index)."""
-    length = max(e.num_tokens for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, e in enumerate(examples):
-        ids[row, : e.num_tokens] = torch.tensor(e.input_ids, dtype=torch.long)
-        mask[row, : e.num_tokens] = 1
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` for lists of token ids (right padding keeps every real
+    position's index)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, : len(s)] = 1
     return ids.to(device), mask.to(device)
+
+
+def batch_inputs(examples: Sequence[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples' model inputs, right-padded (see :func:`pad_right`)."""
+    return pad_right([e.input_ids for e in examples], pad_id, device)
 
 
 def target_log_probs(logits: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:

@@ -56,7 +56,7 @@ from torch import nn
 
 from ._checks import as_str_list, check_choice, check_positive_int
 from .adapters import Adapter, get_adapter
-from .capture import _pad_id, capture, eval_mode, max_positions, model_device, tokenize_examples
+from .capture import _pad_id, capture, eval_mode, max_positions, model_device, pad_right, tokenize_examples
 
 METHODS = ("forward_shift", "gradient")
 DEFAULTS_FILE = Path(__file__).resolve().parent / "default_model" / "edit_defaults.json"
@@ -232,17 +232,6 @@ def base_model(model: nn.Module, adapter: Adapter) -> nn.Module:
     """The model without its LM head: the parent of the blocks (its output is after the final norm)."""
     parent = adapter.blocks.rsplit(".", 1)[0] if "." in adapter.blocks else ""
     return model.get_submodule(parent)
-
-
-def pad_batch(sequences, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` for lists of token ids."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[row, : len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -452,7 +441,7 @@ def _ff2_moments(model, adapter, tokenizer, texts, batch_size):
     count = 0
     try:
         for start in range(0, len(token_lists), batch_size):
-            ids, mask = pad_batch(token_lists[start:start + batch_size], pad, device)
+            ids, mask = pad_right(token_lists[start:start + batch_size], pad, device)
             with eval_mode(model):
                 base_model(model, adapter)(input_ids=ids, attention_mask=mask, use_cache=False)
             real = mask.bool().reshape(-1)
@@ -554,7 +543,7 @@ def _forward_shift(model, adapter, tokenizer, examples, layer, scale, margin, wh
                    skip_if_argmax, info) -> Edit:
     auto = scale == "auto"
     device = model_device(model)
-    ids, mask = pad_batch([e.prompt_ids for e in examples], _pad_id(tokenizer), device)
+    ids, mask = pad_right([e.prompt_ids for e in examples], _pad_id(tokenizer), device)
     last = mask.sum(1) - 1
     rows = torch.arange(len(examples), device=device)
     hidden, ff2, pre = forward_hidden(model, adapter, ids, mask, ff2_layer=layer, residual=auto)

@@ -28,8 +28,8 @@ from torch import nn
 
 from ._checks import check_choice, check_positive_int
 from .adapters import Adapter, get_adapter
-from .capture import _pad_id, model_device, tokenize_examples
-from .edit import Whitening, _hash_tensor, edit, ff2_whitening, forward_hidden, lens_logits, pad_batch, variant_name
+from .capture import _pad_id, model_device, pad_right, tokenize_examples
+from .edit import Whitening, _hash_tensor, edit, ff2_whitening, forward_hidden, lens_logits, variant_name
 
 METHODS = ("none", "forward_shift", "gradient")
 FIELDS = ("prompt", "rephrase_prompt", "locality_prompt", "locality_ground_truth", "ground_truth", "target_new")
@@ -81,7 +81,7 @@ class _Scorer:
             rows.extend([len(examples) + k] * (len(s) - 1))
             positions.extend(range(len(s) - 1))
             tokens.extend(s[1:])
-        ids, mask = pad_batch(sequences, self.pad, self.device)
+        ids, mask = pad_right(sequences, self.pad, self.device)
         t = lambda v: torch.tensor(v, device=self.device)  # noqa: E731
         return {"examples": examples, "ids": ids, "mask": mask, "rows": t(rows), "positions": t(positions),
                 "tokens": t(tokens), "n_scored": sum(len(e.target_ids) for e in examples)}
@@ -505,7 +505,7 @@ def median_key_norm(model, tokenizer, records, layer: int, *, adapter=None) -> f
     """Median of ``a_n . a_n`` (FF2 input at the prompt's last token) over the records' prompts."""
     adapter = get_adapter(model, adapter)
     examples = tokenize_examples(tokenizer, [r["prompt"] for r in records], [r["target_new"] for r in records])
-    ids, mask = pad_batch([e.prompt_ids for e in examples], _pad_id(tokenizer), model_device(model))
+    ids, mask = pad_right([e.prompt_ids for e in examples], _pad_id(tokenizer), model_device(model))
     _, ff2, _ = forward_hidden(model, adapter, ids, mask, ff2_layer=layer)
     a = ff2[torch.arange(len(examples)), mask.sum(1) - 1].double()
     return float((a * a).sum(-1).median())
