@@ -2,7 +2,8 @@
 
 throughput: on the same batches, the lens pipeline (capture + analyze + Parquet rows, what project-dataset
             does per batch) against the model's own forward + backward (loss.backward() with parameter
-            gradients), side by side, alternating, best of several rounds.
+            gradients; once with logits at every position as a training step computes them, once with logits
+            only at the loss positions as capture computes them), side by side, alternating, best of rounds.
 resume:     a large run through the command line, SIGKILLed at random moments N times and started again
             with the same arguments; then checks that every input record appears exactly once.
 
@@ -58,7 +59,8 @@ def throughput(args) -> dict:
     import torch
 
     from blens_fast import bulk
-    from blens_fast.capture import batch_inputs, capture, target_log_probs, tokenize_examples, _pad_id
+    from blens_fast.capture import (batch_inputs, capture, loss_logits, target_log_probs, tokenize_examples,
+                                    _pad_id)
     from blens_fast.lens import analyze
     from blens_fast.models import load_model
 
@@ -83,34 +85,44 @@ def throughput(args) -> dict:
             rows += bulk._rows_table(parts, vocab).num_rows
         return rows
 
-    def model_pass():
+    def model_pass(only_loss_positions: bool):
         for batch in batches:
             ex = [r.example for r in batch]
             ids, mask = batch_inputs(ex, _pad_id(tokenizer), "cpu")
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                (-target_log_probs(logits, ex)).sum().backward()
+                if only_loss_positions:
+                    logits, positions = loss_logits(model, ids, mask, ex)
+                else:
+                    logits, positions = model(input_ids=ids, attention_mask=mask, use_cache=False).logits, None
+                (-target_log_probs(logits, ex, positions)).sum().backward()
         model.zero_grad(set_to_none=True)
 
+    passes = {"lens": lens_pass, "model": lambda: model_pass(False), "model_loss_positions": lambda: model_pass(True)}
     tokens = sum(e.num_tokens for e in examples)
-    lens_pass()  # warm-up
-    model_pass()
-    lens_times, model_times = [], []
+    times = {name: [] for name in passes}
+    rows = lens_pass()  # warm-up
+    model_pass(False)
+    model_pass(True)
     for _ in range(args.rounds):
-        t = time.perf_counter()
-        rows = lens_pass()
-        lens_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        model_pass()
-        model_times.append(time.perf_counter() - t)
-    lens_t, model_t = min(lens_times), min(model_times)
+        for name, run in passes.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    best = {name: min(ts) for name, ts in times.items()}
     return {"benchmark": "throughput", "model": args.model, "records": len(records), "tokens": tokens,
             "batch_size": args.batch_size, "batches": len(batches), "k": args.k,
-            "layers": layers or "all", "rows": rows, "lens_seconds": lens_times, "model_seconds": model_times,
-            "lens_records_per_s": len(records) / lens_t, "lens_tokens_per_s": tokens / lens_t,
-            "model_records_per_s": len(records) / model_t, "model_tokens_per_s": tokens / model_t,
-            "ratio": model_t / lens_t, "target_ratio": 0.7, **machine_info()}
+            "layers": layers or "all", "rows": rows,
+            "what": {"lens": "capture + analyze (3 lists, target ranks, gradient ranks and norms) + Parquet rows",
+                     "model": "the model's own forward + loss.backward() with parameter gradients, logits at "
+                              "every position (what a training step does)",
+                     "model_loss_positions": "the same with logits only at the loss positions (logits_to_keep), "
+                                             "as capture computes them"},
+            "seconds": times, "records_per_s": {n: len(records) / t for n, t in best.items()},
+            "tokens_per_s": {n: tokens / t for n, t in best.items()},
+            "ratio": best["model"] / best["lens"],
+            "ratio_vs_model_loss_positions": best["model_loss_positions"] / best["lens"],
+            "target_ratio": 0.7, **machine_info()}
 
 
 # -- kill and resume -------------------------------------------------------------------------------------------

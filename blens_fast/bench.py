@@ -8,8 +8,8 @@ projection's output gradients; per layer ``torch.linalg.matrix_rank`` and ``matr
 
 **blens_fast** (in batches): :func:`blens_fast.capture` (X and Delta only, no parameter gradient),
 :meth:`LowRankGradient.svdvals` / :meth:`~LowRankGradient.norm` on the factors, and the fused projection
-:func:`blens_fast.project.project` plus :func:`blens_fast.lens.target_ranks` (exactly what
-:func:`blens_fast.lens.analyze` runs).
+:func:`blens_fast.lens.project_lists` (one pass over the vocabulary per factor: top-k, bottom-k and the
+target's rank together; exactly what :func:`blens_fast.lens.analyze` runs).
 
 Both give, per prompt: every layer's gradient rank and norm of ``mlp.in`` and ``mlp.out``, and for every
 layer and position the lists ``ff1_top``, ``ff2_bottom`` and ``ff2_top`` (k tokens each) with the target's
@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_positive_int
@@ -324,12 +325,18 @@ def naive_way(model, examples: list[Example], layers, *, k: int, normalized: boo
                 if normalized:
                     v = v / v.norm(dim=-1, keepdim=True)
                 with torch.no_grad():
-                    logits = lm_head(ln_f(v)).float()  # N x V
+                    # N x V, in float32 like the fused kernels' logits (a bf16 GEMM output would round
+                    # 50k logits onto a few hundred values and tie most of them)
+                    normed = ln_f(v).float()
+                    logits = F.linear(normed, lm_head.weight.float(),
+                                      None if lm_head.bias is None else lm_head.bias.float())
                 for name in names:
                     largest = name != "ff2_bottom"
                     top = torch.topk(logits, k, dim=-1, largest=largest)
                     at_target = logits[:, target:target + 1]
-                    beaten = (logits > at_target) if largest else (logits < at_target)
+                    # ties: a lower token id comes first (the library's rule)
+                    beaten = ((logits > at_target) if largest else (logits < at_target)) | (
+                        (logits == at_target) & (torch.arange(logits.shape[1], device=logits.device) < target))
                     out["indices"][name].append(top.indices.cpu())
                     out["values"][name].append(top.values.cpu())
                     out["target_rank"][name].append((beaten.sum(-1) + 1).cpu())
@@ -342,8 +349,7 @@ def fast_way(model, tokenizer, examples: list[Example], layers, *, k: int, norma
              batch_size: int, impl: str = "auto", progress: bool = True, desc: str = "blens_fast") -> dict:
     """The Backward Lens with the library's calls, ``batch_size`` prompts per capture (memory flat in N)."""
     from .capture import capture
-    from .lens import LISTS, target_ranks
-    from .project import project
+    from .lens import project_lists
 
     out = None
     starts = range(0, len(examples), batch_size)
@@ -366,20 +372,12 @@ def fast_way(model, tokenizer, examples: list[Example], layers, *, k: int, norma
                         out["rank"][start + i, li, mi] = int((s > tol).sum())
                         out["norm"][start + i, li, mi] = float(grad.norm())
         with meter.stage("projection"):
-            in_module = "mlp.up" if "mlp.up" in cap.modules else "mlp.in"
-            parts = {"in": in_module, "out": "mlp.out"}
+            lists = project_lists(cap, model, k=k, normalized=normalized, impl=impl)
             for name in LIST_NAMES:
-                part, factor, largest = LISTS[name]
-                store = cap.x if factor == "x" else cap.delta
-                rows = torch.cat([store[(layer, parts[part])][i] for i in range(cap.num_examples)
-                                  for layer in cap.layers])
-                token_ids = torch.cat([torch.full((e.num_tokens,), e.target_ids[0], dtype=torch.long)
-                                       for e in cap.examples for _ in cap.layers]).to(rows.device)
-                top = project(model, rows, k=k, largest=largest, normalize=normalized, impl=impl)
-                ranks = target_ranks(model, rows, token_ids, largest=largest, normalize=normalized)
-                out["indices"][name].append(top.indices.cpu())
-                out["values"][name].append(top.values.cpu())
-                out["target_rank"][name].append(ranks.cpu())
+                indices, values, _, ranks = lists[name]
+                out["indices"][name].append(indices)
+                out["values"][name].append(values)
+                out["target_rank"][name].append(ranks)
         del cap
     return _finish_result(out)
 
@@ -547,10 +545,10 @@ def _run_bench(config: BenchConfig, log) -> dict:
         memory_method=_memory_method(device),
         naive_method=("per prompt: loss.backward() with parameter gradients (all parameters require grad); "
                       "torch.linalg.matrix_rank and matrix_norm of each MLP weight's .grad (cast to float32); "
-                      "lm_head(ln_f(vectors)) full logits, torch.topk, target rank from the full logits"),
+                      "lm_head(ln_f(vectors)) full logits (float32 GEMM), torch.topk, target rank from the full logits"),
         fast_method=(f"batches of {config.batch_size}: blens_fast.capture (mlp.in, mlp.out), "
                      "LowRankGradient.svdvals()/norm() (rank by matrix_rank's float32 rule), "
-                     f"blens_fast.project.project(impl={config.impl!r} -> {impl_used!r}) + blens_fast.lens.target_ranks"),
+                     f"blens_fast.lens.project_lists(impl={config.impl!r} -> {impl_used!r}): one pass per factor"),
     )
     report["wall_seconds"] = time.time() - started
     report["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -6,6 +6,7 @@ gradient computed or accumulated anywhere.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,18 +107,42 @@ def batch_inputs(examples: Sequence[Example], pad_id: int, device) -> tuple[torc
     return pad_right([e.input_ids for e in examples], pad_id, device)
 
 
-def target_log_probs(logits: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
-    """Per example, the sum over target tokens of ``log p(target token | everything before it)`` (float32)."""
-    rows, positions, tokens = [], [], []
+def target_log_probs(logits: torch.Tensor, examples: Sequence[Example], positions: Sequence[int] | None = None
+                     ) -> torch.Tensor:
+    """Per example, the sum over target tokens of ``log p(target token | everything before it)`` (float32).
+
+    ``logits``: ``batch x positions x V``; ``positions`` names the sequence position of each logits column
+    when the model computed only some (see :func:`loss_positions`), None when it computed all.
+    """
+    column = None if positions is None else {p: i for i, p in enumerate(positions)}
+    rows, cols, tokens = [], [], []
     for row, e in enumerate(examples):
         rows.extend([row] * len(e.target_ids))
-        positions.extend(e.loss_positions)
+        cols.extend(e.loss_positions if column is None else (column[p] for p in e.loss_positions))
         tokens.extend(e.target_ids)
     device = logits.device
     rows_t = torch.tensor(rows, device=device)
-    picked = logits[rows_t, torch.tensor(positions, device=device)].float().log_softmax(-1)
+    picked = logits[rows_t, torch.tensor(cols, device=device)].float().log_softmax(-1)
     token_lp = picked[torch.arange(len(tokens), device=device), torch.tensor(tokens, device=device)]
     return torch.zeros(len(examples), device=device, dtype=torch.float32).index_add(0, rows_t, token_lp)
+
+
+def loss_positions(examples: Sequence[Example]) -> list[int]:
+    """The sorted positions where some example of the batch predicts a target token."""
+    return sorted({p for e in examples for p in e.loss_positions})
+
+
+def loss_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, examples: Sequence[Example]
+                ) -> tuple[torch.Tensor, list[int] | None]:
+    """The model's logits at the batch's loss positions only (``logits_to_keep``: the unembedding runs on those
+    positions instead of all of them), or at all positions for a model without that argument; with the
+    positions as :func:`target_log_probs` takes them."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits, None
+    keep = loss_positions(examples)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False,
+                   logits_to_keep=torch.tensor(keep, device=ids.device)).logits
+    return logits, keep
 
 
 @contextmanager
@@ -235,8 +260,8 @@ def _capture_batch(model, adapter, tokenizer, batch, layer_ids, module_names, xs
                 module = adapter.module(model, layer, name)
                 handles.append(module.register_forward_hook(keep((layer, name))))
         with eval_mode(model), torch.enable_grad():
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            loss = -target_log_probs(logits, batch)
+            logits, positions = loss_logits(model, ids, mask, batch)
+            loss = -target_log_probs(logits, batch, positions)
             keys = list(outputs)
             missing = [k for k in xs if k not in outputs]
             if missing:

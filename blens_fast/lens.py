@@ -6,7 +6,8 @@ For every layer and prompt position it projects (final norm + unembedding, fused
 - ``ff2_bottom``: the bottom tokens of the output projection's VJP ``delta_i`` (gradient descent subtracts
   ``delta``, so these are the tokens an update promotes);
 - ``ff2_top``: the top tokens of the same VJP (what an update demotes);
-and the rank of the target's first token among all V tokens in each list's own order (1 = first).
+and the rank of the target's first token among all V tokens in each list's own order (1 = first; ties: lower
+index first). The FF2 lists and both ranks come from one pass over the vocabulary (one GEMM).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from ._checks import check_positive_int
 from .adapters import get_adapter
 from .capture import Capture, capture
-from .project import project
+from .project import project_topk_bottomk
 
 #: list name -> (module whose factor is read, factor, largest first?)
 LISTS = {
@@ -188,59 +189,45 @@ def _vocabulary(tokenizer) -> tuple[str, ...]:
                  for i in range(max(inverse) + 1))
 
 
-def target_ranks(model, vectors: torch.Tensor, token_ids: torch.Tensor, *, largest: bool, normalize: bool,
-                 chunk: int = 8192) -> torch.Tensor:
-    """1 + the number of other vocabulary tokens that beat ``token_ids[i]`` for row ``i`` (greater logit when
-    ``largest``, smaller otherwise), through the model's lens, in vocabulary chunks (never N x V).
+def project_lists(cap: Capture, model, *, k: int = 10, normalized: bool = False,
+                  impl: str = "auto") -> dict[str, tuple[torch.Tensor, ...]]:
+    """The lens lists of every captured example, layer and position (rows ordered example, layer, position):
+    per list name in :data:`LISTS`, ``(indices, logits, probs, target_rank)`` on the CPU.
 
-    Exact up to float32 rounding: tokens whose logits lie within rounding of the target's may fall either way.
+    One pass over the vocabulary per factor: the FF1 inputs' top-k, and the FF2 VJPs' top-k and bottom-k
+    together, each with the rank of the example's first target token in that list's order.
     """
-    lens = get_adapter(model).lens(model)
-    hidden = vectors.float()
-    if normalize:
-        hidden = hidden / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    hidden = lens.normalize(hidden)
-    weight = lens.weight.detach()
-    bias = lens.bias.detach().float() if lens.bias is not None else None
-    target = (hidden * weight[token_ids].float()).sum(-1)
-    if bias is not None:
-        target = target + bias[token_ids]
-    beaten = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    for start in range(0, weight.shape[0], chunk):
-        logits = hidden @ weight[start:start + chunk].float().T
-        if bias is not None:
-            logits = logits + bias[start:start + chunk]
-        wins = logits > target[:, None] if largest else logits < target[:, None]
-        own = (token_ids >= start) & (token_ids < start + logits.shape[1])
-        wins[rows[own], token_ids[own] - start] = False  # a token never beats itself
-        beaten += wins.sum(1)
-    return beaten + 1
+    in_module = "mlp.up" if "mlp.up" in cap.modules else "mlp.in"
+    for needed in (in_module, "mlp.out"):
+        if needed not in cap.modules:
+            raise ValueError(f"the capture has no {needed!r}: capture modules=('mlp.in', 'mlp.out') for the lens")
+    modules = {"in": in_module, "out": "mlp.out"}
+    token_ids = torch.cat([torch.full((e.num_tokens,), e.target_ids[0], dtype=torch.long)
+                           for e in cap.examples for _ in cap.layers])
+    lists = {}
+    for part, factor in dict.fromkeys(spec[:2] for spec in LISTS.values()):
+        names = [name for name, spec in LISTS.items() if spec[:2] == (part, factor)]
+        store = cap.x if factor == "x" else cap.delta
+        rows = torch.cat([store[(layer, modules[part])][i] for i in range(cap.num_examples) for layer in cap.layers])
+        largest = {LISTS[name][2] for name in names}
+        result = project_topk_bottomk(model, rows, k=k, top=True in largest, bottom=False in largest,
+                                      targets=token_ids.to(rows.device), normalize=normalized, impl=impl)
+        for name in names:
+            chosen, ranks = ((result.top, result.target_rank_top) if LISTS[name][2]
+                             else (result.bottom, result.target_rank_bottom))
+            lists[name] = (chosen.indices.cpu(), chosen.values.cpu(), chosen.probs().cpu(), ranks.cpu())
+    return {name: lists[name] for name in LISTS}
 
 
 def analyze(cap: Capture, model, tokenizer=None, *, k: int = 10, normalized: bool = False,
             impl: str = "auto") -> list[LensReport]:
     """One :class:`LensReport` per captured example (the capture must hold ``mlp.in``/``mlp.up`` and ``mlp.out``).
 
-    All vectors of all examples go through the fused projection together, one call per list.
+    All vectors of all examples go through the fused projection together (:func:`project_lists`).
     """
-    in_module = "mlp.up" if "mlp.up" in cap.modules else "mlp.in"
-    for needed in (in_module, "mlp.out"):
-        if needed not in cap.modules:
-            raise ValueError(f"the capture has no {needed!r}: capture modules=('mlp.in', 'mlp.out') for the lens")
+    per_list = project_lists(cap, model, k=k, normalized=normalized, impl=impl)
     vocabulary = _vocabulary(tokenizer)
-    modules = {"in": in_module, "out": "mlp.out"}
     sizes = [e.num_tokens for e in cap.examples]
-    per_list = {}
-    for name, (part, factor, largest) in LISTS.items():
-        store = cap.x if factor == "x" else cap.delta
-        rows = torch.cat([store[(layer, modules[part])][i] for i in range(cap.num_examples) for layer in cap.layers])
-        token_ids = torch.cat([torch.full((n,), cap.examples[i].target_ids[0], dtype=torch.long)
-                               for i, n in enumerate(sizes) for _ in cap.layers]).to(rows.device)
-        top = project(model, rows, k=k, largest=largest, normalize=normalized, impl=impl)
-        ranks = target_ranks(model, rows, token_ids, largest=largest, normalize=normalized)
-        per_list[name] = (top.indices.cpu(), top.values.cpu(), (top.values - top.logsumexp[:, None]).exp().cpu(),
-                          ranks.cpu())
     reports, offset = [], 0
     n_layers = len(cap.layers)
     for i, example in enumerate(cap.examples):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .adapters import Adapter, get_adapter
 from .ops import reference
-from .ops.topk import DTYPES, Prologue, TopK, _check, _run
+from .ops.topk import DTYPES, Prologue, TopBottomK, TopK, _check, _run, check_targets
 
 
 def project(model: torch.nn.Module, vectors: torch.Tensor, *, k: int = 10, largest: bool = True,
@@ -27,6 +27,20 @@ def project(model: torch.nn.Module, vectors: torch.Tensor, *, k: int = 10, large
     ``normalize=True`` scales each vector to unit L2 norm first (the paper's normalised variant);
     ``final_norm`` applies the model's final LayerNorm/RMSNorm (with its weight and bias); the
     unembedding's bias is added when it has one (GPT-J). ``impl`` as in :func:`topk_logits`.
+    """
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be a bool, got {type(largest).__name__}: {largest!r}")
+    result = project_topk_bottomk(model, vectors, k=k, top=largest, bottom=not largest, final_norm=final_norm,
+                                  normalize=normalize, impl=impl, adapter=adapter)
+    return result.top if largest else result.bottom
+
+
+def project_topk_bottomk(model: torch.nn.Module, vectors: torch.Tensor, *, k: int = 10, top: bool = True,
+                         bottom: bool = True, targets=None, final_norm: bool = True, normalize: bool = False,
+                         impl: str = "auto", adapter: Adapter | None = None) -> TopBottomK:
+    """Top-k and bottom-k tokens of ``vectors`` read through ``model``'s lens and each row's target rank, in one
+    pass over the vocabulary (see :func:`blens_fast.ops.topk.topk_bottomk_logits`); arguments as in
+    :func:`project`; ``targets``: one token id per vector (or one for all), or None.
     """
     lens = get_adapter(model, adapter).lens(model)
     if not isinstance(vectors, torch.Tensor):
@@ -50,10 +64,12 @@ def project(model: torch.nn.Module, vectors: torch.Tensor, *, k: int = 10, large
         vectors = vectors.float()
     use_norm = final_norm and lens.norm_kind is not None
     if not use_norm and not normalize:
-        hidden, weight, bias, k, lead = _check(vectors.to(weight.dtype), weight, bias, k, largest, impl)
-        return _run(hidden, weight, bias, k, largest, impl, lead, prologue=None)
+        vectors = vectors.to(weight.dtype)
+    hidden, weight, bias, k, lead = _check(vectors, weight, bias, k, impl, top=top, bottom=bottom)
+    target_ids = check_targets(targets, lead, v, weight.device)
+    if not use_norm and not normalize:
+        return _run(hidden, weight, bias, k, impl, lead, top=top, bottom=bottom, targets=target_ids, prologue=None)
 
-    hidden, weight, bias, k, lead = _check(vectors, weight, bias, k, largest, impl)
     norm_lens = lens if use_norm else dataclasses.replace(lens, norm_kind=None)
 
     def reference_norm(h: torch.Tensor) -> torch.Tensor:
@@ -68,5 +84,4 @@ def project(model: torch.nn.Module, vectors: torch.Tensor, *, k: int = 10, large
     nw = lens.norm_weight.detach().float().contiguous() if use_norm else None
     nb = lens.norm_bias.detach().float().contiguous() if use_norm and lens.norm_bias is not None else None
     prologue = Prologue(a, c, nw, nb, reference=reference_norm)
-    with torch.no_grad():
-        return _run(hidden, weight, bias, k, largest, impl, lead, prologue=prologue)
+    return _run(hidden, weight, bias, k, impl, lead, top=top, bottom=bottom, targets=target_ids, prologue=prologue)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from blens_fast.ops import reference
-from blens_fast.ops.topk import TopK, available_impls, topk_logits
+from blens_fast.ops.topk import TopBottomK, TopK, available_impls, topk_bottomk_logits, topk_logits
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -100,8 +100,9 @@ def test_triton_small_tiles_and_splits():
 
     h, w, b = make(40, 40, 333, bias=True, device=device_for("triton"))
     for largest in (True, False):
-        values, indices, lse = triton_topk(h, w, b, k=5, largest=largest, splits=3, block_m=16, block_n=32,
-                                           block_k=16)
+        tv, ti, bv, bi, lse, _ = triton_topk(h, w, b, k=5, top=largest, bottom=not largest, splits=3, block_m=16,
+                                             block_n=32, block_k=16)
+        values, indices = (tv, ti) if largest else (bv, bi)
         check(TopK(values, indices, lse, largest), h, w, b, 5, largest)
 
 
@@ -128,6 +129,103 @@ def test_exact_ties(impl, dtype):
             res = topk_logits(h, w, b, k=k, largest=largest, impl=impl)
             assert torch.equal(res.indices.cpu(), ref[1]), (impl, k, largest)
             assert torch.equal(res.values.cpu().double(), ref[0])
+
+
+# -- one pass: top-k, bottom-k and target ranks together ----------------------------------------
+def exact_lists_check(res: TopBottomK, h, w, b, k, targets, top=True, bottom=True):
+    """Against the float64 reference on exact (integer) inputs: everything must be equal."""
+    tau = (h.double().cpu() * w.double().cpu()[targets.cpu()]).sum(-1) + b.double().cpu()[targets.cpu()]
+    ref = reference.naive_lists(h.double().cpu(), w.double().cpu(), b.double().cpu(), k=k, top=top, bottom=bottom,
+                                target_ids=targets.cpu(), target_logits=tau)
+    if top:
+        assert torch.equal(res.top.indices.cpu(), ref.top_indices)
+        assert torch.equal(res.top.values.cpu().double(), ref.top_values.double())
+    else:
+        assert res.top is None
+    if bottom:
+        assert torch.equal(res.bottom.indices.cpu(), ref.bottom_indices)
+        assert torch.equal(res.bottom.values.cpu().double(), ref.bottom_values.double())
+    else:
+        assert res.bottom is None
+    assert torch.allclose(res.logsumexp.cpu().double(), ref.logsumexp.double(), atol=1e-4)
+    greater, less, equal_lower = ref.target_counts.unbind(1)
+    assert torch.equal(res.target_rank_top.cpu(), greater + equal_lower + 1)
+    assert torch.equal(res.target_rank_bottom.cpu(), less + equal_lower + 1)
+    assert torch.equal(res.target_logits.cpu().double(), tau)
+
+
+@pytest.mark.parametrize("impl", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_exact_ties(impl, dtype):
+    """Integer inputs (exact logits, many ties, some targets tied with other tokens): top-k, bottom-k, logsumexp
+    and both target ranks equal the reference exactly, and a target in a list sits at position rank - 1."""
+    g = torch.Generator().manual_seed(2)
+    dev = device_for(impl)
+    h = torch.randint(-2, 3, (31, 8), generator=g).to(dtype).to(dev)
+    w = torch.randint(-2, 3, (517, 8), generator=g).to(dtype).to(dev)
+    b = torch.randint(-1, 2, (517,), generator=g).float().to(dev)
+    targets = torch.randint(0, 517, (31,), generator=g)
+    targets[:3] = torch.tensor([0, 516, 258])  # first and last columns, and a tile boundary region
+    for k, top, bottom in ((1, True, True), (17, True, True), (64, True, False), (5, False, True)):
+        res = topk_bottomk_logits(h, w, b, k=k, top=top, bottom=bottom, targets=targets.to(dev), impl=impl)
+        exact_lists_check(res, h, w, b, k, targets, top, bottom)
+    res = topk_bottomk_logits(h, w, b, k=517, targets=targets.to(dev), impl=impl) if impl not in ("cuda", "triton") \
+        else topk_bottomk_logits(h, w, b, k=200, targets=targets.to(dev), impl=impl)
+    for row, t in enumerate(targets.tolist()):
+        for part, ranks in ((res.top, res.target_rank_top), (res.bottom, res.target_rank_bottom)):
+            where = (part.indices[row].cpu() == t).nonzero().flatten().tolist()
+            if where:
+                assert where[0] == int(ranks[row]) - 1
+
+
+@pytest.mark.parametrize("impl", ALL)
+@pytest.mark.parametrize("k,bias", [(1, False), (10, True), (33, True)])
+def test_one_pass_random(impl, k, bias):
+    """Random float inputs, odd sizes: each list is a valid top-k / bottom-k of the float64 truth, the log-sum-exp
+    matches, and the target ranks equal the float32 reference's (no near-ties at these sizes)."""
+    dev = device_for(impl)
+    h, w, b = make(45, 77, 1003, bias=bias, device=dev, seed=k)
+    targets = torch.randint(0, 1003, (45,), generator=torch.Generator().manual_seed(k)).to(dev)
+    res = topk_bottomk_logits(h, w, b, k=k, targets=targets, impl=impl)
+    check(res.top, h, w, b, k, True)
+    check(res.bottom, h, w, b, k, False)
+    assert torch.equal(res.top.logsumexp, res.bottom.logsumexp)
+    ref = reference.naive_lists(h, w, b, k=k, target_ids=targets, target_logits=res.target_logits)
+    greater, less, equal_lower = ref.target_counts.unbind(1)
+    assert torch.equal(res.target_rank_top, greater + equal_lower + 1)
+    assert torch.equal(res.target_rank_bottom, less + equal_lower + 1)
+    truth = truth_logits(h, w, b).cpu().gather(1, targets.cpu()[:, None])[:, 0]
+    assert (res.target_logits.cpu().double() - truth).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("impl", ALL)
+def test_one_pass_leading_dims_and_ranks_only(impl):
+    dev = device_for(impl)
+    h, w, b = make(6, 16, 300, bias=True, device=dev)
+    res = topk_bottomk_logits(h.reshape(2, 3, 16), w, b, k=4, targets=7, impl=impl)
+    assert res.top.values.shape == (2, 3, 4) and res.target_rank_bottom.shape == (2, 3)
+    assert res.target_ids.tolist() == [[7] * 3] * 2
+    ranks_only = topk_bottomk_logits(h, w, b, k=4, top=False, bottom=False, targets=[7] * 6, impl=impl)
+    assert ranks_only.top is None and ranks_only.bottom is None
+    assert torch.equal(ranks_only.target_rank_top, res.target_rank_top.reshape(6))
+    empty = topk_bottomk_logits(h[:0], w, b, k=4, targets=torch.zeros(0, dtype=torch.long), impl=impl)
+    assert empty.top.values.shape == (0, 4) and empty.target_rank_top.shape == (0,)
+    frame = res.to_pandas()
+    assert set(frame["list"]) == {"top", "bottom"} and len(frame) == 2 * 6 * 4 and "target_rank" in frame
+
+
+def test_one_pass_argument_errors():
+    h, w, b = make(4, 16, 50)
+    with pytest.raises(ValueError, match="targets have shape \\(3,\\) but the vectors' rows have shape \\(4,\\)"):
+        topk_bottomk_logits(h, w, targets=[1, 2, 3])
+    with pytest.raises(ValueError, match="target id 50 is out of range.*V=50"):
+        topk_bottomk_logits(h, w, targets=[1, 2, 3, 50])
+    with pytest.raises(TypeError, match="targets must be integer token ids"):
+        topk_bottomk_logits(h, w, targets=torch.zeros(4))
+    with pytest.raises(ValueError, match="nothing to compute"):
+        topk_bottomk_logits(h, w, top=False, bottom=False)
+    with pytest.raises(TypeError, match="bottom must be a bool"):
+        topk_bottomk_logits(h, w, bottom="yes")
 
 
 def test_reference_tie_rule():
@@ -184,6 +282,16 @@ def test_cpu_vocab_splits_and_blocks():
         h, w, b = make(23, 32, 1001, bias=True)
         for k in (1, 64, 300):
             check(topk_logits(h, w, b, k=k, impl="cpu"), h, w, b, k, True)
+        # the one pass through the same blocks and splits: equal to the chunked torch reference
+        targets = torch.arange(23) * 43
+        for n in (23, 2):
+            res = topk_bottomk_logits(h[:n], w, b, k=64, targets=targets[:n], impl="cpu")
+            ref = topk_bottomk_logits(h[:n], w, b, k=64, targets=targets[:n], impl="torch")
+            for name in ("top", "bottom"):
+                assert torch.equal(getattr(res, name).indices, getattr(ref, name).indices)
+            assert torch.equal(res.target_rank_top, ref.target_rank_top)
+            assert torch.equal(res.target_rank_bottom, ref.target_rank_bottom)
+            assert torch.allclose(res.logsumexp, ref.logsumexp, atol=1e-5)
     finally:
         topk_mod._CPU_BLOCK_ROWS, topk_mod._CPU_BLOCK_VOCAB = old
 

@@ -10,7 +10,7 @@ kernels live in their own files:
            BLAS, then a threshold selection and online log-sum-exp while the block is hot
 ``triton`` Triton (``ops/triton/topk.py``): GEMM tiles, per-tile top-k merged into a running top-k
 ``cuda``   CUDA (``csrc/cuda/topk_kernel.cu``): tensor-core tile GEMM + warp-level top-k
-``auto``   the fastest one available for the tensors' device, falling back cleanly
+``auto``   the fastest one available for the tensors' device (GPU: Triton, then CUDA), falling back
 ========== ==========================================================================================
 
 Semantics shared by every implementation (the tests check each against the reference):
@@ -141,6 +141,39 @@ def _map_nested(x, cache):
 
 
 @dataclass(frozen=True)
+class TopBottomK:
+    """What one pass over the vocabulary gives per row: the top-k and/or bottom-k tokens (:class:`TopK`, sharing
+    ``logsumexp``; ``None`` where not asked for) and, when targets were given, each target's logit and its
+    1-based rank from the top and from the bottom among all V tokens (lower index first on ties, so a target
+    in a list sits at position ``rank - 1``)."""
+
+    top: TopK | None
+    bottom: TopK | None
+    logsumexp: torch.Tensor
+    target_ids: torch.Tensor | None = None
+    target_logits: torch.Tensor | None = None
+    target_rank_top: torch.Tensor | None = None
+    target_rank_bottom: torch.Tensor | None = None
+
+    def to_pandas(self, tokenizer=None):
+        """Long format: ``list`` (``top``/``bottom``) + :meth:`TopK.to_pandas` columns, and ``target_rank`` (the
+        target's rank in that list's order) when targets were given."""
+        import pandas as pd
+
+        frames = []
+        for name, part, ranks in (("top", self.top, self.target_rank_top),
+                                  ("bottom", self.bottom, self.target_rank_bottom)):
+            if part is None:
+                continue
+            frame = part.to_pandas(tokenizer)
+            frame.insert(1, "list", name)
+            if ranks is not None:
+                frame["target_rank"] = ranks.reshape(-1).cpu().numpy()[frame["row"].to_numpy()]
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+
+@dataclass(frozen=True)
 class Prologue:
     """The normalisation a fused kernel applies to each loaded block of ``hidden``:
     ``x = (h * a[row] - c[row]) * norm_weight + norm_bias``, then rounded to the weight dtype.
@@ -152,6 +185,15 @@ class Prologue:
     norm_bias: torch.Tensor | None = None
     reference: object = field(default=None, compare=False)  # callable(h_chunk) -> normalised, for torch impls
 
+    def apply(self, hidden: torch.Tensor, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The kernels' normalisation of ``hidden[rows]`` in float32 (before rounding to the weight dtype)."""
+        x = hidden[rows].float() * self.a[rows, None] - self.c[rows, None]
+        if self.norm_weight is not None:
+            x = x * self.norm_weight
+        if self.norm_bias is not None:
+            x = x + self.norm_bias
+        return x
+
 
 # ---------------------------------------------------------------------------------------
 def topk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, k: int = 10,
@@ -162,17 +204,57 @@ def topk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     bfloat16 or float16) and device; ``bias``: ``V`` or None. Returns a :class:`TopK`. See the module
     docstring for the tie rule (lower index wins) and the NaN policy (``ValueError``).
     """
-    hidden, weight, bias, k, lead = _check(hidden, weight, bias, k, largest, impl)
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: expected the same dtype")
-    return _run(hidden, weight, bias, k, largest, impl, lead, prologue=None)
-
-
-def _check(hidden, weight, bias, k, largest, impl):
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}")
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {type(largest).__name__}: {largest!r}")
+    result = topk_bottomk_logits(hidden, weight, bias, k=k, top=largest, bottom=not largest, impl=impl)
+    return result.top if largest else result.bottom
+
+
+def topk_bottomk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                        k: int = 10, top: bool = True, bottom: bool = True, targets=None,
+                        impl: str = "auto") -> TopBottomK:
+    """Top-k and bottom-k of ``hidden @ weight.T (+ bias)`` per row, and the rank of a target token per row, in
+    **one** pass over the vocabulary (one GEMM): a :class:`TopBottomK`.
+
+    ``targets``: token ids shaped like ``hidden``'s leading dimensions (or one id for every row), or None.
+    Arguments otherwise as in :func:`topk_logits`. A target's rank is exact up to float32 rounding: its logit
+    is computed on its own, so tokens within rounding of it may fall either way.
+    """
+    hidden, weight, bias, k, lead = _check(hidden, weight, bias, k, impl, top=top, bottom=bottom)
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: expected the same dtype")
+    return _run(hidden, weight, bias, k, impl, lead, top=top, bottom=bottom,
+                targets=check_targets(targets, lead, weight.shape[0], weight.device), prologue=None)
+
+
+def check_targets(targets, lead: tuple[int, ...], vocab: int, device) -> torch.Tensor | None:
+    """``targets`` as a flat int64 tensor with one id per row (``lead`` = the rows' shape), or None."""
+    if targets is None:
+        return None
+    if isinstance(targets, bool) or not isinstance(targets, (int, list, tuple, torch.Tensor)):
+        raise TypeError(f"targets must be token ids (an int, a list or an integer tensor), got "
+                        f"{type(targets).__name__}")
+    t = torch.as_tensor(targets)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"targets must be integer token ids, got {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(lead)
+    if tuple(t.shape) != tuple(lead):
+        raise ValueError(f"targets have shape {tuple(t.shape)} but the vectors' rows have shape {tuple(lead)}: "
+                         "expected one target id per row")
+    t = t.reshape(-1).to(device=device, dtype=torch.int64)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab):
+        bad = t[(t < 0) | (t >= vocab)][0].item()
+        raise ValueError(f"target id {bad} is out of range: the vocabulary has V={vocab} tokens (0..{vocab - 1})")
+    return t.contiguous()
+
+
+def _check(hidden, weight, bias, k, impl, *, top=True, bottom=False):
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}")
+    for name, flag in (("top", top), ("bottom", bottom)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}: {flag!r}")
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -216,10 +298,10 @@ def available_impls(device: torch.device | str = "cpu") -> list[str]:
     device = torch.device(device)
     out = []
     if device.type == "cuda":
-        if _extension.cuda_extension(required=False) is not None:
-            out.append("cuda")
         if _triton_available():
             out.append("triton")
+        if _extension.cuda_extension(required=False) is not None:
+            out.append("cuda")
     else:
         if _extension.cpu_extension(required=False) is not None:
             out.append("cpu")
@@ -241,11 +323,13 @@ def _resolve_impl(impl, device, k):
 
     if impl == "auto":
         if device.type == "cuda":
+            # Triton first: on an H200 it ran at ~220 TFLOP/s (bf16, d=4096, N=4096) where the CUDA kernel's
+            # simple WMMA GEMM reached ~18 TFLOP/s (N=288); see benchmarks/results/gpu_h200_*.
             if k <= GPU_MAX_K:
-                if _extension.cuda_extension(required=False) is not None:
-                    return "cuda"
                 if _triton_available():
                     return "triton"
+                if _extension.cuda_extension(required=False) is not None:
+                    return "cuda"
             return "torch"
         if device.type == "cpu" and _extension.cpu_extension(required=False) is not None:
             return "cpu"
@@ -262,55 +346,83 @@ def _resolve_impl(impl, device, k):
     return impl
 
 
-def _run(hidden, weight, bias, k, largest, impl, lead, prologue):
+def target_logits(hidden, weight, bias, targets, prologue, chunk_rows: int = 1024) -> torch.Tensor:
+    """Each row's logit for its target, the way the kernels compute logits: the row normalised by the prologue
+    and rounded to the weight dtype, times the target's weight row, in float32 (+ bias); ``chunk_rows`` rows at
+    a time (float32 temporaries stay small)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        x = hidden[rows].float() if prologue is None else prologue.apply(hidden, rows)
+        out[rows] = (x.to(weight.dtype).float() * weight[targets[rows]].float()).sum(-1)
+    return out + bias[targets].float() if bias is not None else out
+
+
+def _run(hidden, weight, bias, k, impl, lead, *, top, bottom, targets, prologue) -> TopBottomK:
     n = hidden.shape[0]
     dev = weight.device
-    if n == 0:
-        out = (torch.empty(0, k, device=dev), torch.empty(0, k, dtype=torch.int64, device=dev),
-               torch.empty(0, device=dev))
-    else:
-        name = _resolve_impl(impl, dev, k)
-        with torch.no_grad():
-            out = _DISPATCH[name](hidden, weight, bias, k, largest, prologue)
-    values, indices, lse = out
+    if not (top or bottom or targets is not None):
+        raise ValueError("nothing to compute: ask for top=True, bottom=True or targets")
+    with torch.no_grad():
+        tau = target_logits(hidden, weight, bias, targets, prologue) if targets is not None else None
+        if n == 0:
+            empty_k = (torch.empty(0, k, device=dev), torch.empty(0, k, dtype=torch.int64, device=dev))
+            lists = reference.Lists(*(empty_k if top else (None, None)), *(empty_k if bottom else (None, None)),
+                                    torch.empty(0, device=dev),
+                                    torch.empty(0, 3, dtype=torch.int64, device=dev) if targets is not None else None)
+        else:
+            name = _resolve_impl(impl, dev, k)
+            lists = reference.Lists(*_DISPATCH[name](hidden, weight, bias, k, top, bottom, targets, tau, prologue))
+    lse = lists.logsumexp
     bad = ~torch.isfinite(lse)
     if bool(bad.any()):
         rows = bad.nonzero().flatten()
         shown = ", ".join(str(r) for r in rows[:8].tolist()) + (", ..." if rows.numel() > 8 else "")
         raise ValueError(f"{rows.numel()} of {n} rows have NaN or infinite logits (rows {shown}): hidden, weight "
                          "or bias contains NaN/inf, or the logits overflow float32; drop or fix those rows first")
-    return TopK(values.reshape(*lead, k), indices.reshape(*lead, k), lse.reshape(lead), largest)
+
+    def part(values, indices, largest):
+        return None if values is None else TopK(values.reshape(*lead, k), indices.reshape(*lead, k),
+                                                lse.reshape(lead), largest)
+
+    ranks = [None, None]
+    if targets is not None:
+        greater, less, equal_lower = lists.target_counts.unbind(1)
+        ranks = [(greater + equal_lower + 1).reshape(lead), (less + equal_lower + 1).reshape(lead)]
+    return TopBottomK(part(lists.top_values, lists.top_indices, True),
+                      part(lists.bottom_values, lists.bottom_indices, False), lse.reshape(lead),
+                      None if targets is None else targets.reshape(lead),
+                      None if tau is None else tau.reshape(lead), *ranks)
 
 
 # -- implementations ----------------------------------------------------------------------
-def _impl_torch(hidden, weight, bias, k, largest, prologue, naive=False):
-    if prologue is None:
-        fn = reference.naive_topk if naive else reference.chunked_topk
-        return fn(hidden, weight, bias, k=k, largest=largest)
-    # the reference norm (Lens.normalize) one chunk at a time, rounded to the weight dtype like the model
+# Each takes (hidden N x d, weight, bias, k, top, bottom, targets (N) or None, target logits (N) or None,
+# prologue or None) and returns the six fields of reference.Lists.
+def _impl_torch(hidden, weight, bias, k, top, bottom, targets, tau, prologue, naive=False):
     n, v = hidden.shape[0], weight.shape[0]
     rows = n if naive else max(1, reference.DEFAULT_CHUNK_ELEMENTS // max(v, 1))
-    parts = []
-    for s in range(0, n, rows):
-        h = prologue.reference(hidden[s:s + rows]).to(weight.dtype)
-        parts.append(reference.naive_topk(h, weight, bias, k=k, largest=largest))
-    return tuple(torch.cat(p) for p in zip(*parts))
+    # with a prologue: the reference norm (Lens.normalize) per chunk, rounded to the weight dtype like the model
+    return reference.chunked_lists(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
+                                   target_logits=tau, chunk_rows=rows,
+                                   normalize=None if prologue is None else prologue.reference)
 
 
-def _impl_naive(hidden, weight, bias, k, largest, prologue):
-    return _impl_torch(hidden, weight, bias, k, largest, prologue, naive=True)
+def _impl_naive(hidden, weight, bias, k, top, bottom, targets, tau, prologue):
+    return _impl_torch(hidden, weight, bias, k, top, bottom, targets, tau, prologue, naive=True)
 
 
-def _impl_cpu(hidden, weight, bias, k, largest, prologue):
+def _prologue_args(prologue):
+    if prologue is None:
+        return None, None, None, None
+    return prologue.a, prologue.c, prologue.norm_weight, prologue.norm_bias
+
+
+def _impl_cpu(hidden, weight, bias, k, top, bottom, targets, tau, prologue):
     from . import _extension
 
     ext = _extension.cpu_extension(required=True)
-    a = c = nw = nb = None
-    if prologue is not None:
-        a, c, nw, nb = prologue.a, prologue.c, prologue.norm_weight, prologue.norm_bias
-    values, indices, lse = ext.topk_logits(hidden, weight, bias, a, c, nw, nb, k, largest,
-                                           _CPU_BLOCK_ROWS, _CPU_BLOCK_VOCAB, _CPU_GEMM_MODE)
-    return values, indices, lse
+    return ext.topk_logits(hidden, weight, bias, *_prologue_args(prologue), k, top, bottom, targets, tau,
+                           _CPU_BLOCK_ROWS, _CPU_BLOCK_VOCAB, _CPU_GEMM_MODE)
 
 
 #: CPU kernel tuning (0 = choose from the shapes; see csrc/cpu/topk_cpu.cpp). Module-level so the
@@ -320,20 +432,18 @@ _CPU_BLOCK_VOCAB = 0
 _CPU_GEMM_MODE = 0  # 0 auto, 1 float32 GEMM on upcast blocks, 2 the input dtype's own GEMM
 
 
-def _impl_triton(hidden, weight, bias, k, largest, prologue):
+def _impl_triton(hidden, weight, bias, k, top, bottom, targets, tau, prologue):
     from .triton.topk import triton_topk
 
-    return triton_topk(hidden, weight, bias, k=k, largest=largest, prologue=prologue)
+    return triton_topk(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets, target_logits=tau,
+                       prologue=prologue)
 
 
-def _impl_cuda(hidden, weight, bias, k, largest, prologue):
+def _impl_cuda(hidden, weight, bias, k, top, bottom, targets, tau, prologue):
     from . import _extension
 
     ext = _extension.cuda_extension(required=True)
-    a = c = nw = nb = None
-    if prologue is not None:
-        a, c, nw, nb = prologue.a, prologue.c, prologue.norm_weight, prologue.norm_bias
-    return tuple(ext.topk_logits(hidden, weight, bias, a, c, nw, nb, k, largest))
+    return ext.topk_logits(hidden, weight, bias, *_prologue_args(prologue), k, top, bottom, targets, tau)
 
 
 _DISPATCH = {"torch": _impl_torch, "naive": _impl_naive, "cpu": _impl_cpu, "triton": _impl_triton,

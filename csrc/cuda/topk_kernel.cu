@@ -1,4 +1,11 @@
-// Fused top-k vocabulary projection on the GPU: topk(norm(h) @ W^T + b), never writing N x V logits.
+// Fused vocabulary projection on the GPU: from logits = norm(h) @ W^T + b, in ONE pass over the
+// vocabulary (one GEMM per tile) and without writing N x V logits, any combination per row of
+//   * the top-k list (largest logits; ties -> lower vocabulary index first),
+//   * the bottom-k list (smallest logits; ties -> lower index first),
+//   * the online log-sum-exp of the whole row (always),
+//   * target counts against a given (target_id, target_logit = tau) per row, over every column j other
+//     than the target's own: greater = #{logit_j > tau}, less = #{logit_j < tau},
+//     equal_lower = #{logit_j == tau and j < target_id} (-0.0 == +0.0; NaN counts nowhere).
 // Raw pointers only (no torch headers); the torch binding is csrc/cuda/topk_binding.cpp.
 //
 // One block owns BM = 64 rows and a contiguous range of BN = 128-column vocabulary tiles (a split).
@@ -10,15 +17,26 @@
 //      optional norm prologue (x = (h * a - c) * norm_w + norm_b, rounded to the weight dtype) is
 //      applied while the hidden tile is staged in shared memory.
 //   2. The accumulator tile goes to shared memory (aliasing the operand tiles) and each warp takes 8
-//      rows: every lane holds 4 columns, updates its own running (max, sum exp) and compares 64-bit
-//      keys (order-preserving float bits << 32 | ~index: larger value wins, then lower index) with the
-//      row's threshold = the minimum of its k-slot list. Candidates are found with __ballot_sync and
-//      inserted one at a time into the minimum slot; the new minimum comes from a warp shuffle
-//      reduction. After the first tile almost no lane has a candidate, so the usual cost is one
-//      compare and one ballot per row.
-// The k-slot lists live in the output buffer (global memory, L1/L2 resident; only the owning warp
-// touches a row's list). Results per split: keys [splits, N, k] (unsorted; int64 encoding shared with
-// the Triton kernel), and per-row (max, sum exp); the binding sorts, merges splits and decodes.
+//      rows; every lane holds 4 columns (lane + 32 j) of a row and
+//      - updates its own running (max, sum exp);
+//      - for the counts, compares its logits with tau: one __ballot_sync + __popc per column group and
+//        counter gives the warp's count for the tile, added by lane 3 * row + counter (a per-lane
+//        register: lanes 0..23 hold the 8 rows x 3 counters, no per-row register arrays);
+//      - for each list, tests its logits (s = logit for the top list, s = -logit for the bottom list)
+//        against the list's float bound (the value of its threshold key); only when some lane passes,
+//        the row goes through the exact selection below.
+//   3. Exact selection (rows that passed, one list at a time, list_offer): 64-bit keys
+//      (order-preserving bits of s << 32 | ~column: larger s wins, then the lower column; the negated
+//      logits of the bottom list give ascending order with the same lower-index tie rule) are compared
+//      with the row's threshold = the minimum of its k-slot list. Candidates are found with
+//      __ballot_sync and inserted one at a time into the minimum slot; the new minimum comes from a warp
+//      shuffle reduction. After the first tiles almost no row passes the float test, so the usual cost
+//      per row and list is one compare and one vote.
+// The k-slot lists (k <= 256) live in the output key buffers (global memory, L1/L2 resident; only the
+// owning warp touches a row's list); empty slots hold the distinct keys 0 .. k-1, below every logit's.
+// Results per split: keys [splits, N, k] per requested list (unsorted; stored as key ^ 2^63, the int64
+// encoding shared with the Triton kernel), counts [splits, N, 3] int64 when targets are given, and
+// per-row (max, sum exp); the binding sorts, merges the splits, decodes and sums the counts.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,7 +51,10 @@ constexpr int BN = 128;
 constexpr int BK = 32;
 constexpr int WARPS = 8;
 constexpr int THREADS = WARPS * 32;
+constexpr int ROWS_PER_WARP = BM / WARPS;  // 8: counters of row i live in lanes 3i .. 3i+2
+constexpr int MAX_K = 256;
 constexpr unsigned FULL = 0xffffffffu;
+static_assert(3 * ROWS_PER_WARP <= 32, "one counter lane per (row, counter)");
 
 template <typename T> __device__ __forceinline__ float to_float(T x);
 template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
@@ -50,6 +71,16 @@ __device__ __forceinline__ unsigned long long make_key(float v, long long col) {
   if (v == 0.0f) bits = 0u;  // -0.0 == +0.0
   unsigned int ord = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
   return (static_cast<unsigned long long>(ord) << 32) | (0xFFFFFFFFull - static_cast<unsigned long long>(col));
+}
+
+// The float a threshold key stands for (its high word decoded): every s whose key beats thr has
+// !(s < key_bound(thr)), NaN s included, so the bound is an exact prefilter for the key compare.
+// -inf while the list still has empty slots (keys below 2^32) or when the threshold is a NaN.
+__device__ __forceinline__ float key_bound(unsigned long long thr) {
+  const unsigned int ord = static_cast<unsigned int>(thr >> 32);
+  if (ord == 0u) return -INFINITY;
+  const float b = __uint_as_float((ord & 0x80000000u) ? (ord & 0x7FFFFFFFu) : ~ord);
+  return b != b ? -INFINITY : b;
 }
 
 template <typename TW>
@@ -82,17 +113,63 @@ __device__ __forceinline__ void list_min(const unsigned long long* list, int k, 
   pos = bpos;
 }
 
+// Warp-wide, the selection update of one row and one list (top: s = logit, bottom: s = -logit): offer
+// this lane's columns col0 + lane + 32 j (those below n_valid exist) to the row's k-slot list, keeping
+// thr / pos (the list's minimum key and its slot) up to date. Larger s wins, then the lower column.
+__device__ __forceinline__ void list_offer(unsigned long long* list, int k, int lane, const float (&s)[4],
+                                           long long col0, int n_valid, unsigned long long& thr, int& pos) {
+  unsigned long long key[4];
+  bool cand[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int c = lane + 32 * j;
+    key[j] = c < n_valid ? make_key(s[j], col0 + c) : 0ull;  // 0 never beats a threshold
+    cand[j] = key[j] > thr;
+  }
+  unsigned bal = __ballot_sync(FULL, cand[0] | cand[1] | cand[2] | cand[3]);
+  while (bal) {
+    const int leader = __ffs(bal) - 1;
+    unsigned long long mine = 0ull;
+    int mj = -1;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (cand[j] && key[j] > mine) { mine = key[j]; mj = j; }
+    const unsigned long long c = __shfl_sync(FULL, mine, leader);
+    if (lane == leader) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (j == mj) cand[j] = false;
+    }
+    if (c > thr) {  // warp-uniform
+      if (lane == 0) list[pos] = c;
+      __syncwarp();
+      list_min(list, k, lane, thr, pos);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) cand[j] = cand[j] && key[j] > thr;
+    bal = __ballot_sync(FULL, cand[0] | cand[1] | cand[2] | cand[3]);
+  }
+}
+
+// keys_top / keys_bottom: [splits, N, k] or nullptr (list not requested); counts: [splits, N, 3] or
+// nullptr (then target_ids / target_logits are not read); part_m / part_s: [splits, N].
 template <typename TW, typename TH, bool TC>
 __global__ void __launch_bounds__(THREADS)
 topk_kernel(const TH* __restrict__ hidden, const TW* __restrict__ weight, const float* __restrict__ bias,
             const float* __restrict__ row_a, const float* __restrict__ row_c, const float* __restrict__ norm_w,
-            const float* __restrict__ norm_b, long long N, long long V, long long D, long long stride_hn,
-            long long stride_wv, int k, int largest, long long tiles_per_split, long long* __restrict__ keys_out,
+            const float* __restrict__ norm_b, const long long* __restrict__ target_ids,
+            const float* __restrict__ target_logits, long long N, long long V, long long D, long long stride_hn,
+            long long stride_wv, int k, long long tiles_per_split, unsigned long long* __restrict__ keys_top,
+            unsigned long long* __restrict__ keys_bottom, long long* __restrict__ counts,
             float* __restrict__ part_m, float* __restrict__ part_s) {
   using S = Smem<TW>;
   __shared__ __align__(128) unsigned char smem[S::BYTES];
-  __shared__ unsigned long long thr_s[BM];
-  __shared__ int pos_s[BM];
+  // per row and list (0 top, 1 bottom): threshold key, its slot, and the float bound key_bound(thr)
+  __shared__ unsigned long long thr_s[2][BM];
+  __shared__ int pos_s[2][BM];
+  __shared__ float bound_s[2][BM];
+  __shared__ long long tgt_s[BM];  // target id and logit per row (counts only)
+  __shared__ float tau_s[BM];
   TW* As = reinterpret_cast<TW*>(smem);
   TW* Bs = reinterpret_cast<TW*>(smem + S::A_BYTES);
   float* Cs = reinterpret_cast<float*>(smem);
@@ -103,21 +180,28 @@ topk_kernel(const TH* __restrict__ hidden, const TW* __restrict__ weight, const 
   const long long n_tiles = (V + BN - 1) / BN;
   const long long t_begin = split * tiles_per_split;
   const long long t_end = min(t_begin + tiles_per_split, n_tiles);
-  const float sign = largest ? 1.f : -1.f;
   const bool prologue = row_a != nullptr;
+  const bool top = keys_top != nullptr, bottom = keys_bottom != nullptr, count = counts != nullptr;
+  auto row_list = [&](int dir, long long row) {
+    return (dir ? keys_bottom : keys_top) + (static_cast<size_t>(split) * N + row) * k;
+  };
 
   // per-warp rows: warp w owns rows w*8 .. w*8+7 of the tile
-  float m_l[8], s_l[8];
+  float m_l[ROWS_PER_WARP], s_l[ROWS_PER_WARP];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) { m_l[i] = -INFINITY; s_l[i] = 0.f; }
-  for (int i = 0; i < 8; ++i) {
-    const int r = warp * 8 + i;
+  for (int i = 0; i < ROWS_PER_WARP; ++i) { m_l[i] = -INFINITY; s_l[i] = 0.f; }
+  unsigned int cnt = 0;  // lane 3i + c: counter c (greater, less, equal_lower) of row i, this split
+  for (int i = 0; i < ROWS_PER_WARP; ++i) {
+    const int r = warp * ROWS_PER_WARP + i;
     const long long row = row0 + r;
     if (row >= N) break;
-    unsigned long long* list =
-        reinterpret_cast<unsigned long long*>(keys_out) + (static_cast<size_t>(split) * N + row) * k;
-    for (int q = lane; q < k; q += 32) list[q] = static_cast<unsigned long long>(q);  // distinct "empty" keys
-    if (lane == 0) { thr_s[r] = 0ull; pos_s[r] = 0; }
+    for (int dir = 0; dir < 2; ++dir) {
+      if (!(dir ? bottom : top)) continue;
+      unsigned long long* list = row_list(dir, row);
+      for (int q = lane; q < k; q += 32) list[q] = static_cast<unsigned long long>(q);  // distinct "empty" keys
+      if (lane == 0) { thr_s[dir][r] = 0ull; pos_s[dir][r] = 0; bound_s[dir][r] = -INFINITY; }
+    }
+    if (count && lane == 0) { tgt_s[r] = target_ids[row]; tau_s[r] = target_logits[row]; }
   }
   __syncwarp();
 
@@ -210,28 +294,28 @@ topk_kernel(const TH* __restrict__ hidden, const TW* __restrict__ weight, const 
     }
     __syncthreads();
 
-    // ---------------- selection: warp w, rows w*8 .. w*8+7 ----------------
+    // ---------------- per row: log-sum-exp, counts, list prefilter (warp w, rows w*8 .. w*8+7) ----------------
+    // this lane's columns col0 + lane + 32 j: the first n_valid columns of the tile exist; bias loaded once
+    const int n_valid = static_cast<int>(min(static_cast<long long>(BN), V - col0));
+    bool valid[4];
+    float bj[4];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = warp * 8 + i;
-      const long long row = row0 + r;
-      if (row < N) {  // warp-uniform
-        unsigned long long* list =
-            reinterpret_cast<unsigned long long*>(keys_out) + (static_cast<size_t>(split) * N + row) * k;
-        unsigned long long thr = thr_s[r];
-        int pos = pos_s[r];
+    for (int j = 0; j < 4; ++j) {
+      valid[j] = lane + 32 * j < n_valid;
+      bj[j] = (valid[j] && bias) ? bias[col0 + lane + 32 * j] : 0.f;
+    }
+    auto logit = [&](int r, int j) { return valid[j] ? Cs[r * S::LDC + lane + 32 * j] + bj[j] : -INFINITY; };
+    unsigned int need = 0;  // bit 2i + dir: row i may have candidates for list dir (warp-uniform)
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_WARP; ++i) {
+      const int r = warp * ROWS_PER_WARP + i;
+      if (row0 + r < N) {  // warp-uniform
         float x[4];
-        unsigned long long key[4];
-        bool cand[4];
         float bmax = -INFINITY;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const long long col = col0 + lane + 32 * j;
-          const bool valid = col < V;
-          x[j] = valid ? Cs[r * S::LDC + lane + 32 * j] + (bias ? bias[col] : 0.f) : -INFINITY;
+          x[j] = logit(r, j);
           bmax = fmaxf(bmax, x[j]);
-          key[j] = valid ? make_key(x[j] * sign, col) : 0ull;
-          cand[j] = valid && key[j] > thr;
         }
         // this lane's online log-sum-exp (NaN propagates through the sum)
         const float m_new = fmaxf(m_l[i], bmax);
@@ -242,39 +326,60 @@ topk_kernel(const TH* __restrict__ hidden, const TW* __restrict__ weight, const 
           s_l[i] = s;
           m_l[i] = m_new;
         }
-        unsigned bal = __ballot_sync(FULL, cand[0] | cand[1] | cand[2] | cand[3]);
-        while (bal) {
-          const int leader = __ffs(bal) - 1;
-          unsigned long long mine = 0ull;
-          int mj = -1;
+        if (count) {
+          // target column relative to the tile, clamped to [-1, BN]: c < tr <=> column < target id
+          const float tau = tau_s[r];
+          const long long rel = tgt_s[r] - col0;
+          const int tr = rel < 0 ? -1 : (rel > BN ? BN : static_cast<int>(rel));
+          unsigned int greater = 0, less = 0, equal_lower = 0;
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            if (cand[j] && key[j] > mine) { mine = key[j]; mj = j; }
-          const unsigned long long c = __shfl_sync(FULL, mine, leader);
-          if (lane == leader) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-              if (j == mj) cand[j] = false;
+          for (int j = 0; j < 4; ++j) {
+            const int c = lane + 32 * j;
+            const bool other = valid[j] && c != tr;
+            greater += __popc(__ballot_sync(FULL, other && x[j] > tau));
+            less += __popc(__ballot_sync(FULL, other && x[j] < tau));
+            equal_lower += __popc(__ballot_sync(FULL, other && x[j] == tau && c < tr));
           }
-          if (c > thr) {  // warp-uniform
-            if (lane == 0) list[pos] = c;
-            __syncwarp();
-            list_min(list, k, lane, thr, pos);
-          }
-#pragma unroll
-          for (int j = 0; j < 4; ++j) cand[j] = cand[j] && key[j] > thr;
-          bal = __ballot_sync(FULL, cand[0] | cand[1] | cand[2] | cand[3]);
+          const int slot = lane - 3 * i;
+          cnt += slot == 0 ? greater : slot == 1 ? less : slot == 2 ? equal_lower : 0u;
         }
-        if (lane == 0) { thr_s[r] = thr; pos_s[r] = pos; }
+        // a list's candidates satisfy !(s < bound): flag the row for the exact selection
+        if (top) {
+          const float b = bound_s[0][r];
+          const bool p = (valid[0] && !(x[0] < b)) || (valid[1] && !(x[1] < b)) || (valid[2] && !(x[2] < b)) ||
+                         (valid[3] && !(x[3] < b));
+          if (__any_sync(FULL, p)) need |= 1u << (2 * i);
+        }
+        if (bottom) {
+          const float b = bound_s[1][r];
+          const bool p = (valid[0] && !(-x[0] < b)) || (valid[1] && !(-x[1] < b)) ||
+                         (valid[2] && !(-x[2] < b)) || (valid[3] && !(-x[3] < b));
+          if (__any_sync(FULL, p)) need |= 2u << (2 * i);
+        }
       }
     }
-    __syncthreads();  // Cs is overwritten by the next tile's operands
+    // ---------------- exact selection of the flagged (row, list) pairs ----------------
+    while (need) {  // warp-uniform
+      const int bit = __ffs(need) - 1;
+      need &= need - 1;
+      const int i = bit >> 1, dir = bit & 1;
+      const int r = warp * ROWS_PER_WARP + i;
+      float s[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s[j] = dir ? -logit(r, j) : logit(r, j);
+      unsigned long long thr = thr_s[dir][r];
+      int pos = pos_s[dir][r];
+      list_offer(row_list(dir, row0 + r), k, lane, s, col0, n_valid, thr, pos);
+      __syncwarp();  // every lane has read thr_s / pos_s before lane 0 writes them
+      if (lane == 0) { thr_s[dir][r] = thr; pos_s[dir][r] = pos; bound_s[dir][r] = key_bound(thr); }
+    }
+    __syncthreads();  // Cs is overwritten by the next tile's operands; thr_s / bound_s are read next tile
   }
 
-  // ---------------- finish: per-row (max, sum exp) over lanes; stored keys ^ 2^63 ----------------
+  // ---------------- finish: per-row (max, sum exp) over lanes, counts; stored keys ^ 2^63 ----------------
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int r = warp * 8 + i;
+  for (int i = 0; i < ROWS_PER_WARP; ++i) {
+    const int r = warp * ROWS_PER_WARP + i;
     const long long row = row0 + r;
     if (row < N) {
       float m = m_l[i];
@@ -288,31 +393,47 @@ topk_kernel(const TH* __restrict__ hidden, const TW* __restrict__ weight, const 
         part_m[split * N + row] = m;
         part_s[split * N + row] = s;
       }
-      unsigned long long* list =
-          reinterpret_cast<unsigned long long*>(keys_out) + (static_cast<size_t>(split) * N + row) * k;
+      if (count && lane >= 3 * i && lane < 3 * i + 3) counts[(split * N + row) * 3 + (lane - 3 * i)] = cnt;
       __syncwarp();
-      for (int q = lane; q < k; q += 32) list[q] ^= 0x8000000000000000ull;
+      for (int dir = 0; dir < 2; ++dir) {
+        if (!(dir ? bottom : top)) continue;
+        unsigned long long* list = row_list(dir, row);
+        for (int q = lane; q < k; q += 32) list[q] ^= 0x8000000000000000ull;
+      }
     }
   }
 }
 
+// What blens_topk_launch was given (host side).
+struct Args {
+  const void* hidden;
+  const void* weight;
+  const float *bias, *row_a, *row_c, *norm_w, *norm_b;
+  const long long* target_ids;
+  const float* target_logits;
+  long long N, V, D, stride_hn, stride_wv;
+  int k, splits;
+  long long *keys_top, *keys_bottom, *counts;
+  float *part_m, *part_s;
+};
+
 template <typename TW, typename TH, bool TC>
-int launch(const void* hidden, const void* weight, const float* bias, const float* row_a, const float* row_c,
-           const float* norm_w, const float* norm_b, long long N, long long V, long long D, long long stride_hn,
-           long long stride_wv, int k, int largest, int splits, long long* keys, float* part_m, float* part_s,
-           cudaStream_t stream) {
-  if (N == 0) return 0;
-  const long long n_tiles = (V + BN - 1) / BN;
+int launch(const Args& a, cudaStream_t stream) {
+  if (a.N == 0) return 0;
+  const long long n_tiles = (a.V + BN - 1) / BN;
+  int splits = a.splits;
   if (splits < 1) splits = 1;
   if (splits > n_tiles) splits = static_cast<int>(n_tiles);
   const long long tiles_per_split = (n_tiles + splits - 1) / splits;
   splits = static_cast<int>((n_tiles + tiles_per_split - 1) / tiles_per_split);
-  const long long row_tiles = (N + BM - 1) / BM;
+  const long long row_tiles = (a.N + BM - 1) / BM;
   if (row_tiles > 0x7fffffffLL || splits > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
   dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
   topk_kernel<TW, TH, TC><<<grid, THREADS, 0, stream>>>(
-      static_cast<const TH*>(hidden), static_cast<const TW*>(weight), bias, row_a, row_c, norm_w, norm_b, N, V, D,
-      stride_hn, stride_wv, k, largest, tiles_per_split, keys, part_m, part_s);
+      static_cast<const TH*>(a.hidden), static_cast<const TW*>(a.weight), a.bias, a.row_a, a.row_c, a.norm_w,
+      a.norm_b, a.target_ids, a.target_logits, a.N, a.V, a.D, a.stride_hn, a.stride_wv, a.k, tiles_per_split,
+      reinterpret_cast<unsigned long long*>(a.keys_top), reinterpret_cast<unsigned long long*>(a.keys_bottom),
+      a.counts, a.part_m, a.part_s);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -321,7 +442,10 @@ int launch(const void* hidden, const void* weight, const float* bias, const floa
 // dtype codes: 0 float32, 1 bfloat16, 2 float16. hidden is either the weight's dtype or float32
 // (hidden_f32 = 1). Rows of hidden/weight are contiguous in d; row strides are given. The actual
 // splits used are ceil(n_tiles / ceil(n_tiles / splits)); call blens_topk_splits for that number.
-// Returns a cudaError_t value (0 = success).
+// Outputs (each per split, see topk_kernel): keys_top / keys_bottom [splits, N, k] int64 or nullptr
+// (list not requested; 1 <= k <= blens_topk_max_k() when either is given), counts [splits, N, 3] int64
+// (greater, less, equal_lower) or nullptr (then target_ids / target_logits, N each, may be nullptr),
+// part_m / part_s [splits, N] float32. Returns a cudaError_t value (0 = success).
 extern "C" int blens_topk_splits(long long V, int splits) {
   const long long n_tiles = (V + blens::BN - 1) / blens::BN;
   if (splits < 1) splits = 1;
@@ -332,30 +456,28 @@ extern "C" int blens_topk_splits(long long V, int splits) {
 
 extern "C" int blens_topk_block_rows() { return blens::BM; }
 
+extern "C" int blens_topk_max_k() { return blens::MAX_K; }
+
 extern "C" int blens_topk_launch(int dtype, int hidden_f32, const void* hidden, const void* weight, const float* bias,
                                  const float* row_a, const float* row_c, const float* norm_w, const float* norm_b,
-                                 long long N, long long V, long long D, long long stride_hn, long long stride_wv,
-                                 int k, int largest, int splits, long long* keys, float* part_m, float* part_s,
-                                 cudaStream_t stream) {
+                                 const long long* target_ids, const float* target_logits, long long N, long long V,
+                                 long long D, long long stride_hn, long long stride_wv, int k, int splits,
+                                 long long* keys_top, long long* keys_bottom, long long* counts, float* part_m,
+                                 float* part_s, cudaStream_t stream) {
   using namespace blens;
+  if ((keys_top || keys_bottom) && (k < 1 || k > MAX_K || k > V)) return static_cast<int>(cudaErrorInvalidValue);
+  if (counts && (!target_ids || !target_logits)) return static_cast<int>(cudaErrorInvalidValue);
+  const Args a{hidden, weight, bias,   row_a,       row_c,  norm_w, norm_b, target_ids,
+               target_logits, N, V, D, stride_hn, stride_wv, k, splits, keys_top, keys_bottom, counts, part_m,
+               part_s};
   switch (dtype) {
     case 0:
-      return launch<float, float, false>(hidden, weight, bias, row_a, row_c, norm_w, norm_b, N, V, D, stride_hn,
-                                         stride_wv, k, largest, splits, keys, part_m, part_s, stream);
+      return launch<float, float, false>(a, stream);
     case 1:
-      return hidden_f32 ? launch<__nv_bfloat16, float, true>(hidden, weight, bias, row_a, row_c, norm_w, norm_b, N,
-                                                             V, D, stride_hn, stride_wv, k, largest, splits, keys,
-                                                             part_m, part_s, stream)
-                        : launch<__nv_bfloat16, __nv_bfloat16, true>(hidden, weight, bias, row_a, row_c, norm_w,
-                                                                     norm_b, N, V, D, stride_hn, stride_wv, k,
-                                                                     largest, splits, keys, part_m, part_s, stream);
+      return hidden_f32 ? launch<__nv_bfloat16, float, true>(a, stream)
+                        : launch<__nv_bfloat16, __nv_bfloat16, true>(a, stream);
     case 2:
-      return hidden_f32 ? launch<__half, float, true>(hidden, weight, bias, row_a, row_c, norm_w, norm_b, N, V, D,
-                                                      stride_hn, stride_wv, k, largest, splits, keys, part_m, part_s,
-                                                      stream)
-                        : launch<__half, __half, true>(hidden, weight, bias, row_a, row_c, norm_w, norm_b, N, V, D,
-                                                       stride_hn, stride_wv, k, largest, splits, keys, part_m, part_s,
-                                                       stream);
+      return hidden_f32 ? launch<__half, float, true>(a, stream) : launch<__half, __half, true>(a, stream);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }
