@@ -320,6 +320,9 @@ def naive_way(model, examples: list[Example], layers, *, k: int, normalized: boo
             model.zero_grad(set_to_none=True)
         with meter.stage("projection"):
             target = example.target_ids[0]
+            if e == 0:  # for the projection check on identical vectors (projection_agreement)
+                out["vectors"] = dict(x=x.reshape(-1, x.shape[-1]), delta=delta.reshape(-1, delta.shape[-1]),
+                                      target=target)
             for vectors, names in ((x, ("ff1_top",)), (delta, ("ff2_bottom", "ff2_top"))):
                 v = vectors.reshape(-1, vectors.shape[-1])
                 if normalized:
@@ -397,18 +400,23 @@ def _finish_result(out):
 
 def compare(naive: dict, fast: dict, n: int) -> dict:
     """Agreement of the two ways on their first ``n`` prompts (fractions; 1.0 = identical)."""
-    rows = None
     result = {"prompts_compared": n}
     r_naive, r_fast = naive["rank"][:n], fast["rank"][:n]
     result["gradient_rank_equal"] = float((r_naive == r_fast).double().mean())
     norm_n, norm_f = naive["norm"][:n], fast["norm"][:n]
     result["gradient_norm_max_rel_err"] = float(((norm_n - norm_f).abs() / norm_f.abs().clamp_min(1e-300)).max())
+    return {**result, **_compare_lists(naive, fast)}
+
+
+def _compare_lists(naive: dict, fast: dict, prefix: str = "") -> dict:
+    """Token lists and target ranks of ``fast`` against ``naive`` over the rows both have."""
+    rows = None
     exact, tied, values, target = [], [], [], []
     for name in LIST_NAMES:
         a, b = naive["indices"][name], fast["indices"][name]
-        rows = a.shape[0]
-        b = b[:rows]
-        va, vb = naive["values"][name], fast["values"][name][:rows]
+        rows = min(a.shape[0], b.shape[0])
+        a, b = a[:rows], b[:rows]
+        va, vb = naive["values"][name][:rows], fast["values"][name][:rows]
         # rows whose list holds exactly equal logits (e.g. a zero vector: every token ties) have no defined
         # order among the tied tokens; there the two ways agree when their values do
         has_tie = (va[:, 1:] == va[:, :-1]).any(-1)
@@ -416,13 +424,44 @@ def compare(naive: dict, fast: dict, n: int) -> dict:
         exact.append(((a == b).all(-1) | (has_tie & same_values)).double())
         tied.append(has_tie)
         values.append(((va - vb).abs().amax(-1) / va.abs().amax(-1).clamp_min(1e-30)))
-        target.append((naive["target_rank"][name] == fast["target_rank"][name][:rows]).double())
-    result["rows_compared"] = int(rows) * len(LIST_NAMES)
-    result["rows_with_exact_ties"] = int(torch.cat(tied).sum())
-    result["topk_tokens_equal"] = float(torch.cat(exact).mean())
-    result["topk_values_max_rel_err"] = float(torch.cat(values).max())
-    result["target_rank_equal"] = float(torch.cat(target).mean())
-    return result
+        target.append((naive["target_rank"][name][:rows] == fast["target_rank"][name][:rows]).double())
+    return {f"{prefix}rows_compared": int(rows) * len(LIST_NAMES),
+            f"{prefix}rows_with_exact_ties": int(torch.cat(tied).sum()),
+            f"{prefix}topk_tokens_equal": float(torch.cat(exact).mean()),
+            f"{prefix}topk_values_max_rel_err": float(torch.cat(values).max()),
+            f"{prefix}target_rank_equal": float(torch.cat(target).mean())}
+
+
+def _decides_agreement(key: str, dtype: str) -> bool:
+    """In float32 every ``*_equal`` fraction must pass; in 16-bit dtypes the end-to-end token lists are reported
+    but only the gradient ranks and the projection of identical vectors decide (16-bit activations of a padded
+    batch and of a single prompt differ, which moves near-tied tokens)."""
+    if not key.endswith("_equal"):
+        return False
+    return dtype == "float32" or key.startswith(("gradient_", "same_vectors_"))
+
+
+def projection_agreement(model, naive: dict, *, k: int, normalized: bool, impl: str) -> dict:
+    """The fused projection of the naive way's own vectors (its first prompt) against its full-logits lists.
+
+    This separates the kernels from the capture's numerics: in bfloat16 a padded batch and a single prompt
+    round activations differently, and over many layers that alone can reorder near-tied tokens.
+    """
+    from .lens import LISTS
+    from .project import project_topk_bottomk
+
+    vectors = naive["vectors"]
+    fused = {key: {} for key in ("indices", "values", "target_rank")}
+    for factor, names in (("x", [n for n in LIST_NAMES if LISTS[n][1] == "x"]),
+                          ("delta", [n for n in LIST_NAMES if LISTS[n][1] == "delta"])):
+        largest = {LISTS[n][2] for n in names}
+        res = project_topk_bottomk(model, vectors[factor], k=k, top=True in largest, bottom=False in largest,
+                                   targets=vectors["target"], normalize=normalized, impl=impl)
+        for name in names:
+            part, ranks = (res.top, res.target_rank_top) if LISTS[name][2] else (res.bottom, res.target_rank_bottom)
+            fused["indices"][name], fused["values"][name] = part.indices.cpu(), part.values.cpu()
+            fused["target_rank"][name] = ranks.cpu()
+    return _compare_lists(naive, fused, prefix="same_vectors_")
 
 
 # -- the benchmark ------------------------------------------------------------------------------------------
@@ -520,9 +559,11 @@ def _run_bench(config: BenchConfig, log) -> dict:
             ok = run["ways"]["naive"].get("error") is None
             if ok:
                 m = run["ways"]["naive"]["prompts_run"]
-                run["agreement"] = compare(results["naive"], results["blens_fast"], m)
+                run["agreement"] = {**compare(results["naive"], results["blens_fast"], m),
+                                    **projection_agreement(model, results["naive"], k=config.k,
+                                                           normalized=config.normalized, impl=config.impl)}
                 run["agree"] = all(v >= config.agreement for key, v in run["agreement"].items()
-                                   if key.endswith("_equal"))
+                                   if _decides_agreement(key, config.dtype))
                 log("agreement: " + ", ".join(f"{k_}={v:.4g}" for k_, v in run["agreement"].items()))
             run["ratios"] = _ratios(run["ways"]["naive"], run["ways"]["blens_fast"])
         runs.append(run)
@@ -761,7 +802,11 @@ def markdown_report(report: dict, *, png_name: str | None = None) -> str:
                   "all; in rows whose list holds exactly equal logits, e.g. a zero vector, the order of tied tokens "
                   "is undefined and the values are compared instead): "
                   + ", ".join(f"{k_.replace('_', ' ')} {v:.4g}" for k_, v in a.items()
-                                         if k_ not in ("prompts_compared",))]
+                                         if k_ not in ("prompts_compared",)),
+                  "", "The \"same vectors\" fields project the naive way's own vectors of its first prompt with "
+                  "the fused kernel (the kernels alone, without the capture's numerics). "
+                  + _decides_agreement.__doc__.split("\n")[0].replace("``", "`")
+                  + " " + " ".join(_decides_agreement.__doc__.split("\n")[1:]).strip()]
     scaling = [r for r in report["runs"]]
     if len(scaling) > 1:
         lines += ["", "## Scaling (blens_fast)", "", "| N | T | positions (mean) | seconds | s per prompt | "
