@@ -353,6 +353,7 @@ def fast_way(model, tokenizer, examples: list[Example], layers, *, k: int, norma
     """The Backward Lens with the library's calls, ``batch_size`` prompts per capture (memory flat in N)."""
     from .capture import capture
     from .lens import project_lists
+    from .lowrank import norms, numerical_rank, spectra
 
     out = None
     starts = range(0, len(examples), batch_size)
@@ -365,15 +366,14 @@ def fast_way(model, tokenizer, examples: list[Example], layers, *, k: int, norma
         if out is None:
             out = _empty_result(len(examples), len(layers), len(modules))
         with meter.stage("rank"):
-            for i in range(cap.num_examples):
-                for li, layer in enumerate(cap.layers):
-                    for mi, module in enumerate(modules):
-                        grad = cap.gradient(layer, module, i)
-                        s = grad.svdvals()
-                        # torch.linalg.matrix_rank's default rule for a float32 matrix of the gradient's shape
-                        tol = (s[0] * max(grad.shape) * torch.finfo(torch.float32).eps) if s.numel() else 0.0
-                        out["rank"][start + i, li, mi] = int((s > tol).sum())
-                        out["norm"][start + i, li, mi] = float(grad.norm())
+            rows = slice(start, start + cap.num_examples)
+            for li, layer in enumerate(cap.layers):
+                for mi, module in enumerate(modules):
+                    grads = [cap.gradient(layer, module, i) for i in range(cap.num_examples)]
+                    # torch.linalg.matrix_rank's default rule for a float32 matrix of the gradient's shape
+                    out["rank"][rows, li, mi] = torch.tensor(
+                        [numerical_rank(s, g.shape, torch.float32) for s, g in zip(spectra(grads), grads)])
+                    out["norm"][rows, li, mi] = norms(grads).cpu()
         with meter.stage("projection"):
             lists = project_lists(cap, model, k=k, normalized=normalized, impl=impl)
             for name in LIST_NAMES:
@@ -588,7 +588,7 @@ def _run_bench(config: BenchConfig, log) -> dict:
                       "torch.linalg.matrix_rank and matrix_norm of each MLP weight's .grad (cast to float32); "
                       "lm_head(ln_f(vectors)) full logits (float32 GEMM), torch.topk, target rank from the full logits"),
         fast_method=(f"batches of {config.batch_size}: blens_fast.capture (mlp.in, mlp.out), "
-                     "LowRankGradient.svdvals()/norm() (rank by matrix_rank's float32 rule), "
+                     "blens_fast.lowrank.spectra()/norms() per module, batched over the examples (rank by matrix_rank's float32 rule), "
                      f"blens_fast.lens.project_lists(impl={config.impl!r} -> {impl_used!r}): one pass per factor"),
     )
     report["wall_seconds"] = time.time() - started

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from blens_fast import LowRankGradient
+from blens_fast.lowrank import norms, numerical_rank, spectra
 
 
 def factors(t, d_in, d_out, dtype=torch.float64, seed=0):
@@ -97,3 +98,23 @@ def test_half_precision_factors_use_float32_tolerance():
     x, d = factors(6, 64, 96, dtype=torch.float32)
     g = LowRankGradient(x.bfloat16(), d.bfloat16())
     assert g.rank() == 6 == torch.linalg.matrix_rank(g.to(torch.float32).dense()).item()
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_spectra_and_norms_batched_equal_one_at_a_time(layout):
+    """Zero-padded batched QR/SVD gives every gradient's own singular values (T below, equal to and above the
+    smaller dimension; a rank-deficient one) and norms; ranks follow matrix_rank's rule."""
+    g = torch.Generator().manual_seed(4)
+    grads = []
+    for t in (1, 5, 9, 13, 4):
+        x, d = torch.randn(t, 9, generator=g, dtype=torch.float64), torch.randn(t, 11, generator=g, dtype=torch.float64)
+        grads.append(LowRankGradient(x, d, layout))
+    x = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    grads.append(LowRankGradient(torch.cat([x, x]), torch.randn(12, 11, generator=g, dtype=torch.float64), layout))
+    for batched, grad in zip(spectra(grads), grads):
+        torch.testing.assert_close(batched, grad.svdvals(), rtol=1e-10, atol=1e-12)
+        assert numerical_rank(batched, grad.shape, grad.x.dtype) == grad.rank()
+    torch.testing.assert_close(norms(grads), torch.stack([grad.norm() for grad in grads]), rtol=1e-12, atol=0)
+    assert spectra([]) == [] and norms([]).shape == (0,)
+    with pytest.raises(ValueError, match="one module at a time"):
+        spectra([grads[0], LowRankGradient(torch.ones(2, 3), torch.ones(2, 4), layout)])
