@@ -324,7 +324,7 @@ def _resolve_impl(impl, device, k):
     if impl == "auto":
         if device.type == "cuda":
             # Triton first: on an H200 it ran at ~220 TFLOP/s (bf16, d=4096, N=4096) where the CUDA kernel's
-            # simple WMMA GEMM reached ~18 TFLOP/s (N=288); see benchmarks/results/gpu_h200_*.
+            # simple WMMA GEMM reached ~18 TFLOP/s (N=288); see benchmarks/results/gpu_h200_triton_topk.md.
             if k <= GPU_MAX_K:
                 if _triton_available():
                     return "triton"
