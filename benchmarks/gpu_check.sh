@@ -38,7 +38,7 @@ TESTS=${TESTS:-1}
   echo "lowrank tests rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
   fi
   echo "== where one batch's projection goes (GPT-J dims, 2 layers, 16 prompts)"
-  timeout 60 $PY benchmarks/profile_projection.py --model gpt-j --layers 2 --device cuda --prompts 16 2>&1 | tail -24
+  timeout 60 $PY benchmarks/profile_projection.py --model gpt-j --layers 2 --device cuda --prompts 16 2>&1
   impl=auto
   [ "$topk_rc" -ne 0 ] && impl=triton && echo "the CUDA top-k kernel failed its tests: the benchmark uses Triton"
   echo "== GPT-J benchmark (impl=$impl)"
