@@ -43,6 +43,9 @@ from .adapters import get_adapter
 from .capture import Example, tokenize_examples
 
 STAGES = ("gradients", "rank", "projection")
+#: Target ranks of the two ways agree when they differ by at most the number of tokens whose logit lies within
+#: this fraction of the row's largest |logit| of the target's (rounding, batching and threads move those).
+RANK_TOLERANCE = 1e-5
 WAYS = ("naive", "blens_fast")
 LIST_NAMES = ("ff1_top", "ff2_bottom", "ff2_top")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -343,6 +346,9 @@ def naive_way(model, examples: list[Example], layers, *, k: int, normalized: boo
                     out["indices"][name].append(top.indices.cpu())
                     out["values"][name].append(top.values.cpu())
                     out["target_rank"][name].append((beaten.sum(-1) + 1).cpu())
+                    # tokens within rounding of the target's logit: where two correct ranks may differ
+                    tol = RANK_TOLERANCE * logits.abs().amax(-1, keepdim=True)
+                    out["target_band"][name].append(((logits - at_target).abs() <= tol).sum(-1).cpu() - 1)
                 del logits
     return _finish_result(out)
 
@@ -389,12 +395,12 @@ def _empty_result(n, n_layers, n_modules):
     return dict(rank=torch.zeros(n, n_layers, n_modules, dtype=torch.long),
                 norm=torch.zeros(n, n_layers, n_modules, dtype=torch.float64),
                 indices={name: [] for name in LIST_NAMES}, values={name: [] for name in LIST_NAMES},
-                target_rank={name: [] for name in LIST_NAMES})
+                target_rank={name: [] for name in LIST_NAMES}, target_band={name: [] for name in LIST_NAMES})
 
 
 def _finish_result(out):
-    for key in ("indices", "values", "target_rank"):
-        out[key] = {name: torch.cat(parts) for name, parts in out[key].items()}
+    for key in ("indices", "values", "target_rank", "target_band"):
+        out[key] = {name: torch.cat(parts) for name, parts in out[key].items() if parts}
     return out
 
 
@@ -411,7 +417,7 @@ def compare(naive: dict, fast: dict, n: int) -> dict:
 def _compare_lists(naive: dict, fast: dict, prefix: str = "") -> dict:
     """Token lists and target ranks of ``fast`` against ``naive`` over the rows both have."""
     rows = None
-    exact, tied, values, target = [], [], [], []
+    exact, tied, values, target, within = [], [], [], [], []
     for name in LIST_NAMES:
         a, b = naive["indices"][name], fast["indices"][name]
         rows = min(a.shape[0], b.shape[0])
@@ -424,19 +430,22 @@ def _compare_lists(naive: dict, fast: dict, prefix: str = "") -> dict:
         exact.append(((a == b).all(-1) | (has_tie & same_values)).double())
         tied.append(has_tie)
         values.append(((va - vb).abs().amax(-1) / va.abs().amax(-1).clamp_min(1e-30)))
-        target.append((naive["target_rank"][name][:rows] == fast["target_rank"][name][:rows]).double())
+        gap = (naive["target_rank"][name][:rows] - fast["target_rank"][name][:rows]).abs()
+        target.append((gap == 0).double())
+        within.append((gap <= naive["target_band"][name][:rows]).double())
     return {f"{prefix}rows_compared": int(rows) * len(LIST_NAMES),
             f"{prefix}rows_with_exact_ties": int(torch.cat(tied).sum()),
             f"{prefix}topk_tokens_equal": float(torch.cat(exact).mean()),
             f"{prefix}topk_values_max_rel_err": float(torch.cat(values).max()),
-            f"{prefix}target_rank_equal": float(torch.cat(target).mean())}
+            f"{prefix}target_rank_exactly_equal": float(torch.cat(target).mean()),
+            f"{prefix}target_rank_equal": float(torch.cat(within).mean())}
 
 
 def _decides_agreement(key: str, dtype: str) -> bool:
-    """In float32 every ``*_equal`` fraction must pass; in 16-bit dtypes the end-to-end token lists are reported
+    """In float32 every ``*_equal`` fraction must pass (the exact target ranks are only reported); in 16-bit dtypes the end-to-end token lists are reported
     but only the gradient ranks and the projection of identical vectors decide (16-bit activations of a padded
     batch and of a single prompt differ, which moves near-tied tokens)."""
-    if not key.endswith("_equal"):
+    if not key.endswith("_equal") or key.endswith("_exactly_equal"):  # exact ranks are reported, not required
         return False
     return dtype == "float32" or key.startswith(("gradient_", "same_vectors_"))
 
@@ -447,18 +456,14 @@ def projection_agreement(model, naive: dict, *, k: int, normalized: bool, impl: 
     This separates the kernels from the capture's numerics: in bfloat16 a padded batch and a single prompt
     round activations differently, and over many layers that alone can reorder near-tied tokens.
     """
-    from .lens import LISTS
-    from .project import project_topk_bottomk
+    from .lens import lists_by_factor, project_factor_lists
 
     vectors = naive["vectors"]
     fused = {key: {} for key in ("indices", "values", "target_rank")}
-    for factor, names in (("x", [n for n in LIST_NAMES if LISTS[n][1] == "x"]),
-                          ("delta", [n for n in LIST_NAMES if LISTS[n][1] == "delta"])):
-        largest = {LISTS[n][2] for n in names}
-        res = project_topk_bottomk(model, vectors[factor], k=k, top=True in largest, bottom=False in largest,
-                                   targets=vectors["target"], normalize=normalized, impl=impl)
-        for name in names:
-            part, ranks = (res.top, res.target_rank_top) if LISTS[name][2] else (res.bottom, res.target_rank_bottom)
+    for (_, factor), names in lists_by_factor().items():
+        found = project_factor_lists(model, vectors[factor], vectors["target"], names, k=k, normalized=normalized,
+                                     impl=impl)
+        for name, (part, ranks) in found.items():
             fused["indices"][name], fused["values"][name] = part.indices.cpu(), part.values.cpu()
             fused["target_rank"][name] = ranks.cpu()
     return _compare_lists(naive, fused, prefix="same_vectors_")
@@ -804,9 +809,11 @@ def markdown_report(report: dict, *, png_name: str | None = None) -> str:
                   + ", ".join(f"{k_.replace('_', ' ')} {v:.4g}" for k_, v in a.items()
                                          if k_ not in ("prompts_compared",)),
                   "", "The \"same vectors\" fields project the naive way's own vectors of its first prompt with "
-                  "the fused kernel (the kernels alone, without the capture's numerics). "
-                  + _decides_agreement.__doc__.split("\n")[0].replace("``", "`")
-                  + " " + " ".join(_decides_agreement.__doc__.split("\n")[1:]).strip()]
+                  "the fused kernel (the kernels alone, without the capture's numerics). \"Target rank equal\" "
+                  "accepts two ranks that differ by at most the number of tokens whose logit lies within "
+                  f"{RANK_TOLERANCE:g} x the row's largest |logit| of the target's (\"exactly equal\" is shown "
+                  "beside it). "
+                  + " ".join(line.strip() for line in _decides_agreement.__doc__.split("\n")).replace("``", "`")]
     scaling = [r for r in report["runs"]]
     if len(scaling) > 1:
         lines += ["", "## Scaling (blens_fast)", "", "| N | T | positions (mean) | seconds | s per prompt | "

@@ -190,6 +190,25 @@ def _vocabulary(tokenizer) -> tuple[str, ...]:
                  for i in range(max(inverse) + 1))
 
 
+def project_factor_lists(model, rows: torch.Tensor, targets: torch.Tensor, names, *, k: int = 10,
+                         normalized: bool = False, impl: str = "auto") -> dict[str, tuple]:
+    """The lists ``names`` (of one factor) of ``rows`` in one pass over the vocabulary: per name, the
+    :class:`~blens_fast.ops.topk.TopK` and the targets' ranks in that list's order."""
+    largest = {LISTS[name][2] for name in names}
+    result = project_topk_bottomk(model, rows, k=k, top=True in largest, bottom=False in largest, targets=targets,
+                                  normalize=normalized, impl=impl)
+    return {name: (result.top, result.target_rank_top) if LISTS[name][2]
+            else (result.bottom, result.target_rank_bottom) for name in names}
+
+
+def lists_by_factor() -> dict[tuple[str, str], list[str]]:
+    """:data:`LISTS` grouped by the (module part, factor) they read: ``{("in", "x"): ["ff1_top"], ...}``."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, (part, factor, _) in LISTS.items():
+        groups.setdefault((part, factor), []).append(name)
+    return groups
+
+
 def project_lists(cap: Capture, model, *, k: int = 10, normalized: bool = False,
                   impl: str = "auto") -> dict[str, tuple[torch.Tensor, ...]]:
     """The lens lists of every captured example, layer and position (rows ordered example, layer, position):
@@ -206,16 +225,12 @@ def project_lists(cap: Capture, model, *, k: int = 10, normalized: bool = False,
     token_ids = torch.cat([torch.full((e.num_tokens,), e.target_ids[0], dtype=torch.long)
                            for e in cap.examples for _ in cap.layers])
     lists = {}
-    for part, factor in dict.fromkeys(spec[:2] for spec in LISTS.values()):
-        names = [name for name, spec in LISTS.items() if spec[:2] == (part, factor)]
+    for (part, factor), names in lists_by_factor().items():
         store = cap.x if factor == "x" else cap.delta
         rows = torch.cat([store[(layer, modules[part])][i] for i in range(cap.num_examples) for layer in cap.layers])
-        largest = {LISTS[name][2] for name in names}
-        result = project_topk_bottomk(model, rows, k=k, top=True in largest, bottom=False in largest,
-                                      targets=token_ids.to(rows.device), normalize=normalized, impl=impl)
-        for name in names:
-            chosen, ranks = ((result.top, result.target_rank_top) if LISTS[name][2]
-                             else (result.bottom, result.target_rank_bottom))
+        found = project_factor_lists(model, rows, token_ids.to(rows.device), names, k=k, normalized=normalized,
+                                     impl=impl)
+        for name, (chosen, ranks) in found.items():
             lists[name] = (chosen.indices.cpu(), chosen.values.cpu(), chosen.probs().cpu(), ranks.cpu())
     return {name: lists[name] for name in LISTS}
 

@@ -38,11 +38,11 @@ def test_bench_command_writes_json_markdown_and_png(tmp_path, capsys):
 def test_compare_counts_tied_rows_by_value():
     import torch
 
-    def result(indices, values, ranks):
+    def result(indices, values, ranks, band=(0, 0)):
+        names = ("ff1_top", "ff2_bottom", "ff2_top")
         return dict(rank=torch.ones(1, 1, 2, dtype=torch.long), norm=torch.ones(1, 1, 2, dtype=torch.float64),
-                    indices={n: indices for n in ("ff1_top", "ff2_bottom", "ff2_top")},
-                    values={n: values for n in ("ff1_top", "ff2_bottom", "ff2_top")},
-                    target_rank={n: ranks for n in ("ff1_top", "ff2_bottom", "ff2_top")})
+                    indices={n: indices for n in names}, values={n: values for n in names},
+                    target_rank={n: ranks for n in names}, target_band={n: torch.tensor(band) for n in names})
 
     values = torch.tensor([[3.0, 2.0, 1.0], [0.0, 0.0, 0.0]])
     a = result(torch.tensor([[5, 6, 7], [2, 0, 1]]), values, torch.tensor([1, 1]))
@@ -52,6 +52,9 @@ def test_compare_counts_tied_rows_by_value():
     assert same["topk_tokens_equal"] == 1.0 and same["rows_with_exact_ties"] == 3
     differ = compare(a, c, 1)
     assert differ["topk_tokens_equal"] == 0.5 and differ["target_rank_equal"] == 0.5
+    # a rank one apart counts as equal when one other token's logit lies within rounding of the target's
+    banded = compare(result(torch.tensor([[5, 6, 7], [2, 0, 1]]), values, torch.tensor([1, 1]), band=(1, 0)), c, 1)
+    assert banded["target_rank_equal"] == 1.0 and banded["target_rank_exactly_equal"] == 0.5
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
