@@ -41,13 +41,16 @@ from tqdm.auto import tqdm
 from ._checks import check_choice, check_positive_int
 from .adapters import get_adapter
 from .capture import Example, tokenize_examples
+from .lens import LISTS
 
 STAGES = ("gradients", "rank", "projection")
 #: Target ranks of the two ways agree when they differ by at most the number of tokens whose logit lies within
 #: this fraction of the row's largest |logit| of the target's (rounding, batching and threads move those).
 RANK_TOLERANCE = 1e-5
 WAYS = ("naive", "blens_fast")
-LIST_NAMES = ("ff1_top", "ff2_bottom", "ff2_top")
+LIST_NAMES = tuple(LISTS)
+#: per-list results each way collects (one row per vector)
+LIST_FIELDS = ("indices", "values", "target_rank", "target_band")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: Randomly initialised models at real dimensions (``layers`` = full depth).
@@ -337,7 +340,7 @@ def naive_way(model, examples: list[Example], layers, *, k: int, normalized: boo
                     logits = F.linear(normed, lm_head.weight.float(),
                                       None if lm_head.bias is None else lm_head.bias.float())
                 for name in names:
-                    largest = name != "ff2_bottom"
+                    largest = LISTS[name][2]
                     top = torch.topk(logits, k, dim=-1, largest=largest)
                     at_target = logits[:, target:target + 1]
                     # ties: a lower token id comes first (the library's rule)
@@ -394,12 +397,11 @@ def fast_way(model, tokenizer, examples: list[Example], layers, *, k: int, norma
 def _empty_result(n, n_layers, n_modules):
     return dict(rank=torch.zeros(n, n_layers, n_modules, dtype=torch.long),
                 norm=torch.zeros(n, n_layers, n_modules, dtype=torch.float64),
-                indices={name: [] for name in LIST_NAMES}, values={name: [] for name in LIST_NAMES},
-                target_rank={name: [] for name in LIST_NAMES}, target_band={name: [] for name in LIST_NAMES})
+                **{key: {name: [] for name in LIST_NAMES} for key in LIST_FIELDS})
 
 
 def _finish_result(out):
-    for key in ("indices", "values", "target_rank", "target_band"):
+    for key in LIST_FIELDS:
         out[key] = {name: torch.cat(parts) for name, parts in out[key].items() if parts}
     return out
 

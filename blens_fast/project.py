@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .adapters import Adapter, get_adapter
 from .ops import reference
-from .ops.topk import DTYPES, Prologue, TopBottomK, TopK, _check, _run, check_targets
+from .ops.topk import DTYPES, Prologue, TopBottomK, TopK, _check, _run, check_targets, one_list
 
 
 def project(model: torch.nn.Module, vectors: torch.Tensor, *, k: int = 10, largest: bool = True,
@@ -28,11 +28,8 @@ def project(model: torch.nn.Module, vectors: torch.Tensor, *, k: int = 10, large
     ``final_norm`` applies the model's final LayerNorm/RMSNorm (with its weight and bias); the
     unembedding's bias is added when it has one (GPT-J). ``impl`` as in :func:`topk_logits`.
     """
-    if not isinstance(largest, bool):
-        raise TypeError(f"largest must be a bool, got {type(largest).__name__}: {largest!r}")
-    result = project_topk_bottomk(model, vectors, k=k, top=largest, bottom=not largest, final_norm=final_norm,
-                                  normalize=normalize, impl=impl, adapter=adapter)
-    return result.top if largest else result.bottom
+    return one_list(largest, lambda **which: project_topk_bottomk(
+        model, vectors, k=k, final_norm=final_norm, normalize=normalize, impl=impl, adapter=adapter, **which))
 
 
 def project_topk_bottomk(model: torch.nn.Module, vectors: torch.Tensor, *, k: int = 10, top: bool = True,
@@ -63,11 +60,12 @@ def project_topk_bottomk(model: torch.nn.Module, vectors: torch.Tensor, *, k: in
     if vectors.dtype not in DTYPES:  # float64 and friends: the kernels take float32
         vectors = vectors.float()
     use_norm = final_norm and lens.norm_kind is not None
-    if not use_norm and not normalize:
+    plain = not use_norm and not normalize  # the vectors go into the GEMM as they are
+    if plain:
         vectors = vectors.to(weight.dtype)
     hidden, weight, bias, k, lead = _check(vectors, weight, bias, k, impl, top=top, bottom=bottom)
     target_ids = check_targets(targets, lead, v, weight.device)
-    if not use_norm and not normalize:
+    if plain:
         return _run(hidden, weight, bias, k, impl, lead, top=top, bottom=bottom, targets=target_ids, prologue=None)
 
     norm_lens = lens if use_norm else dataclasses.replace(lens, norm_kind=None)

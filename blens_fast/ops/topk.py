@@ -204,9 +204,15 @@ def topk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     bfloat16 or float16) and device; ``bias``: ``V`` or None. Returns a :class:`TopK`. See the module
     docstring for the tie rule (lower index wins) and the NaN policy (``ValueError``).
     """
+    return one_list(largest, lambda **which: topk_bottomk_logits(hidden, weight, bias, k=k, impl=impl, **which))
+
+
+def one_list(largest: bool, compute) -> TopK:
+    """The single list of ``compute(top=..., bottom=...)`` (a one-pass call): the top-k when ``largest``, else the
+    bottom-k."""
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {type(largest).__name__}: {largest!r}")
-    result = topk_bottomk_logits(hidden, weight, bias, k=k, top=largest, bottom=not largest, impl=impl)
+    result = compute(top=largest, bottom=not largest)
     return result.top if largest else result.bottom
 
 
