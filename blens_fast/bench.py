@@ -358,16 +358,19 @@ def naive_way(model, examples: list[Example], layers, *, k: int, normalized: boo
 
 # -- blens_fast ---------------------------------------------------------------------------------------------
 def fast_way(model, tokenizer, examples: list[Example], layers, *, k: int, normalized: bool, meter: Meter,
-             batch_size: int, impl: str = "auto", progress: bool = True, desc: str = "blens_fast") -> dict:
-    """The Backward Lens with the library's calls, ``batch_size`` prompts per capture (memory flat in N)."""
-    from .capture import capture
+             batch_size: int, max_tokens: int | None = None, impl: str = "auto", progress: bool = True,
+             desc: str = "blens_fast") -> dict:
+    """The Backward Lens with the library's calls: consecutive captures of at most ``batch_size`` prompts and
+    ``max_tokens`` padded positions (memory flat in N)."""
+    from .capture import capture, token_batches
     from .lens import project_lists
     from .lowrank import norms, numerical_rank, spectra
 
     out = None
-    starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-        batch = examples[start:start + batch_size]
+    batches = token_batches([e.num_tokens for e in examples], batch_size, max_tokens)
+    for indices in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        start = indices[0]
+        batch = examples[start:start + len(indices)]
         with meter.stage("gradients"):
             cap = capture(model, tokenizer, [e.prompt for e in batch], [e.target for e in batch], layers=layers,
                           modules=("mlp.in", "mlp.out"))
@@ -481,6 +484,7 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 8
+    max_tokens: int | None = None
     naive_prompts: int | None = None
     memory_prompts: int | None = None
     k: int = 10
@@ -505,6 +509,8 @@ def run_bench(config: BenchConfig, *, log=print) -> dict:
     check_choice(config.device, "device", ("cpu", "cuda"))
     check_choice(config.dtype, "dtype", tuple(DTYPES))
     check_positive_int(config.batch_size, "batch_size")
+    if config.max_tokens is not None:
+        check_positive_int(config.max_tokens, "max_tokens")
     check_positive_int(config.k, "k")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
@@ -594,7 +600,9 @@ def _run_bench(config: BenchConfig, log) -> dict:
         naive_method=("per prompt: loss.backward() with parameter gradients (all parameters require grad); "
                       "torch.linalg.matrix_rank and matrix_norm of each MLP weight's .grad (cast to float32); "
                       "lm_head(ln_f(vectors)) full logits (float32 GEMM), torch.topk, target rank from the full logits"),
-        fast_method=(f"batches of {config.batch_size}: blens_fast.capture (mlp.in, mlp.out), "
+        fast_method=(f"batches of {config.batch_size} prompts"
+                     + (f" and at most {config.max_tokens} padded positions" if config.max_tokens else "")
+                     + ": blens_fast.capture (mlp.in, mlp.out), "
                      "blens_fast.lowrank.spectra()/norms() per module, batched over the examples (rank by matrix_rank's float32 rule), "
                      f"blens_fast.lens.project_lists(impl={config.impl!r} -> {impl_used!r}): one pass per factor"),
     )
@@ -617,7 +625,7 @@ def _measure_way(way, model, tokenizer, examples, layers, config, device, weight
         if way == "naive":
             return naive_way(model, exs, layers, meter=meter, desc=f"naive ({tag})", **kwargs)
         return fast_way(model, tokenizer, exs, layers, meter=meter, batch_size=config.batch_size,
-                        impl=config.impl, desc=f"blens_fast ({tag})", **kwargs)
+                        max_tokens=config.max_tokens, impl=config.impl, desc=f"blens_fast ({tag})", **kwargs)
 
     record = dict(prompts_run=len(subset), extrapolated=len(subset) < n, error=None)
     single = way == "naive" and config.naive_single_pass and device.type == "cpu"

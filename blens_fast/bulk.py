@@ -55,7 +55,7 @@ import torch
 
 from ._checks import check_positive_int
 from .adapters import get_adapter
-from .capture import Example, capture, max_positions, tokenize_examples
+from .capture import Example, capture, max_positions, token_batches, tokenize_examples
 
 FORMAT_VERSION = 1
 LENS_MODULES = ("mlp.in", "mlp.out")
@@ -406,19 +406,8 @@ def _records_table(rows: list[dict]) -> pa.Table:
 # -- batching ------------------------------------------------------------------------------------------------
 def _batches(records: list[Record], batch_size: int, max_tokens: int | None) -> list[list[Record]]:
     """Sorted by token count (stable), cut at ``batch_size`` records or ``max_tokens`` padded tokens."""
-    ordered = sorted(records, key=lambda r: (r.example.num_tokens, r.index))
-    batches: list[list[Record]] = []
-    current: list[Record] = []
-    for record in ordered:
-        length = record.example.num_tokens
-        if current and (len(current) == batch_size or (max_tokens is not None
-                                                       and length * (len(current) + 1) > max_tokens)):
-            batches.append(current)
-            current = []
-        current.append(record)
-    if current:
-        batches.append(current)
-    return batches
+    lengths = [r.example.num_tokens for r in records]
+    return [[records[i] for i in batch] for batch in token_batches(lengths, batch_size, max_tokens, by_length=True)]
 
 
 # -- the run -------------------------------------------------------------------------------------------------

@@ -102,6 +102,28 @@ def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[
     return ids.to(device), mask.to(device)
 
 
+def token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None, *,
+                  by_length: bool = False) -> list[list[int]]:
+    """Indices of ``lengths`` cut into batches of at most ``batch_size`` items and ``max_tokens`` padded tokens
+    (items x the batch's longest; an item longer than ``max_tokens`` goes alone). ``by_length`` sorts the items
+    by length first (stable), so that batches pad less; otherwise batches are consecutive in the input order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i]) if by_length else range(len(lengths))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        wider = max(longest, lengths[i])
+        if current and (len(current) == batch_size or (max_tokens is not None
+                                                       and wider * (len(current) + 1) > max_tokens)):
+            batches.append(current)
+            current, wider = [], lengths[i]
+        current.append(i)
+        longest = wider
+    if current:
+        batches.append(current)
+    return batches
+
+
 def batch_inputs(examples: Sequence[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The examples' model inputs, right-padded (see :func:`pad_right`)."""
     return pad_right([e.input_ids for e in examples], pad_id, device)

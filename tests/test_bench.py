@@ -66,3 +66,25 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
         run_bench(BenchConfig(model="tiny", prompts=(1,), device="cuda"))
+
+
+def test_fast_way_token_budget_keeps_rows_in_order():
+    """Captures cut by a padded-token budget give, row for row, what one prompt per capture gives."""
+    import torch
+
+    from blens_fast.bench import Meter, build_model, fast_way, make_prompts
+    from blens_fast.capture import tokenize_examples
+
+    model, tokenizer, info = build_model("tiny", device="cpu", dtype=torch.float32, seed=0)
+    examples = tokenize_examples(tokenizer, *make_prompts(tokenizer, 7, None))
+    layers = tuple(range(info["layers"]))
+    budget = 2 * max(e.num_tokens for e in examples) - 1  # some captures hold 2 prompts, the longest goes alone
+    runs = [fast_way(model, tokenizer, examples, layers, k=3, normalized=False, meter=Meter(torch.device("cpu"), "time"),
+                     batch_size=size, max_tokens=tokens, impl="torch", progress=False)
+            for size, tokens in ((1, None), (3, budget))]
+    one, budgeted = runs
+    assert torch.equal(one["rank"], budgeted["rank"])
+    torch.testing.assert_close(one["norm"], budgeted["norm"], rtol=1e-4, atol=1e-7)
+    for name, indices in one["indices"].items():
+        assert indices.shape == budgeted["indices"][name].shape
+        torch.testing.assert_close(one["values"][name], budgeted["values"][name], rtol=1e-3, atol=1e-5)

@@ -4,7 +4,7 @@ import torch
 
 import blens_fast
 from blens_fast.adapters import get_adapter
-from blens_fast.capture import batch_inputs, target_log_probs, tokenize_examples
+from blens_fast.capture import batch_inputs, target_log_probs, token_batches, tokenize_examples
 from conftest import ARCHITECTURES, make_tiny_model
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Danielle Darrieux speaks", "Hi"]
@@ -201,3 +201,17 @@ def test_rank_table(tokenizer):
     cap = blens_fast.capture(model, tokenizer, PROMPTS[1], TARGETS[1])
     row = table[(table.example == 1) & (table.layer == 0) & (table.module == "mlp.in")]
     assert row["norm"].item() == pytest.approx(cap.gradient(0, "mlp.in").dense().norm().item(), rel=1e-12)
+
+
+def test_token_batches_keep_order_and_budget():
+    lengths = [5, 3, 9, 3, 7, 2, 30, 1]
+    batches = token_batches(lengths, 3, 16)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))  # consecutive, input order
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 16
+    assert [6] in batches  # longer than the budget: alone
+    assert batches == [[0, 1], [2], [3, 4], [5], [6], [7]]
+    assert token_batches(lengths, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    by_length = token_batches(lengths, 3, 16, by_length=True)
+    assert by_length == [[7, 5, 1], [3, 0], [4], [2], [6]]

@@ -40,6 +40,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per blens_fast capture (default 8)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="at most this many padded positions per blens_fast capture (a longer prompt goes "
+                             "alone); keeps peak memory flat in N (default: no limit)")
     parser.add_argument("--naive-prompts", type=int, default=None,
                         help="run the naive way on the first M prompts only and scale its time by N/M "
                              "(it is a loop over prompts); default: all N")
@@ -64,7 +67,7 @@ def run(args) -> int:
     tokens = (None,) if args.tokens is None else _int_list(args.tokens, "--tokens")
     config = BenchConfig(model=args.model, layers=args.layers, prompts=_int_list(args.prompts, "--prompts"),
                          tokens=tokens,
-                         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                         device=args.device, dtype=args.dtype, batch_size=args.batch_size, max_tokens=args.max_tokens,
                          naive_prompts=args.naive_prompts, memory_prompts=args.memory_prompts, k=args.k,
                          normalized=args.normalized, impl=args.impl, threads=args.threads, seed=args.seed,
                          agreement=args.agreement, naive_single_pass=args.naive_single_pass,
