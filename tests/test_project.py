@@ -1,5 +1,7 @@
 """blens_fast.project: the model's own lens (final norm + unembedding + bias), fused, on tiny random
 configs of GPT-2 (LayerNorm), Llama (RMSNorm) and GPT-J (unembedding bias), against the reference."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,11 @@ def _device(impl):
     return "cuda" if impl == "cuda" or (impl == "triton" and CUDA) else "cpu"
 
 
+def _on_device(model, impl):
+    """A copy of the shared model on the device ``impl`` runs on (the fixture stays on the CPU)."""
+    return copy.deepcopy(model).to(_device(impl))
+
+
 def truth(model, vectors, final_norm, normalize):
     """float64 logits of the lens: Lens.normalize is the norm reference."""
     lens = get_adapter(model).lens(model)
@@ -72,7 +79,7 @@ def check(res, logits, k, largest, tol=2e-4):
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gptj"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_project_matches_reference(models, arch, impl):
-    model = models[arch].to(_device(impl))
+    model = _on_device(models[arch], impl)
     g = torch.Generator().manual_seed(5)
     vectors = (3 * torch.randn(23, 48, generator=g) + 0.5).to(_device(impl))
     cases = [(10, True, True, False), (17, False, True, True), (5, True, False, False), (1, True, True, True)]
@@ -80,15 +87,14 @@ def test_project_matches_reference(models, arch, impl):
         cases = cases[:2]  # the interpreter is slow
     for k, largest, final_norm, normalize in cases:
         res = project(model, vectors, k=k, largest=largest, final_norm=final_norm, normalize=normalize, impl=impl)
-        check(res, truth(model, vectors.cpu(), final_norm, normalize).to(vectors.device), k, largest)
-    model.to("cpu")
+        check(res, truth(model, vectors, final_norm, normalize), k, largest)
 
 
 @pytest.mark.parametrize("impl", ["cpu", "triton"])
 def test_project_fused_equals_torch_impl(models, impl):
     """The fused prologue gives the same tokens as the chunked torch path (Lens.normalize per chunk)."""
-    model = models["gpt2"]
-    vectors = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(9)) * 4
+    model = _on_device(models["gpt2"], impl)
+    vectors = (torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(9)) * 4).to(_device(impl))
     ref = project(model, vectors, k=8, impl="torch")
     res = project(model, vectors, k=8, impl=impl)
     assert res.values.shape == (2, 5, 8) and res.logsumexp.shape == (2, 5)
