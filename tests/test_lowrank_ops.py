@@ -147,3 +147,20 @@ def test_argument_checks():
 def test_auto_picks_a_path():
     assert ops.resolve_impl("auto", torch.device("cpu")) in ("cpu", "torch")
     assert ops.resolve_impl("triton", torch.device("cpu")) == "triton"
+
+
+def test_cuda_kernel_loads_after_the_cpu_extension(monkeypatch):
+    """With ``_C`` already loaded (the op registered, no CUDA kernel yet), a CUDA machine still loads ``_C_cuda``."""
+    from blens_fast.ops import _extension
+
+    loaded = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_extension, "cpu_extension", lambda required=True: loaded.append("cpu"))
+    monkeypatch.setattr(_extension, "cuda_extension", lambda required=True: loaded.append("cuda"))
+    monkeypatch.setattr(ops, "_op_registered", lambda: True)
+    ops._load_extensions.cache_clear()
+    try:
+        assert ops._load_extensions()
+        assert loaded == ["cpu", "cuda"]
+    finally:
+        ops._load_extensions.cache_clear()

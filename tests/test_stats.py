@@ -111,7 +111,8 @@ def test_merged_states_equal_one_pass(tokenizer):
 
 
 def test_impls_agree_and_tables(tokenizer):
-    model = make_tiny_model("gpt_neox")
+    # Triton runs on CUDA tensors, or on CPU tensors through the interpreter where there is no GPU
+    model = make_tiny_model("gpt_neox").to("cuda" if torch.cuda.is_available() else "cpu")
     records = list(zip(PROMPTS[:3], TARGETS[:3]))
     ref = gradient_stats(model, tokenizer, records, layers=[0], rank=2, batch_size=2, impl="torch")
     fast = gradient_stats(model, tokenizer, records, layers=[0], rank=2, batch_size=2, impl="triton")

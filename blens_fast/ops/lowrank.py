@@ -43,21 +43,21 @@ def _op_registered() -> bool:
 def _load_extensions() -> bool:
     """Load the compiled extensions (importing them registers the op); True when the op exists afterwards.
 
-    Order: whatever is already loaded; ``blens_fast._C`` / ``_C_cuda`` through the package's loader
-    (``blens_fast.ops._extension``, which may JIT-build ``_C``); then, unless ``BLENS_FAST_NO_JIT`` is set, a
-    JIT build of ``csrc/cpu/lowrank_cpu.cpp`` alone (a source checkout whose ``_C`` lacks this op).
+    Order: ``blens_fast._C`` and ``_C_cuda`` through the package's loader (``blens_fast.ops._extension``,
+    which may JIT-build ``_C``; both, even when the op is already registered: ``_C`` alone registers it
+    without its CUDA kernel); then, unless ``BLENS_FAST_NO_JIT`` is set, a JIT build of
+    ``csrc/cpu/lowrank_cpu.cpp`` alone (a source checkout whose ``_C`` lacks this op).
     """
-    if not _op_registered():
-        try:
-            from . import _extension
+    try:
+        from . import _extension
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                _extension.cpu_extension(required=False)
-                if torch.cuda.is_available():
-                    _extension.cuda_extension(required=False)
-        except Exception:  # noqa: BLE001 - a missing build only narrows the choice of impl
-            pass
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _extension.cpu_extension(required=False)
+            if torch.cuda.is_available():
+                _extension.cuda_extension(required=False)
+    except Exception:  # noqa: BLE001 - a missing build only narrows the choice of impl
+        pass
     if not _op_registered() and not os.environ.get("BLENS_FAST_NO_JIT"):
         try:
             _jit_build()
