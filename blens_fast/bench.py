@@ -890,6 +890,9 @@ def plot_report(report: dict, path) -> Path:
         if key == "prompts" and not naive.get("error"):
             per = naive["seconds"]["end_to_end"] / main["prompts"]
             ax.plot(xs, [per * x for x in xs], "--", color=colors["naive"], label="naive time (s), per-prompt x N")
+            ax.set_xscale("log")  # both ways visible at once; time linear in N is a slope of 1
+            ax.set_yscale("log")
+            label += ", log-log"
         ax.set_xlabel(label)
         ax.set_ylabel("s")
         ax2 = ax.twinx()
