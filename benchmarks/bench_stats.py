@@ -26,7 +26,7 @@ from blens_fast._report import machine_info, write_result  # noqa: E402
 def memory(args) -> dict:
     import torch
 
-    from blens_fast.ops.lowrank import resolve_impl, sketch_update
+    from blens_fast.ops.lowrank import resolve_impl
     from blens_fast.stats import StatsAccumulator
 
     d, d_ff, layers = 4096, 16384, 28

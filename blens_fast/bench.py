@@ -364,7 +364,6 @@ def fast_way(model, tokenizer, examples: list[Example], layers, *, k: int, norma
     ``max_tokens`` padded positions (memory flat in N)."""
     from .capture import capture, token_batches
     from .lens import project_lists
-    from .lowrank import norms, numerical_rank, spectra
 
     out = None
     batches = token_batches([e.num_tokens for e in examples], batch_size, max_tokens)
@@ -379,20 +378,18 @@ def fast_way(model, tokenizer, examples: list[Example], layers, *, k: int, norma
             out = _empty_result(len(examples), len(layers), len(modules))
         with meter.stage("rank"):
             rows = slice(start, start + cap.num_examples)
-            for li, layer in enumerate(cap.layers):
-                for mi, module in enumerate(modules):
-                    grads = [cap.gradient(layer, module, i) for i in range(cap.num_examples)]
-                    # torch.linalg.matrix_rank's default rule for a float32 matrix of the gradient's shape
-                    out["rank"][rows, li, mi] = torch.tensor(
-                        [numerical_rank(s, g.shape, torch.float32) for s, g in zip(spectra(grads), grads)])
-                    out["norm"][rows, li, mi] = norms(grads).cpu()
+            # torch.linalg.matrix_rank's default rule for a float32 matrix of the gradient's shape
+            for mi, (module_ranks, module_norms) in enumerate(cap.ranks_and_norms(modules, dtype=torch.float32)
+                                                               .values()):
+                out["rank"][rows, :, mi] = module_ranks.T
+                out["norm"][rows, :, mi] = module_norms.T
         with meter.stage("projection"):
             lists = project_lists(cap, model, k=k, normalized=normalized, impl=impl)
             for name in LIST_NAMES:
-                indices, values, _, ranks = lists[name]
+                indices, values, _, target_ranks = lists[name]
                 out["indices"][name].append(indices)
                 out["values"][name].append(values)
-                out["target_rank"][name].append(ranks)
+                out["target_rank"][name].append(target_ranks)
         del cap
     return _finish_result(out)
 
@@ -603,7 +600,7 @@ def _run_bench(config: BenchConfig, log) -> dict:
         fast_method=(f"batches of {config.batch_size} prompts"
                      + (f" and at most {config.max_tokens} padded positions" if config.max_tokens else "")
                      + ": blens_fast.capture (mlp.in, mlp.out), "
-                     "blens_fast.lowrank.spectra()/norms() per module, batched over the examples (rank by matrix_rank's float32 rule), "
+                     "Capture.ranks_and_norms(): one batched SVD per module over layers and examples (matrix_rank's float32 rule), "
                      f"blens_fast.lens.project_lists(impl={config.impl!r} -> {impl_used!r}): one pass per factor"),
     )
     report["wall_seconds"] = time.time() - started

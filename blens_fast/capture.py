@@ -16,7 +16,7 @@ from torch import nn
 
 from ._checks import as_str_list, check_positive_int
 from .adapters import Adapter, get_adapter
-from .lowrank import LowRankGradient
+from .lowrank import LowRankGradient, ranks_and_norms
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,18 @@ class Capture:
                 raise ValueError(f"example {example} is out of range: captured {self.num_examples} examples")
             xs, ds = [self.x[key][example]], [self.delta[key][example]]
         return LowRankGradient(torch.cat(xs), torch.cat(ds), self.layouts[module])
+
+    def ranks_and_norms(self, modules=None, *, tol: float | None = None, dtype: torch.dtype | None = None
+                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per module: the numerical rank (long) and Frobenius norm (float64) of every example's gradient at every
+        captured layer, as ``(layers, examples)`` tensors on the CPU. One batched call per module
+        (:func:`blens_fast.lowrank.ranks_and_norms`; ``tol`` and ``dtype`` as there)."""
+        out = {}
+        for module in self.modules if modules is None else as_str_list(modules, "modules"):
+            grads = [self.gradient(layer, module, i) for layer in self.layers for i in range(self.num_examples)]
+            shape = (len(self.layers), self.num_examples)
+            out[module] = tuple(t.view(shape) for t in ranks_and_norms(grads, tol, dtype=dtype))
+        return out
 
     def __repr__(self) -> str:
         return (f"Capture({self.architecture}, examples={self.num_examples}, layers={list(self.layers)}, "

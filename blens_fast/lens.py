@@ -24,7 +24,6 @@ import torch
 from ._checks import check_positive_int
 from .adapters import get_adapter
 from .capture import Capture, capture
-from .lowrank import norms, numerical_rank, spectra
 from .project import project_topk_bottomk
 
 #: list name -> (module whose factor is read, factor, largest first?)
@@ -244,12 +243,7 @@ def analyze(cap: Capture, model, tokenizer=None, *, k: int = 10, normalized: boo
     per_list = project_lists(cap, model, k=k, normalized=normalized, impl=impl)
     vocabulary = _vocabulary(tokenizer)
     sizes = [e.num_tokens for e in cap.examples]
-    grads_by_module = {}  # (layer, module) -> (ranks, norms) over the examples, computed together
-    for layer in cap.layers:
-        for module in cap.modules:
-            grads = [cap.gradient(layer, module, i) for i in range(cap.num_examples)]
-            ranks = [numerical_rank(s, g.shape, g.x.dtype) for s, g in zip(spectra(grads), grads)]
-            grads_by_module[(layer, module)] = (ranks, norms(grads).tolist())
+    found = cap.ranks_and_norms()  # module -> (ranks, norms), (layers, examples) each
     reports, offset = [], 0
     n_layers = len(cap.layers)
     for i, example in enumerate(cap.examples):
@@ -258,8 +252,9 @@ def analyze(cap: Capture, model, tokenizer=None, *, k: int = 10, normalized: boo
         offset += n_layers * t
         shaped = {name: [v[span].reshape(n_layers, t, *v.shape[1:]) for v in values]
                   for name, values in per_list.items()}
-        grads = [dict(layer=layer, module=module, tokens=t, rank=grads_by_module[(layer, module)][0][i],
-                      norm=grads_by_module[(layer, module)][1][i]) for layer in cap.layers for module in cap.modules]
+        grads = [dict(layer=layer, module=module, tokens=t, rank=int(found[module][0][li, i]),
+                      norm=float(found[module][1][li, i])) for li, layer in enumerate(cap.layers)
+                 for module in cap.modules]
         tokens = tuple(vocabulary[j] if vocabulary else str(j) for j in example.input_ids)
         first = example.target_ids[0]
         reports.append(LensReport(

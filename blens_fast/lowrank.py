@@ -137,18 +137,36 @@ def numerical_rank(s: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype, 
 
 
 def spectra(grads: Sequence[LowRankGradient]) -> list[torch.Tensor]:
-    """``[g.svdvals() for g in grads]`` for gradients of one module (same shape and layout), computed together:
-    the factors are zero-padded to the longest, then two batched thin QRs and one batched SVD of the small cores
-    (padding rows only add zero singular values, which are dropped again). Far fewer calls than one per gradient,
-    which is what the time goes to on a GPU."""
+    """``[g.svdvals() for g in grads]`` for gradients of one shape and layout (one module, any layers), computed
+    together: the factors are zero-padded to the longest, then two batched thin QRs and one batched SVD of the
+    small cores (padding rows only add zero singular values, which are dropped again). Far fewer calls than one
+    per gradient, which is what the time goes to on a GPU."""
     grads = _same_module(grads)
     if not grads:
         return []
-    a, b, sizes = _padded_factors(grads)
-    _, ra = torch.linalg.qr(a.transpose(1, 2))
-    _, rb = torch.linalg.qr(b.transpose(1, 2))
-    s = torch.linalg.svdvals(ra @ rb.transpose(1, 2))
-    return [s[i, :min(t, *grads[i].shape)] for i, t in enumerate(sizes)]
+    s, kept = _batched_svdvals(grads)
+    return [s[i, :n] for i, n in enumerate(kept)]
+
+
+def ranks_and_norms(grads: Sequence[LowRankGradient], tol: float | None = None, *,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[g.rank(tol) for g in grads]`` (long) and ``[g.norm() for g in grads]`` (float64), as two tensors on the
+    CPU, for gradients of one shape and layout: one batched SVD like :func:`spectra` (the Frobenius norm is the
+    root sum of squares of the singular values) and one device sync in all. ``dtype`` is the one whose eps sets
+    the default tolerance (default: the factors' dtype, as :meth:`LowRankGradient.rank`)."""
+    grads = _same_module(grads)
+    if not grads:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    s, kept = _batched_svdvals(grads)
+    s = s * (torch.arange(s.shape[1], device=s.device) < torch.tensor(kept, device=s.device)[:, None])
+    if tol is None:
+        dtype = grads[0].x.dtype if dtype is None else dtype
+        eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+        cut = s[:, :1] * (max(grads[0].shape) * eps)
+    else:
+        cut = torch.full_like(s[:, :1], tol)
+    both = torch.stack([(s > cut).sum(1).double(), s.square().sum(1).sqrt()]).cpu()
+    return both[0].long(), both[1]
 
 
 def norms(grads: Sequence[LowRankGradient]) -> torch.Tensor:
@@ -166,6 +184,14 @@ def _same_module(grads) -> list[LowRankGradient]:
     if len({(g.shape, g.layout) for g in grads}) > 1:
         raise ValueError("gradients of different shapes or layouts: pass the gradients of one module at a time")
     return grads
+
+
+def _batched_svdvals(grads: list[LowRankGradient]) -> tuple[torch.Tensor, list[int]]:
+    """Singular values of every gradient as one zero-padded batch, and how many of each row are its own."""
+    a, b, sizes = _padded_factors(grads)
+    _, ra = torch.linalg.qr(a.transpose(1, 2))
+    _, rb = torch.linalg.qr(b.transpose(1, 2))
+    return torch.linalg.svdvals(ra @ rb.transpose(1, 2)), [min(t, *g.shape) for t, g in zip(sizes, grads)]
 
 
 def _padded_factors(grads: list[LowRankGradient]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

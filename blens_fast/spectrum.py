@@ -6,7 +6,6 @@ from tqdm.auto import tqdm
 
 from ._checks import as_str_list, check_positive_int
 from .capture import capture
-from .lowrank import norms, numerical_rank, spectra
 
 
 def rank(model, tokenizer, prompts, targets, *, layers=None, modules=("mlp.in", "mlp.out"), tol: float | None = None,
@@ -25,15 +24,13 @@ def rank(model, tokenizer, prompts, targets, *, layers=None, modules=("mlp.in", 
     for start in tqdm(starts, desc="rank", unit="batch", disable=not progress or len(starts) < 2):
         cap = capture(model, tokenizer, prompts[start:start + batch_size], targets[start:start + batch_size],
                       layers=layers, modules=modules, adapter=adapter)
-        batch = []
-        for layer in cap.layers:
-            for module in cap.modules:
-                grads = [cap.gradient(layer, module, i) for i in range(cap.num_examples)]
-                for i, (grad, s, norm) in enumerate(zip(grads, spectra(grads), norms(grads).tolist())):
-                    example, max_rank = cap.examples[i], min(grad.num_tokens, *grad.shape)
-                    r = numerical_rank(s, grad.shape, grad.x.dtype, tol)
-                    batch.append(dict(example=start + i, prompt=example.prompt, target=example.target, layer=layer,
-                                      module=module, tokens=grad.num_tokens, rank=r, max_rank=max_rank,
-                                      full_rank=r == max_rank, norm=norm))
-        rows.extend(sorted(batch, key=lambda row: row["example"]))  # example, then layer and module
+        found = cap.ranks_and_norms(tol=tol)
+        for i, example in enumerate(cap.examples):  # example, then layer and module
+            for li, layer in enumerate(cap.layers):
+                for module in cap.modules:
+                    widths = (cap.x[layer, module][i].shape[1], cap.delta[layer, module][i].shape[1])
+                    r, max_rank = int(found[module][0][li, i]), min(example.num_tokens, *widths)
+                    rows.append(dict(example=start + i, prompt=example.prompt, target=example.target, layer=layer,
+                                     module=module, tokens=example.num_tokens, rank=r, max_rank=max_rank,
+                                     full_rank=r == max_rank, norm=float(found[module][1][li, i])))
     return pd.DataFrame(rows)

@@ -215,3 +215,21 @@ def test_token_batches_keep_order_and_budget():
     assert token_batches(lengths, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
     by_length = token_batches(lengths, 3, 16, by_length=True)
     assert by_length == [[7, 5, 1], [3, 0], [4], [2], [6]]
+
+
+def test_ranks_and_norms_per_layer_and_example(tokenizer):
+    """Batched over layers and examples, laid out (layers, examples): equal to each gradient's own rank and norm."""
+    model = make_tiny_model("gpt2", torch.float64)
+    cap = blens_fast.capture(model, tokenizer, PROMPTS[:3], TARGETS[:3])
+    found = cap.ranks_and_norms()
+    assert set(found) == set(cap.modules)
+    for module, (ranks, norms) in found.items():
+        assert ranks.shape == norms.shape == (len(cap.layers), 3) and ranks.dtype == torch.long
+        for li, layer in enumerate(cap.layers):
+            for i in range(3):
+                grad = cap.gradient(layer, module, i)
+                assert ranks[li, i].item() == grad.rank()
+                assert norms[li, i].item() == pytest.approx(grad.norm().item(), rel=1e-12)
+    assert len({int(n) for n in found["mlp.in"][0][0]}) > 1  # prompts of different lengths: a transposition shows
+    only_out = cap.ranks_and_norms("mlp.out", tol=1e9)
+    assert list(only_out) == ["mlp.out"] and (only_out["mlp.out"][0] == 0).all()

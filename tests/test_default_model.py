@@ -1,6 +1,5 @@
 """Quick tests of the embedded default model (tokenizer, loader, shipped weights)."""
 
-from pathlib import Path
 
 import pytest
 import torch

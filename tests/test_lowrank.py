@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from blens_fast import LowRankGradient
-from blens_fast.lowrank import norms, numerical_rank, spectra
+from blens_fast.lowrank import norms, numerical_rank, ranks_and_norms, spectra
 
 
 def factors(t, d_in, d_out, dtype=torch.float64, seed=0):
@@ -115,6 +115,15 @@ def test_spectra_and_norms_batched_equal_one_at_a_time(layout):
         torch.testing.assert_close(batched, grad.svdvals(), rtol=1e-10, atol=1e-12)
         assert numerical_rank(batched, grad.shape, grad.x.dtype) == grad.rank()
     torch.testing.assert_close(norms(grads), torch.stack([grad.norm() for grad in grads]), rtol=1e-12, atol=0)
-    assert spectra([]) == [] and norms([]).shape == (0,)
+    assert spectra([]) == [] and norms([]).shape == (0,) and all(t.shape == (0,) for t in ranks_and_norms([]))
+    grads += [LowRankGradient(torch.zeros(3, 9, dtype=torch.float64), torch.zeros(3, 11, dtype=torch.float64), layout),
+              LowRankGradient(torch.zeros(0, 9, dtype=torch.float64), torch.zeros(0, 11, dtype=torch.float64), layout)]
+    ranks, frobenius = ranks_and_norms(grads)
+    assert ranks.dtype == torch.long and ranks.tolist() == [grad.rank() for grad in grads] == [1, 5, 9, 9, 4, 6, 0, 0]
+    torch.testing.assert_close(frobenius, torch.stack([grad.norm() for grad in grads]), rtol=1e-12, atol=0)
+    assert ranks_and_norms(grads, 1e-6)[0].tolist() == [grad.rank(1e-6) for grad in grads]
+    # float32's eps for float64 factors: what matrix_rank says of the float32 dense gradient
+    assert ranks_and_norms(grads, dtype=torch.float32)[0].tolist() == [
+        numerical_rank(grad.svdvals(), grad.shape, torch.float32) for grad in grads]
     with pytest.raises(ValueError, match="one module at a time"):
         spectra([grads[0], LowRankGradient(torch.ones(2, 3), torch.ones(2, 4), layout)])
