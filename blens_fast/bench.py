@@ -819,7 +819,10 @@ def markdown_report(report: dict, *, png_name: str | None = None) -> str:
                   "the fused kernel (the kernels alone, without the capture's numerics). \"Target rank equal\" "
                   "accepts two ranks that differ by at most the number of tokens whose logit lies within "
                   f"{RANK_TOLERANCE:g} x the row's largest |logit| of the target's (\"exactly equal\" is shown "
-                  "beside it). "
+                  "beside it). The gradient norms are compared with `torch.linalg.matrix_norm` of the dense "
+                  "float32 (on the GPU: bfloat16 cast to float32) gradient; on the CPU its float32 reduction over "
+                  "d x 4d entries is itself off by up to about 1% at GPT-J dims (pytorch/pytorch#169237), while "
+                  "blens_fast's norms are float64 from the factors. "
                   + " ".join(line.strip() for line in _decides_agreement.__doc__.split("\n")).replace("``", "`")]
     scaling = [r for r in report["runs"]]
     if len(scaling) > 1:
