@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session (H100/H200), sized for about 7 minutes of device time: build the extensions (CUDA included),
+# One GPU session (H100/H200), about 6 minutes of device time on an H100: build the extensions (CUDA included),
 # run the kernel tests on the GPU (the CUDA and Triton top-k kernels, the low-rank kernels, the projection with
 # its norm prologue: compiled for real), time one batch's projection per implementation side by side, then
 # issue 7's benchmark at full GPT-J dimensions (`blens bench --model gpt-j --device cuda`). Everything lands in
@@ -34,9 +34,9 @@ TESTS=${TESTS:-1}
     --durations=5 2>&1 | tail -25
   echo "top-k tests (CUDA, Triton) rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
   t0=$(date +%s)
-  timeout 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_lowrank_ops.py tests/test_project.py \
+  timeout 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_lowrank_ops.py tests/test_project.py tests/test_stats.py \
     --durations=5 2>&1 | tail -25
-  echo "low-rank and projection tests rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
+  echo "low-rank, projection and stats tests rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
   fi
   echo "== one batch's projection per implementation (GPT-J dims, 2 layers, 64 prompts)"
   timeout 90 $PY benchmarks/profile_projection.py --model gpt-j --layers 2 --device cuda --prompts 64 \
