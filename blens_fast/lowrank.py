@@ -157,16 +157,28 @@ def ranks_and_norms(grads: Sequence[LowRankGradient], tol: float | None = None, 
     grads = _same_module(grads)
     if not grads:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
-    s, kept = _batched_svdvals(grads)
-    s = s * (torch.arange(s.shape[1], device=s.device) < torch.tensor(kept, device=s.device)[:, None])
-    if tol is None:
-        dtype = grads[0].x.dtype if dtype is None else dtype
-        eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-        cut = s[:, :1] * (max(grads[0].shape) * eps)
-    else:
-        cut = torch.full_like(s[:, :1], tol)
-    both = torch.stack([(s > cut).sum(1).double(), s.square().sum(1).sqrt()]).cpu()
+    dtype = grads[0].x.dtype if dtype is None else dtype
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    parts = []
+    for chunk in _chunks(grads):
+        s, kept = _batched_svdvals(chunk)
+        s = s * (torch.arange(s.shape[1], device=s.device) < torch.tensor(kept, device=s.device)[:, None])
+        cut = s[:, :1] * (max(chunk[0].shape) * eps) if tol is None else torch.full_like(s[:, :1], tol)
+        parts.append(torch.stack([(s > cut).sum(1).double(), s.square().sum(1).sqrt()]))
+    both = torch.cat(parts, 1).cpu()
     return both[0].long(), both[1]
+
+
+# float64 bytes of one batch's padded factors: cache-sized on a CPU, where a large fresh buffer costs page faults
+# that outweigh the saved calls; large on a GPU, where each call costs launches and syncs
+_BATCH_BYTES = {"cpu": 2 << 20, "cuda": 1 << 30}
+
+
+def _chunks(grads: list[LowRankGradient]) -> list[list[LowRankGradient]]:
+    a, b = grads[0]._left_right
+    per_grad = max(g.num_tokens for g in grads) * (a.shape[1] + b.shape[1]) * 8
+    size = max(1, _BATCH_BYTES.get(a.device.type, 1 << 30) // max(per_grad, 1))
+    return [grads[i:i + size] for i in range(0, len(grads), size)]
 
 
 def norms(grads: Sequence[LowRankGradient]) -> torch.Tensor:
@@ -189,8 +201,8 @@ def _same_module(grads) -> list[LowRankGradient]:
 def _batched_svdvals(grads: list[LowRankGradient]) -> tuple[torch.Tensor, list[int]]:
     """Singular values of every gradient as one zero-padded batch, and how many of each row are its own."""
     a, b, sizes = _padded_factors(grads)
-    _, ra = torch.linalg.qr(a.transpose(1, 2))
-    _, rb = torch.linalg.qr(b.transpose(1, 2))
+    _, ra = torch.linalg.qr(a.transpose(1, 2), mode="r")
+    _, rb = torch.linalg.qr(b.transpose(1, 2), mode="r")
     return torch.linalg.svdvals(ra @ rb.transpose(1, 2)), [min(t, *g.shape) for t, g in zip(sizes, grads)]
 
 

@@ -127,3 +127,19 @@ def test_spectra_and_norms_batched_equal_one_at_a_time(layout):
         numerical_rank(grad.svdvals(), grad.shape, torch.float32) for grad in grads]
     with pytest.raises(ValueError, match="one module at a time"):
         spectra([grads[0], LowRankGradient(torch.ones(2, 3), torch.ones(2, 4), layout)])
+
+
+def test_ranks_and_norms_in_chunks_equal_one_batch(monkeypatch):
+    """Cut into small batches (as on a CPU, to keep buffers cache-sized) or in one: the same ranks and norms."""
+    from blens_fast import lowrank
+
+    g = torch.Generator().manual_seed(7)
+    grads = [LowRankGradient(torch.randn(t, 9, generator=g, dtype=torch.float64),
+                             torch.randn(t, 11, generator=g, dtype=torch.float64)) for t in (3, 1, 12, 7, 0, 5, 9)]
+    monkeypatch.setitem(lowrank._BATCH_BYTES, "cpu", 1 << 40)
+    whole = ranks_and_norms(grads)
+    monkeypatch.setitem(lowrank._BATCH_BYTES, "cpu", 2 * 12 * (9 + 11) * 8)  # two of the longest per batch
+    assert len(lowrank._chunks(grads)) == 4
+    chunked = ranks_and_norms(grads)
+    assert torch.equal(whole[0], chunked[0]) and whole[0].tolist() == [g_.rank() for g_ in grads]
+    torch.testing.assert_close(whole[1], chunked[1], rtol=1e-13, atol=0)
