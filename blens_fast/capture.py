@@ -212,15 +212,14 @@ class Capture:
         return (layer, module)
 
     def gradient(self, layer: int, module: str, example: int | None = None) -> LowRankGradient:
-        """The gradient of ``module``'s weight at ``layer`` for one example, or summed over the batch (None)."""
+        """The gradient of ``module``'s weight at ``layer`` for one example (its factors are the capture's own
+        tensors, not copies), or summed over the batch (None)."""
         key = self._key(layer, module)
         if example is None:
-            xs, ds = self.x[key], self.delta[key]
-        else:
-            if not -self.num_examples <= example < self.num_examples:
-                raise ValueError(f"example {example} is out of range: captured {self.num_examples} examples")
-            xs, ds = [self.x[key][example]], [self.delta[key][example]]
-        return LowRankGradient(torch.cat(xs), torch.cat(ds), self.layouts[module])
+            return LowRankGradient(torch.cat(self.x[key]), torch.cat(self.delta[key]), self.layouts[module])
+        if not -self.num_examples <= example < self.num_examples:
+            raise ValueError(f"example {example} is out of range: captured {self.num_examples} examples")
+        return LowRankGradient(self.x[key][example], self.delta[key][example], self.layouts[module])
 
     def ranks_and_norms(self, modules=None, *, tol: float | None = None, dtype: torch.dtype | None = None
                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

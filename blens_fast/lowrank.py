@@ -131,9 +131,13 @@ def numerical_rank(s: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype, 
     if s.numel() == 0:
         return 0
     if tol is None:
-        eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-        tol = s[0].item() * max(shape) * eps
+        tol = s[0].item() * max(shape) * _rank_eps(dtype)
     return int((s > tol).sum().item())
+
+
+def _rank_eps(dtype: torch.dtype) -> float:
+    """The eps of ``torch.linalg.matrix_rank``'s default tolerance: float64's for float64, float32's otherwise."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
 def spectra(grads: Sequence[LowRankGradient]) -> list[torch.Tensor]:
@@ -157,8 +161,7 @@ def ranks_and_norms(grads: Sequence[LowRankGradient], tol: float | None = None, 
     grads = _same_module(grads)
     if not grads:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
-    dtype = grads[0].x.dtype if dtype is None else dtype
-    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    eps = _rank_eps(grads[0].x.dtype if dtype is None else dtype)
     parts = []
     for chunk in _chunks(grads):
         s, kept = _batched_svdvals(chunk)
