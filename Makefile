@@ -3,7 +3,7 @@ PYTHON ?= python
 STAMP := .cache/installed.stamp
 DEMO_OUT ?= out/demo
 
-.PHONY: install demo test test-all bench-cpu compile-check clean
+.PHONY: install demo test test-realistic test-all bench bench-check mutate compile-check clean
 
 install: $(STAMP)
 
@@ -16,8 +16,12 @@ $(STAMP): requirements.txt setup.py $(wildcard csrc/cpu/*.cpp)
 demo: install
 	blens lens --prompt "The mother tongue of Danielle Darrieux is" --target " French" --out $(DEMO_OUT)
 
+# the default suite, the realistic-size tier (GPT-2-small dimensions) included
 test: install
 	$(PYTHON) -m pytest -q -n 2 -m "not slow" tests
+
+test-realistic: install
+	$(PYTHON) -m pytest -q -n 2 -m realistic tests
 
 test-all: install
 	$(PYTHON) -m pytest -q -n 2 tests
@@ -26,4 +30,14 @@ compile-check:
 	bash csrc/compile_check.sh
 
 clean:
-	rm -rf build .cache out *.egg-info blens_fast/*.so
+	rm -rf build .cache out mutants *.egg-info blens_fast/*.so
+
+# micro-benchmarks (not part of `make test`): ratios fast path / yardstick, written to benchmarks/results/micro_*.json
+bench: install
+	$(PYTHON) -m pytest benchmarks/micro
+
+# fails when a ratio is more than 15% worse than the committed one of this machine
+bench-check: install
+	rm -rf out/bench-check
+	$(PYTHON) -m pytest benchmarks/micro --micro-results out/bench-check
+	$(PYTHON) benchmarks/check_micro.py out/bench-check

@@ -7,6 +7,7 @@ CUDA build and nvcc is found (CUDA_HOME); set BLENS_FAST_NO_CUDA=1 to skip it. I
 """
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
@@ -35,14 +36,15 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
+VERSION = re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, "blens_fast", "__init__.py")).read())[1]
 
 setup(
     name="blens_fast",
-    version="0.1.0",
+    version=VERSION,
     description="The Backward Lens (Katz et al., 2024), fast: gradients as low-rank factors, fused vocabulary lens",
     packages=find_packages(include=["blens_fast", "blens_fast.*"]),
     package_data={"blens_fast": ["default_model/*.json", "default_model/*.safetensors", "default_model/tokenizer/*",
-                                 "data/counterfact/*", "*.md"]},
+                                 "data/counterfact/*", "ops/tables/*.json", "*.md"]},
     include_package_data=True,
     python_requires=">=3.9",
     install_requires=[

@@ -11,79 +11,62 @@ gradient per example, which the table also gives.
 ``torch.linalg.svdvals`` / ``torch.linalg.matrix_rank`` at d=768, 4d=3072, 16 tokens, float32, side by side in
 one run, both weight layouts (``[768, 3072]`` as GPT-2's ``Conv1D`` and ``[3072, 768]`` as ``nn.Linear``).
 
-    PYTHONPATH=. python benchmarks/bench_capture.py --threads 1 --out benchmarks/results
+    python benchmarks/bench_capture.py --threads 1 --out benchmarks/results
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import time
-from pathlib import Path
 
 import torch
+from _common import machine_info, markdown_table, median_seconds, parser, setup, write_result
 
-from blens_fast._report import machine_description
-from blens_fast.bench import build_model, make_prompts
-from blens_fast.capture import batch_inputs, capture, target_log_probs, tokenize_examples
+from blens_fast.batching import target_log_probs
+from blens_fast.bench.run import build_model, make_prompts
+from blens_fast.capture import capture
 from blens_fast.lowrank import LowRankGradient
+
+MODULES = ("mlp.in", "mlp.out")
 
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def capture_memory(spec: str, layers: int | None, tokens: int, batches=(1, 8)) -> dict:
-    model, tokenizer, info = build_model(spec, layers=layers)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    n_layers = info["layers"]
+def capture_memory(spec: str, depth: int | None, tokens: int, batches=(1, 8)) -> list[dict]:
+    ctx, info = build_model(spec, depth=depth)
+    model = ctx.model
     rows = []
     for batch in batches:
-        prompts, targets = make_prompts(tokenizer, batch, tokens)
-        cap = capture(model, tokenizer, prompts, targets, modules=("mlp.in", "mlp.out"))
+        prompts, targets = make_prompts(ctx.tokenizer, batch, tokens)
+        cap = capture(ctx, prompts, targets, modules=MODULES)
         held = _bytes([t for store in (cap.x, cap.delta) for parts in store.values() for t in parts])
         # an ordinary backward of the same loss (padded batch, parameter gradients)
         model.zero_grad(set_to_none=True)
-        examples = tokenize_examples(tokenizer, prompts, targets)
-        ids, mask = batch_inputs(examples, tokenizer.eos_token_id, "cpu")
+        examples = ctx.tokenize(prompts, targets)
+        ids, mask = ctx.pad([e.input_ids for e in examples])
         loss = -target_log_probs(model(input_ids=ids, attention_mask=mask).logits, examples).sum()
         loss.backward()
         grads_all = _bytes([p.grad for p in model.parameters() if p.grad is not None])
-        from blens_fast.adapters import get_adapter
-
-        adapter = get_adapter(model)
-        grads_mlp = _bytes([adapter.weight(model, layer, m).grad for layer in range(n_layers)
-                            for m in ("mlp.in", "mlp.out")])
+        grads_mlp = _bytes([ctx.weight(layer, m).grad for layer in range(info.depth)
+                            for m in ctx.resolve_modules(MODULES)])
         model.zero_grad(set_to_none=True)
-        positions = sum(e.num_tokens for e in examples)
-        row = dict(model=info["name"], about=info["about"], layers=n_layers, full_layers=info["full_layers"],
-                   prompts=batch, positions=positions, capture_bytes=held, param_grad_bytes_all=grads_all,
-                   param_grad_bytes_mlp=grads_mlp, per_example_dense_mlp_bytes=grads_mlp * batch,
-                   computed_for_full_depth=False)
+        row = dict(model=info.name, about=info.about, layers=info.depth, full_layers=info.full_depth,
+                   prompts=batch, positions=sum(e.num_tokens for e in examples), capture_bytes=held,
+                   param_grad_bytes_all=grads_all, param_grad_bytes_mlp=grads_mlp,
+                   per_example_dense_mlp_bytes=grads_mlp * batch, computed_for_full_depth=False)
         rows.append(row)
-        if n_layers < info["full_layers"]:
+        if info.depth < info.full_depth:
             # the same at full depth: per-layer bytes (measured) x full depth + the rest (embeddings, final norm)
-            full = info["full_layers"]
-            per_layer_cap = held / n_layers
-            per_layer_mlp = grads_mlp / n_layers
-            per_layer_all = sum(p.numel() * p.element_size() for p in adapter.layers(model)[0].parameters())
-            rest = grads_all - per_layer_all * n_layers
+            full, per_layer = info.full_depth, 1 / info.depth
+            per_layer_all = _bytes(ctx.adapter.layers(model)[0].parameters())
+            rest = grads_all - per_layer_all * info.depth
             rows.append(dict(row, model=f"{spec} (all {full} layers, computed)", layers=full,
-                             capture_bytes=int(per_layer_cap * full), param_grad_bytes_all=int(rest + per_layer_all * full),
-                             param_grad_bytes_mlp=int(per_layer_mlp * full),
-                             per_example_dense_mlp_bytes=int(per_layer_mlp * full * batch), computed_for_full_depth=True))
-    del model
+                             capture_bytes=int(held * per_layer * full),
+                             param_grad_bytes_all=int(rest + per_layer_all * full),
+                             param_grad_bytes_mlp=int(grads_mlp * per_layer * full),
+                             per_example_dense_mlp_bytes=int(grads_mlp * per_layer * full * batch),
+                             computed_for_full_depth=True))
     return rows
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def spectrum_speed(d: int = 768, d_ff: int = 3072, tokens: int = 16, dense_repeats: int = 3,
@@ -96,17 +79,17 @@ def spectrum_speed(d: int = 768, d_ff: int = 3072, tokens: int = 16, dense_repea
         g = LowRankGradient(x, delta, layout)
         dense = g.dense().contiguous()
         s_fast, s_dense = g.svdvals(), torch.linalg.svdvals(dense)
-        r_fast, r_dense = g.rank(), int(torch.linalg.matrix_rank(dense))
-        err = float((s_fast[:tokens] - s_dense[:tokens].double()).abs().max() / s_dense[0])
         t = dict(
-            fast_svdvals=_median_time(g.svdvals, fast_repeats),
-            fast_rank=_median_time(g.rank, fast_repeats),
-            dense_form=_median_time(g.dense, fast_repeats),
-            dense_svdvals=_median_time(lambda: torch.linalg.svdvals(dense), dense_repeats),
-            dense_rank=_median_time(lambda: torch.linalg.matrix_rank(dense), dense_repeats),
+            fast_svdvals=median_seconds(g.svdvals, fast_repeats),
+            fast_rank=median_seconds(g.rank, fast_repeats),
+            dense_form=median_seconds(g.dense, fast_repeats),
+            dense_svdvals=median_seconds(lambda: torch.linalg.svdvals(dense), dense_repeats),
+            dense_rank=median_seconds(lambda: torch.linalg.matrix_rank(dense), dense_repeats),
         )
-        rows.append(dict(layout=layout, shape=list(g.shape), tokens=tokens, rank_fast=r_fast, rank_dense=r_dense,
-                         svdvals_max_rel_err=err, seconds=t,
+        rows.append(dict(layout=layout, shape=list(g.shape), tokens=tokens, rank_fast=g.rank(),
+                         rank_dense=int(torch.linalg.matrix_rank(dense)),
+                         svdvals_max_rel_err=float((s_fast[:tokens] - s_dense[:tokens].double()).abs().max()
+                                                   / s_dense[0]), seconds=t,
                          speedup_svdvals=(t["dense_form"] + t["dense_svdvals"]) / t["fast_svdvals"],
                          speedup_rank=(t["dense_form"] + t["dense_rank"]) / t["fast_rank"],
                          speedup_svdvals_given_dense=t["dense_svdvals"] / t["fast_svdvals"],
@@ -118,23 +101,40 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:,.2f}"
 
 
-def write_memory(rows, out: Path, header: str) -> None:
-    (out / "capture_memory.json").write_text(json.dumps(dict(header=header, rows=rows), indent=2) + "\n")
-    lines = ["# Capture: bytes held vs parameter gradients of an ordinary backward", "", header, "",
-             "X and Delta of mlp.in and mlp.out at every layer (float32) against `.grad` after `loss.backward()` "
-             "on the same loss. `.grad` of a batch is one summed copy; per-example analysis needs one dense MLP "
-             "gradient per example (last columns). Rows marked *computed* scale the per-layer bytes measured on "
-             "the reduced model to full depth.", "",
-             "| model | layers | prompts | positions | capture MiB | all .grad MiB | ratio | MLP .grad MiB | ratio | "
-             "per-example MLP grads MiB | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        c = r["capture_bytes"]
-        lines.append(f"| {r['model']} | {r['layers']} | {r['prompts']} | {r['positions']} | {_mib(c)} | "
-                     f"{_mib(r['param_grad_bytes_all'])} | {r['param_grad_bytes_all'] / c:.1f}x | "
-                     f"{_mib(r['param_grad_bytes_mlp'])} | {r['param_grad_bytes_mlp'] / c:.1f}x | "
-                     f"{_mib(r['per_example_dense_mlp_bytes'])} | {r['per_example_dense_mlp_bytes'] / c:.1f}x |")
-    lines += ["", "![bytes held](capture_memory.png)", ""]
-    (out / "capture_memory.md").write_text("\n".join(lines))
+def memory_table(rows) -> list[str]:
+    def ratio(key, r):
+        return f"{r[key] / r['capture_bytes']:.1f}x"
+
+    return [markdown_table([{"model": r["model"], "layers": r["layers"], "prompts": r["prompts"],
+                             "positions": r["positions"], "capture MiB": _mib(r["capture_bytes"]),
+                             "all .grad MiB": _mib(r["param_grad_bytes_all"]),
+                             "ratio": ratio("param_grad_bytes_all", r),
+                             "MLP .grad MiB": _mib(r["param_grad_bytes_mlp"]),
+                             "MLP ratio": ratio("param_grad_bytes_mlp", r),
+                             "per-example MLP grads MiB": _mib(r["per_example_dense_mlp_bytes"]),
+                             "per-example ratio": ratio("per_example_dense_mlp_bytes", r)} for r in rows]),
+            "", "![bytes held](capture_memory.png)"]
+
+
+def spectrum_table(rows) -> list[str]:
+    def ms(v, digits=3):
+        return f"{v * 1e3:.{digits}g} ms"
+
+    return [markdown_table([{"weight shape": f"{r['shape'][0]} x {r['shape'][1]}",
+                             "LowRankGradient.svdvals": ms(r["seconds"]["fast_svdvals"]),
+                             "dense svdvals": ms(r["seconds"]["dense_svdvals"], 4),
+                             "speedup (total / given dense)": f"{r['speedup_svdvals']:.0f}x / "
+                                                              f"{r['speedup_svdvals_given_dense']:.0f}x",
+                             "LowRankGradient.rank": ms(r["seconds"]["fast_rank"]),
+                             "dense matrix_rank": ms(r["seconds"]["dense_rank"], 4),
+                             "rank speedup (total / given dense)": f"{r['speedup_rank']:.0f}x / "
+                                                                   f"{r['speedup_rank_given_dense']:.0f}x",
+                             "ranks": f"{r['rank_fast']} / {r['rank_dense']}",
+                             "svdvals max rel err": f"{r['svdvals_max_rel_err']:.1e}"} for r in rows]),
+            "", "![spectrum speed](spectrum_speed.png)"]
+
+
+def plot_memory(rows, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,26 +153,11 @@ def write_memory(rows, out: Path, header: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title("bytes held: capture vs parameter gradients", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "capture_memory.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_spectrum(rows, out: Path, header: str) -> None:
-    (out / "spectrum_speed.json").write_text(json.dumps(dict(header=header, rows=rows), indent=2) + "\n")
-    lines = ["# Spectrum and rank: from the factors vs the dense gradient", "", header, "",
-             "X: 16 x 768, Delta: 16 x 3072, float32; median seconds. *dense total* includes forming X^T Delta.", "",
-             "| weight shape | LowRankGradient.svdvals | dense svdvals | speedup (total / given dense) | "
-             "LowRankGradient.rank | dense matrix_rank | speedup (total / given dense) | ranks | svdvals max rel err |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        t = r["seconds"]
-        lines.append(f"| {r['shape'][0]} x {r['shape'][1]} | {t['fast_svdvals'] * 1e3:.3g} ms | "
-                     f"{t['dense_svdvals'] * 1e3:.4g} ms | {r['speedup_svdvals']:.0f}x / "
-                     f"{r['speedup_svdvals_given_dense']:.0f}x | {t['fast_rank'] * 1e3:.3g} ms | "
-                     f"{t['dense_rank'] * 1e3:.4g} ms | {r['speedup_rank']:.0f}x / {r['speedup_rank_given_dense']:.0f}x "
-                     f"| {r['rank_fast']} / {r['rank_dense']} | {r['svdvals_max_rel_err']:.1e} |")
-    lines += ["", "![spectrum speed](spectrum_speed.png)", ""]
-    (out / "spectrum_speed.md").write_text("\n".join(lines))
+def plot_spectrum(rows, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,32 +174,40 @@ def write_spectrum(rows, out: Path, header: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title("rank / spectrum of a 16-token gradient at d=768, 4d=3072", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "spectrum_speed.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=32, help="positions per prompt for the memory table")
-    parser.add_argument("--gptj-layers", type=int, default=2, help="GPT-J blocks built on the CPU (of 28)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--skip", choices=("memory", "spectrum"), default=None)
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    header = f"Machine: {machine_description()}, {torch.get_num_threads()} torch threads; {time.strftime('%Y-%m-%d')}."
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--tokens", type=int, default=32, help="positions per prompt for the memory table")
+    args_parser.add_argument("--models", default="gpt2-small,gpt-j",
+                             help="comma-separated bench model specs for the memory table (default gpt2-small,gpt-j)")
+    args_parser.add_argument("--gptj-depth", type=int, default=2, help="GPT-J blocks built on the CPU (of 28)")
+    args_parser.add_argument("--skip", choices=("memory", "spectrum"), default=None)
+    args = args_parser.parse_args(argv)
+    out = setup(args)
+    date = time.strftime("%Y-%m-%d")
     if args.skip != "spectrum":
         rows = spectrum_speed()
-        write_spectrum(rows, out, header)
+        about = ("X: 16 x 768, Delta: 16 x 3072, float32; median seconds. The speedups' *total* includes forming "
+                 "X^T Delta.")
+        write_result(out, "spectrum_speed", {"about": about, "date": date, **machine_info(), "rows": rows},
+                     table_key="rows", table=spectrum_table(rows), echo=False)
+        plot_spectrum(rows, out / "spectrum_speed.png")
         for r in rows:
             print(f"spectrum {r['shape']}: svdvals {r['speedup_svdvals']:.0f}x, rank {r['speedup_rank']:.0f}x faster, "
                   f"ranks {r['rank_fast']}/{r['rank_dense']}")
     if args.skip != "memory":
-        rows = capture_memory("gpt2-small", None, args.tokens) + capture_memory("gpt-j", args.gptj_layers, args.tokens)
-        write_memory(rows, out, header)
+        rows = [row for spec in args.models.split(",")
+                for row in capture_memory(spec, args.gptj_depth if spec == "gpt-j" else None, args.tokens)]
+        about = ("X and Delta of mlp.in and mlp.out at every layer (float32) against `.grad` after `loss.backward()` "
+                 "on the same loss. `.grad` of a batch is one summed copy; per-example analysis needs one dense MLP "
+                 "gradient per example (last columns). Rows *computed* scale the per-layer bytes measured on the "
+                 "reduced model to full depth.")
+        write_result(out, "capture_memory", {"about": about, "date": date, **machine_info(), "rows": rows},
+                     table_key="rows", table=memory_table(rows), echo=False)
+        plot_memory(rows, out / "capture_memory.png")
         for r in rows:
             print(f"memory {r['model']} x{r['prompts']}: capture {_mib(r['capture_bytes'])} MiB, all .grad "
                   f"{r['param_grad_bytes_all'] / r['capture_bytes']:.0f}x more")

@@ -6,27 +6,19 @@ memory:   the bytes gradient_stats holds (sketch accumulators + Gaussian test ma
 accuracy: on a small model, the top singular values of the summed gradient over a set of CounterFact facts
           from the one-pass sketch against the dense sum (SVD of the explicitly summed d_in x d_out gradient).
 
-    PYTHONPATH=. python benchmarks/bench_stats.py memory
-    PYTHONPATH=. python benchmarks/bench_stats.py accuracy [--model default] [--records 200] [--rank 8]
+    python benchmarks/bench_stats.py memory
+    python benchmarks/bench_stats.py accuracy [--model default] [--records 200] [--rank 8] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT))
-
-from blens_fast._report import machine_info, write_result  # noqa: E402
+import torch
+from _common import add_shared, machine_info, markdown_table, median_seconds, setup, timed, write_result
 
 
 def memory(args) -> dict:
-    import torch
-
-    from blens_fast.ops.lowrank import resolve_impl
+    from blens_fast.ops.lowrank import SKETCH
     from blens_fast.stats import StatsAccumulator
 
     d, d_ff, layers = 4096, 16384, 28
@@ -46,54 +38,46 @@ def memory(args) -> dict:
     delta = torch.randn(t_tokens, d_ff, generator=g)
     key = (0, "mlp.in")
     acc.update_factors(key, [x], [delta])  # warm-up, builds the test matrices
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        acc.update_factors(key, [x], [delta])
-    seconds = (time.perf_counter() - start) / args.repeats
-    start = time.perf_counter()
-    for _ in range(max(1, args.repeats // 2)):
-        dense = x.T @ delta  # what a dense accumulation does per example (plus the d x 4d add)
-    dense_seconds = (time.perf_counter() - start) / max(1, args.repeats // 2)
-    del dense
+    seconds = median_seconds(lambda: acc.update_factors(key, [x], [delta]), args.repeats)
+    # what a dense accumulation does per example (plus the d x 4d add)
+    dense_seconds = median_seconds(lambda: x.T @ delta, max(1, args.repeats // 2))
     return {"benchmark": "memory", "dims": {"d_model": d, "d_mlp": d_ff, "layers": layers,
                                             "modules": ["mlp.in", "mlp.out"]},
-            "rank": args.rank, "sketch_sizes_k_l_m": [acc.k, acc.l, acc.m],
+            "rank": args.rank, "sketch_sizes_k_l_m": list(acc.sizes),
             "dense_bytes_all_modules": dense_bytes_module * len(shapes), "stats_bytes_all_modules": whole,
             "ratio_all_modules": whole / (dense_bytes_module * len(shapes)),
             "dense_bytes_one_module": dense_bytes_module, "stats_bytes_one_module_own_test_matrices": single,
             "ratio_one_module": single / dense_bytes_module,
             "per_example_norm_bytes_for_examples": {"examples": args.examples, "bytes": norms_bytes},
-            "target_ratio": 0.02, "fused_update_seconds_T32": seconds, "fused_update_impl": resolve_impl(
-                "auto", torch.device("cpu")), "dense_outer_product_seconds_T32": dense_seconds, **machine_info()}
+            "target_ratio": 0.02, "fused_update_seconds_T32": seconds,
+            "fused_update_impl": SKETCH.resolve("auto", "cpu").name, "dense_outer_product_seconds_T32": dense_seconds,
+            **machine_info()}
 
 
 def accuracy(args) -> dict:
-    import torch
-
-    from blens_fast.capture import capture
-    from blens_fast.models import load_model
+    from blens_fast import capture, load_model
+    from blens_fast.commands._common import parse_layers
+    from blens_fast.counterfact import load
     from blens_fast.stats import gradient_stats
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_bulk import counterfact_records
+    ctx = load_model(args.model)
+    records = load("counterfact", args.records)
+    layers = parse_layers(args.layers)
+    stats_seconds, stats = timed(lambda: gradient_stats(ctx, records, layers=layers, rank=args.rank,
+                                                        batch_size=args.batch_size, sketch_size=args.sketch_size,
+                                                        seed=args.seed, progress=False))
 
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model)
-    records = counterfact_records(args.records)
-    layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
-    start = time.perf_counter()
-    stats = gradient_stats(model, tokenizer, records, layers=layers, rank=args.rank, batch_size=args.batch_size,
-                           sketch_size=args.sketch_size, seed=args.seed)
-    stats_seconds = time.perf_counter() - start
-    dense: dict = {}
-    start = time.perf_counter()
-    for i in range(0, len(records), args.batch_size):
-        chunk = records[i:i + args.batch_size]
-        cap = capture(model, tokenizer, [r["prompt"] for r in chunk], [r["target"] for r in chunk], layers=layers)
-        for key in stats.summed:
-            g = cap.gradient(*key).dense().double()
-            dense[key] = g if key not in dense else dense[key] + g
-    dense_seconds = time.perf_counter() - start
+    def dense_sums() -> dict:
+        sums: dict = {}
+        for i in range(0, len(records), args.batch_size):
+            chunk = records[i:i + args.batch_size]
+            cap = capture(ctx, [r["prompt"] for r in chunk], [r["target"] for r in chunk], layers=layers)
+            for key in stats.summed:
+                g = cap.gradient(*key).dense().double()
+                sums[key] = g if key not in sums else sums[key] + g
+        return sums
+
+    dense_seconds, dense = timed(dense_sums)
     rows = []
     for key, summed in stats.summed.items():
         s = torch.linalg.svdvals(dense[key])
@@ -116,15 +100,17 @@ def accuracy(args) -> dict:
             "stats_seconds": stats_seconds, "dense_seconds": dense_seconds, "modules": rows, **machine_info()}
 
 
-def write(result: dict, name: str) -> None:
+def write(result: dict, out, name: str) -> None:
     table = []
     if "modules" in result:
-        table = ["| layer | module | max rel. error top-r | rel. error top-1 | frobenius rel. error | "
-                 "energy share (est / dense) |", "|---|---|---|---|---|---|"]
-        table += [f"| {m['layer']} | {m['module']} | {m['max_relative_error_top_r']:.2e} | "
-                  f"{m['relative_error_top1']:.2e} | {m['frobenius_relative_error']:+.2e} | "
-                  f"{m['energy_share_estimate']:.4f} / {m['energy_share_dense']:.4f} |" for m in result["modules"]]
-    write_result(RESULTS, name, result, table_key="modules", table=table)
+        table = [markdown_table([{"layer": m["layer"], "module": m["module"],
+                                  "max rel. error top-r": f"{m['max_relative_error_top_r']:.2e}",
+                                  "rel. error top-1": f"{m['relative_error_top1']:.2e}",
+                                  "frobenius rel. error": f"{m['frobenius_relative_error']:+.2e}",
+                                  "energy share (est / dense)": f"{m['energy_share_estimate']:.4f} / "
+                                                                f"{m['energy_share_dense']:.4f}"}
+                                 for m in result["modules"]])]
+    write_result(out, name, result, table_key="modules", table=table)
     for m in result.get("modules", []):
         print(m["layer"], m["module"], f"{m['max_relative_error_top_r']:.2e}", f"{m['frobenius_relative_error']:+.2e}")
 
@@ -145,10 +131,12 @@ def main() -> None:
     a.add_argument("--layers", default=None)
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--threads", type=int, default=1)
     a.add_argument("--name", default="stats_accuracy")
+    add_shared(m)
+    add_shared(a, threads=1)
     args = parser.parse_args()
-    write(memory(args) if args.what == "memory" else accuracy(args), args.name)
+    out = setup(args)
+    write(memory(args) if args.what == "memory" else accuracy(args), out, args.name)
 
 
 if __name__ == "__main__":

@@ -30,21 +30,21 @@ TESTS=${TESTS:-1}
   if [ "$TESTS" = 1 ]; then
   echo "== tests on the GPU"
   t0=$(date +%s)
-  timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_topk.py -k "cuda or triton" \
+  timeout 120 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/kernels/test_topk.py -k "cuda or triton" \
     --durations=5 2>&1 | tail -25
   echo "top-k tests (CUDA, Triton) rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
   t0=$(date +%s)
-  timeout 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_lowrank_ops.py tests/test_project.py tests/test_stats.py \
+  timeout 150 $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/kernels/test_lowrank_ops.py tests/kernels/test_project.py tests/pipeline/test_stats.py \
     --durations=5 2>&1 | tail -25
   echo "low-rank, projection and stats tests rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s"
   fi
   echo "== one batch's projection per implementation (GPT-J dims, 2 layers, 64 prompts)"
-  timeout 90 $PY benchmarks/profile_projection.py --model gpt-j --layers 2 --device cuda --prompts 64 \
+  timeout 90 $PY benchmarks/profile_projection.py --model gpt-j --depth 2 --device cuda --prompts 64 \
     --impls cuda,triton,torch 2>&1
   echo "== GPT-J benchmark"
   t0=$(date +%s)
   timeout "$BENCH_SECONDS" $PY -m blens_fast.cli bench --model gpt-j --device cuda --dtype bfloat16 \
-    --prompts "$PROMPTS" --naive-prompts 1 --batch-size "$BATCH" --max-tokens "$MAX_TOKENS" --no-progress \
+    --prompts "$PROMPTS" --naive-prompts 1 --batch-size "$BATCH" --max-tokens "$MAX_TOKENS" --quiet \
     --out "$OUT" 2>&1
   echo "blens bench rc=$? in $(( $(date +%s) - t0 )) s"
   ls -la "$OUT"

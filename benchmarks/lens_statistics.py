@@ -8,73 +8,61 @@ often the gradient's rank equals the token count. The loss is the paper's: the t
 """
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from pathlib import Path
-
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from _common import machine_info, markdown_table, parser, setup, timed, write_result
 
-from blens_fast._report import machine_description, markdown_table
-from blens_fast.capture import capture
-from blens_fast.default_model import load_counterfact, load_default_model
-from blens_fast.lens import analyze
+import blens_fast as bl
+from blens_fast._ui import progress_bar
+from blens_fast.counterfact import load
+
+
+def lens_statistics(ctx, records, *, k: int, batch_size: int) -> dict:
+    """The target's rank in the last layer's FF2 bottom list at the last position, and every gradient's rank against
+    its token count, over ``records``."""
+    tokenizer = ctx.tokenizer
+    prompts = [r["prompt"] for r in records]
+    targets = [tokenizer.decode(tokenizer(" " + r["target"]).input_ids[:1]) for r in records]  # the first token
+    last_layer = ctx.num_layers - 1
+    ranks, gradients = [], []
+    for first in progress_bar(range(0, len(prompts), batch_size), desc="lens statistics", unit="batch"):
+        cap = bl.capture(ctx, prompts[first:first + batch_size], targets[first:first + batch_size])
+        for report in bl.analyze(ctx, cap, k=k):
+            ranks.append(int(report.target_rank["ff2_bottom"][report.layers.index(last_layer), -1]))
+            gradients.append(report.gradients)
+    table = pd.concat(gradients, ignore_index=True)
+    table["full"] = table["rank"] == table["tokens"]
+    per_layer = (table.groupby(["layer", "module"])["full"].mean() * 100).round(2).reset_index()
+    n = len(records)
+    return {"target_in_bottom_k_last_layer_ff2_last_position_pct": round(100 * sum(r <= k for r in ranks) / n, 2),
+            "target_is_bottom_1_pct": round(100 * sum(r == 1 for r in ranks) / n, 2),
+            "median_target_rank_from_bottom": float(torch.tensor(ranks, dtype=torch.float64).median()),
+            "rank_equals_token_count_pct": per_layer.to_dict(orient="records")}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200, help="records from the start of the edit file")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args(argv)
-
-    model, tokenizer = load_default_model()
-    records = load_counterfact()[: args.n]
-    prompts = [r["prompt"] for r in records]
-    targets = [tokenizer.decode(tokenizer(" " + r["ground_truth"]).input_ids[:1]) for r in records]
-    last_layer = model.config.n_layer - 1
-    hits, ranks, rows = 0, [], []
-    start = time.perf_counter()
-    for first in tqdm(range(0, len(prompts), args.batch_size), desc="lens statistics", unit="batch"):
-        cap = capture(model, tokenizer, prompts[first:first + args.batch_size],
-                      targets[first:first + args.batch_size], modules=("mlp.in", "mlp.out"))
-        for report in analyze(cap, model, tokenizer, k=args.k):
-            li = report.layers.index(last_layer)
-            rank = int(report.target_rank["ff2_bottom"][li, -1])
-            ranks.append(rank)
-            hits += rank <= args.k
-            rows.append(report.gradients)
-    seconds = time.perf_counter() - start
-    gradients = pd.concat(rows, ignore_index=True)
-    gradients["full"] = gradients["rank"] == gradients["tokens"]
-    per_layer = (gradients.groupby(["layer", "module"])["full"].mean() * 100).round(2).reset_index()
-    result = {
-        "model": "blens_fast default model (GPT-2 architecture, 4 layers, width 256)",
-        "records": len(prompts), "k": args.k,
-        "machine": machine_description(), "seconds": round(seconds, 2),
-        "target_in_bottom_k_last_layer_ff2_last_position_pct": round(100 * hits / len(prompts), 2),
-        "target_is_bottom_1_pct": round(100 * sum(r == 1 for r in ranks) / len(prompts), 2),
-        "median_target_rank_from_bottom": float(torch.tensor(ranks, dtype=torch.float64).median()),
-        "rank_equals_token_count_pct": per_layer.to_dict(orient="records"),
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lens_statistics.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = per_layer.pivot(index="layer", columns="module", values="full")
-    lines = [f"# Backward Lens statistics, default model, first {len(prompts)} CounterFact records",
-             "", f"Machine: {result['machine']}; {seconds:.1f} s.", "",
-             f"- Target's first token among the bottom-{args.k} tokens of the last layer's FF2 VJP at the last "
-             f"position: **{result['target_in_bottom_k_last_layer_ff2_last_position_pct']}%** "
-             f"(the very bottom token: {result['target_is_bottom_1_pct']}%).",
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--n", type=int, default=200, help="records from the start of the edit file")
+    args_parser.add_argument("--k", type=int, default=10)
+    args_parser.add_argument("--batch-size", type=int, default=16)
+    args = args_parser.parse_args(argv)
+    out = setup(args)
+    ctx = bl.load_default_model()
+    records = load("counterfact", args.n)
+    seconds, found = timed(lambda: lens_statistics(ctx, records, k=args.k, batch_size=args.batch_size))
+    result = {"model": "blens_fast default model (GPT-2 architecture, 4 layers, width 256)", "records": len(records),
+              "k": args.k, **machine_info(), "seconds": round(seconds, 2), **found}
+    per_layer = pd.DataFrame(found["rank_equals_token_count_pct"]).pivot(index="layer", columns="module",
+                                                                         values="full")
+    table = [f"Target's first token among the bottom-{args.k} tokens of the last layer's FF2 VJP at the last "
+             f"position: **{result['target_in_bottom_k_last_layer_ff2_last_position_pct']}%** (the very bottom "
+             f"token: {result['target_is_bottom_1_pct']}%).",
              "", "Share of examples whose gradient rank equals the token count (%):", "",
-             markdown_table(table, index=True), "",
-             "The last layer's gradients have rank 1 by construction under a one-token last-position loss "
-             "(only the last position's VJP is non-zero there)."]
-    (out / "lens_statistics.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             markdown_table(per_layer, index=True), "",
+             "The last layer's gradients have rank 1 by construction under a one-token last-position loss (only the "
+             "last position's VJP is non-zero there)."]
+    write_result(out, "lens_statistics", result, table_key="rank_equals_token_count_pct", table=table, echo=False)
+    print("\n".join(table))
 
 
 if __name__ == "__main__":

@@ -6,20 +6,24 @@ facts with no backward pass, and run it all over datasets.
 """
 from .adapters import Adapter, Lens, get_adapter, register_adapter, supported_architectures
 from .bulk import project_dataset, read_results
-from .capture import Capture, Example, capture
-from .edit import Edit, edit
-from .evaluate import evaluate_counterfact
+from .capture import Capture, capture
+from . import counterfact
+from .context import ModelContext, bind, load_default_model, load_model
+from .counterfact import evaluate_counterfact
+from .editing import Edit, edit
+from .imprint import ImprintShiftReport, imprint_shift
 from .lens import LensReport, analyze, lens
 from .lowrank import LowRankGradient
-from .ops.topk import TopK, topk_logits
+from .ops.topk import TopBottomK, TopK, topk_bottomk_logits, topk_logits
 from .project import project
 from .spectrum import rank
 from .stats import GradientStats, gradient_stats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Adapter", "Capture", "Edit", "Example", "GradientStats", "Lens", "LensReport", "LowRankGradient", "TopK",
-    "analyze", "capture", "edit", "evaluate_counterfact", "get_adapter", "gradient_stats", "lens", "project",
-    "project_dataset", "rank", "read_results", "register_adapter", "supported_architectures", "topk_logits",
+    "Adapter", "Capture", "Edit", "GradientStats", "ImprintShiftReport", "Lens", "LensReport", "LowRankGradient", "ModelContext", "TopBottomK",
+    "TopK", "analyze", "bind", "capture", "counterfact", "edit", "evaluate_counterfact", "get_adapter", "gradient_stats", "imprint_shift", "lens", "load_default_model",
+    "load_model", "project", "project_dataset", "rank", "read_results", "register_adapter", "supported_architectures", "topk_bottomk_logits",
+    "topk_logits",
 ]

@@ -47,3 +47,42 @@ def check_tensor(value, name: str, *, ndim: int | None = None, floating: bool = 
     if floating and not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     return value
+
+
+#: dtype names accepted wherever a dtype is (the CLI's --dtype and the Python calls alike)
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+               "float64": torch.float64}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp64": "float64",
+                  "double": "float64", "float": "float32"}
+
+
+def check_dtype(value, name: str = "dtype") -> torch.dtype:
+    """A floating torch dtype from a dtype or its name (``"bfloat16"``, ``"bf16"``, ...)."""
+    if isinstance(value, torch.dtype):
+        if value not in DTYPE_NAMES.values():
+            raise ValueError(f"{name}={value}: expected one of {', '.join(DTYPE_NAMES)}")
+        return value
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        key = _DTYPE_ALIASES.get(key, key)
+        if key in DTYPE_NAMES:
+            return DTYPE_NAMES[key]
+    raise ValueError(f"{name}={value!r}: expected one of {', '.join(DTYPE_NAMES)}")
+
+
+def check_device(value, name: str = "device") -> torch.device:
+    """A usable torch device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (CUDA only where a GPU is present)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a device: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={value!r}: no CUDA device is available here (torch {torch.__version__}); "
+                             "use 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={value!r}: there are {torch.cuda.device_count()} CUDA devices "
+                             f"(0..{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        raise ValueError(f"{name}={value!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+    return device

@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .ops.reference import logits_block, normalize_rows
+
 Layout = Literal["in_out", "out_in"]
 NormKind = Literal["layernorm", "rmsnorm"]
 
@@ -64,8 +66,11 @@ class Adapter:
             resolved.extend(t for t in targets if t not in resolved)
         return tuple(resolved)
 
-    def is_fused(self, name: str) -> bool:
-        return name == "attn.qkv"
+    @property
+    def ff1_module(self) -> str:
+        """The module whose forward input the lens reads for FF1: ``mlp.in``, or ``mlp.up`` in a gated MLP (gate and
+        up read the same input)."""
+        return "mlp.up" if "mlp.up" in self.modules else "mlp.in"
 
     # -- modules of a model -------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -131,17 +136,14 @@ class Lens:
 
     def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the final norm in float32 (the reference the fused kernels are checked against)."""
-        h = hidden.float()
-        if self.norm_kind is None:
-            return h
-        if self.norm_kind == "layernorm":
-            h = torch.nn.functional.layer_norm(h, (h.shape[-1],), eps=self.eps)
-        else:
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        h = h * self.norm_weight.float()
-        if self.norm_bias is not None:
-            h = h + self.norm_bias.float()
-        return h
+        return normalize_rows(hidden, self.norm_kind, self.eps, False, self.norm_weight, self.norm_bias)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final-normed hidden states ``(..., d)``: ``normed @ weight.T + bias``, the inputs rounded
+        to the unembedding's dtype and their products summed in float32."""
+        weight = self.weight.detach()
+        bias = self.bias.detach() if self.bias is not None else None
+        return logits_block(normed.detach().to(weight.dtype), weight, bias)
 
 
 _ATTN_LLAMA = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
@@ -182,7 +184,7 @@ for _adapter in (
     Adapter(name="GPT-NeoX", model_types=("gpt_neox",), blocks="gpt_neox.layers",
             modules={"mlp.in": "mlp.dense_h_to_4h", "mlp.out": "mlp.dense_4h_to_h",
                      "attn.qkv": "attention.query_key_value", "attn.o": "attention.dense"},
-            final_norm="gpt_neox.final_layer_norm", norm_kind="layernorm", unembedding="embed_out",
+            final_norm="gpt_neox.final_layer_norm", norm_kind="layernorm", unembedding="lm_head",
             embedding="gpt_neox.embed_in", notes="q, k and v share the fused query_key_value matrix (interleaved per head)."),
     Adapter(name="GPT-Neo", model_types=("gpt_neo",), blocks="transformer.h",
             modules={"mlp.in": "mlp.c_fc", "mlp.out": "mlp.c_proj", "attn.q": "attn.attention.q_proj",

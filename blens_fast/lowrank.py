@@ -1,12 +1,18 @@
 """Gradients of linear layers kept as their factors: ``grad W = X^T Delta`` (in ``[in, out]`` terms).
 
-A prompt of T tokens gives each linear layer a gradient of rank at most T; holding ``X`` (T x d_in,
-the layer's forward inputs) and ``Delta`` (T x d_out, the VJPs at its output) costs T * (d_in + d_out)
-numbers instead of d_in * d_out, and every question the Backward Lens asks of the gradient
-(rank, spectrum, norm, products) is answered from them.
+A prompt of T tokens gives each linear layer a gradient of rank at most T; holding ``X`` (T x d_in, the layer's
+forward inputs) and ``Delta`` (T x d_out, the VJPs at its output) costs T * (d_in + d_out) numbers instead of
+d_in * d_out, and every question the Backward Lens asks of the gradient (rank, spectrum, norm, products) is
+answered from them.
+
+:class:`LowRankGradient` may carry leading batch dimensions (e.g. layers x examples): the factors are then
+zero-padded to the longest example and ``lengths`` says how many rows each example owns. One set of methods serves
+one gradient and a batch of them; on a batch they run as batched linear algebra (a few calls instead of one per
+gradient, which is what the time goes to on a GPU).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,39 +20,80 @@ import torch
 
 from .adapters import Layout
 
+# float64 bytes of one batch of padded factors in a batched SVD: cache-sized on a CPU, where a large fresh buffer
+# costs page faults that outweigh the saved calls; large on a GPU, where each call costs launches and syncs
+_BATCH_BYTES = {"cpu": 2 << 20}
+_DEFAULT_BATCH_BYTES = 1 << 30
+
+
+def weight_factors(x: torch.Tensor, delta: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left, right)`` with ``sum_i outer(x_i, delta_i)`` in the weight's layout equal to ``left^T @ right``:
+    ``(x, delta)`` for ``"in_out"`` (GPT-2's ``Conv1D``), ``(delta, x)`` for ``"out_in"`` (``nn.Linear``)."""
+    return (x, delta) if layout == "in_out" else (delta, x)
+
 
 @dataclass(frozen=True)
 class LowRankGradient:
-    """``sum_i outer(x_i, delta_i)`` in the module weight's own layout.
+    """``sum_i outer(x_i, delta_i)`` in the module weight's own layout, for one gradient or a batch of them.
 
-    ``x``: ``T x d_in``; ``delta``: ``T x d_out``; ``layout``: ``"in_out"`` when the weight is stored
-    ``[d_in, d_out]`` (GPT-2 ``Conv1D``), ``"out_in"`` for ``nn.Linear`` (``[d_out, d_in]``).
+    ``x``: ``(*batch, T, d_in)``; ``delta``: ``(*batch, T, d_out)``; ``layout``: ``"in_out"`` when the weight is
+    stored ``[d_in, d_out]`` (GPT-2 ``Conv1D``), ``"out_in"`` for ``nn.Linear`` (``[d_out, d_in]``);
+    ``lengths``: ``(*batch)`` token counts when the rows are padded (rows past a length are ignored), else None.
+    Results of one gradient are scalars (``rank()`` an int, ``norm()`` a 0-d tensor); of a batch, tensors shaped
+    like the batch.
     """
 
     x: torch.Tensor
     delta: torch.Tensor
     layout: Layout = "out_in"
+    lengths: torch.Tensor | None = None
 
     def __post_init__(self):
-        if self.x.dim() != 2 or self.delta.dim() != 2:
-            raise ValueError(f"x and delta must be 2-D, got shapes {tuple(self.x.shape)} and {tuple(self.delta.shape)}")
-        if self.x.shape[0] != self.delta.shape[0]:
-            raise ValueError(f"x has {self.x.shape[0]} rows but delta has {self.delta.shape[0]}: one row per token each")
+        if self.x.dim() < 2 or self.x.dim() != self.delta.dim():
+            raise ValueError(f"x and delta must be (..., T, d) with the same batch dimensions, got shapes "
+                             f"{tuple(self.x.shape)} and {tuple(self.delta.shape)}")
+        if self.x.shape[:-1] != self.delta.shape[:-1]:
+            raise ValueError(f"x has shape {tuple(self.x.shape)} but delta has {tuple(self.delta.shape)}: one row per "
+                             "token each, with the same batch dimensions")
         if self.layout not in ("in_out", "out_in"):
             raise ValueError(f"layout={self.layout!r}: expected 'in_out' or 'out_in'")
+        if self.lengths is not None and tuple(self.lengths.shape) != self.batch_shape:
+            raise ValueError(f"lengths has shape {tuple(self.lengths.shape)}: expected the batch shape "
+                             f"{self.batch_shape}")
 
-    # -- shape -------------------------------------------------------------------------
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def stack(cls, grads: Sequence["LowRankGradient"]) -> "LowRankGradient":
+        """One batch (a leading dimension) of single gradients of one module, their factors zero-padded."""
+        grads = list(grads)
+        if not grads:
+            raise ValueError("stack needs at least one gradient")
+        if any(g.batch_shape for g in grads):
+            raise ValueError("stack takes single gradients, not batches")
+        if len({(g.shape, g.layout) for g in grads}) > 1:
+            raise ValueError("gradients of different shapes or layouts: stack the gradients of one module at a time")
+        sizes = [g.num_tokens for g in grads]
+        rows = max(sizes)
+        first = grads[0]
+        x = first.x.new_zeros((len(grads), rows, first.d_in))
+        delta = first.delta.new_zeros((len(grads), rows, first.d_out))
+        for i, g in enumerate(grads):
+            x[i, :g.num_tokens] = g.x
+            delta[i, :g.num_tokens] = g.delta
+        return cls(x, delta, first.layout, torch.tensor(sizes, dtype=torch.long))
+
+    # -- shape -------------------------------------------------------------------------------------
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[:-2])
+
     @property
     def d_in(self) -> int:
-        return self.x.shape[1]
+        return self.x.shape[-1]
 
     @property
     def d_out(self) -> int:
-        return self.delta.shape[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.x.shape[0]
+        return self.delta.shape[-1]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,173 +101,161 @@ class LowRankGradient:
         return (self.d_in, self.d_out) if self.layout == "in_out" else (self.d_out, self.d_in)
 
     @property
-    def _left_right(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` with ``dense() == A.T @ B``."""
-        return (self.x, self.delta) if self.layout == "in_out" else (self.delta, self.x)
+    def num_tokens(self):
+        """Rows per gradient: an int for one gradient, a ``(*batch)`` tensor for a batch."""
+        if not self.batch_shape:
+            return self.x.shape[-2] if self.lengths is None else int(self.lengths)
+        if self.lengths is None:
+            return torch.full(self.batch_shape, self.x.shape[-2], dtype=torch.long)
+        return self.lengths
 
-    # -- algebra -----------------------------------------------------------------------
+    @property
+    def max_rank(self):
+        """``min(tokens, d_in, d_out)``, the largest rank each gradient can have (int or tensor, as ``num_tokens``)."""
+        tokens = self.num_tokens
+        limit = min(self.d_in, self.d_out)
+        return min(tokens, limit) if isinstance(tokens, int) else tokens.clamp_max(limit)
+
+    def __getitem__(self, index) -> "LowRankGradient":
+        """The gradients at ``index`` of the batch dimensions (one gradient: its own rows, no padding)."""
+        if not self.batch_shape:
+            raise IndexError("a single gradient has no batch dimensions to index")
+        x, delta = self.x[index], self.delta[index]
+        lengths = None if self.lengths is None else self.lengths[index]
+        if x.dim() == 2 and lengths is not None:
+            n = int(lengths)
+            return LowRankGradient(x[:n], delta[:n], self.layout)
+        return LowRankGradient(x, delta, self.layout, lengths)
+
+    def _left_right(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``dense() == A^T @ B`` per gradient, padding rows zeroed."""
+        a, b = weight_factors(self.x, self.delta, self.layout)
+        if self.lengths is None:
+            return a, b
+        keep = torch.arange(a.shape[-2], device=a.device) < self.lengths.to(a.device)[..., None]
+        return a * keep[..., None].to(a.dtype), b * keep[..., None].to(b.dtype)
+
+    # -- algebra -----------------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:
-        """The full gradient matrix (equal to ``module.weight.grad`` for the same loss). Costs d_in * d_out."""
-        a, b = self._left_right
-        return a.transpose(0, 1) @ b
+        """The full gradient matrix (equal to ``module.weight.grad`` for the same loss). Costs d_in * d_out each."""
+        a, b = self._left_right()
+        return a.transpose(-1, -2) @ b
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``dense() @ v`` without forming ``dense()``; ``v`` has ``shape[1]`` rows (a vector or a matrix)."""
-        a, b = self._left_right
-        _check_rows(v, b.shape[1], "v", "shape[1]")
-        return a.transpose(0, 1) @ (b @ v)
+        a, b = self._left_right()
+        _check_rows(v, self.shape[1], "v", "shape[1]")
+        return a.transpose(-1, -2) @ (b @ v)
 
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         """``dense().T @ u`` without forming ``dense()``; ``u`` has ``shape[0]`` rows."""
-        a, b = self._left_right
-        _check_rows(u, a.shape[1], "u", "shape[0]")
-        return b.transpose(0, 1) @ (a @ u)
+        a, b = self._left_right()
+        _check_rows(u, self.shape[0], "u", "shape[0]")
+        return b.transpose(-1, -2) @ (a @ u)
 
     def __add__(self, other: "LowRankGradient") -> "LowRankGradient":
-        """Sum of two gradients of the same module: the factors are stacked (ranks add at most)."""
+        """Sum of two single gradients of the same module: the factors are stacked (ranks add at most)."""
         if not isinstance(other, LowRankGradient):
             return NotImplemented
         if other.shape != self.shape or other.layout != self.layout:
-            raise ValueError(f"cannot add gradients of shape {self.shape} ({self.layout}) and {other.shape} ({other.layout})")
-        return LowRankGradient(torch.cat([self.x, other.x]), torch.cat([self.delta, other.delta]), self.layout)
+            raise ValueError(f"cannot add gradients of shape {self.shape} ({self.layout}) and {other.shape} "
+                             f"({other.layout})")
+        if self.batch_shape or other.batch_shape:
+            raise ValueError("+ adds single gradients; index a batch first")
+        (x1, d1), (x2, d2) = self._rows(), other._rows()
+        return LowRankGradient(torch.cat([x1, x2]), torch.cat([d1, d2]), self.layout)
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.num_tokens
+        return self.x[:n], self.delta[:n]
 
     def norm(self) -> torch.Tensor:
-        """Frobenius norm from the factors: ``||X^T D||_F^2 = sum((X X^T) * (D D^T))`` (float64)."""
-        x, d = self.x.double(), self.delta.double()
-        return ((x @ x.T) * (d @ d.T)).sum().clamp_min(0).sqrt()
-
-    def _core(self):
-        """Thin QRs ``A^T = Qa Ra``, ``B^T = Qb Rb`` so that ``dense() = Qa (Ra Rb^T) Qb^T``; all in float64."""
-        a, b = self._left_right
-        qa, ra = torch.linalg.qr(a.double().T)
-        qb, rb = torch.linalg.qr(b.double().T)
-        return qa, ra @ rb.T, qb
+        """Frobenius norm from the factors, ``||A^T B||_F^2 = sum((A A^T) * (B B^T))``, in float64."""
+        a, b = self._left_right()
+        a, b = a.double(), b.double()
+        gram = (a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))
+        return gram.sum((-1, -2)).clamp_min(0).sqrt()
 
     def svdvals(self) -> torch.Tensor:
-        """All ``min(T, d_in, d_out)`` singular values, descending, in float64."""
-        if self.num_tokens == 0:
-            return torch.zeros(0, dtype=torch.float64, device=self.x.device)
-        return torch.linalg.svdvals(self._core()[1])
+        """Singular values, descending, in float64: all ``min(T, d_in, d_out)`` of one gradient; for a batch,
+        ``(*batch, min(T_max, d_in, d_out))`` with zeros past each gradient's own count."""
+        s = self._batched(_svdvals)
+        return s[: self.max_rank] if not self.batch_shape else s
 
     def svd(self, k: int | None = None):
         """Leading ``k`` singular triplets ``(U, S, Vh)`` with ``dense() ~= U @ diag(S) @ Vh`` (float64)."""
-        qa, core, qb = self._core()
-        u, s, vh = torch.linalg.svd(core, full_matrices=False)
-        k = s.shape[0] if k is None else k
-        if not 1 <= k <= s.shape[0]:
-            raise ValueError(f"k={k} is out of range: this gradient has {s.shape[0]} singular values")
-        return qa @ u[:, :k], s[:k], vh[:k] @ qb.T
+        a, b = self._left_right()
+        qa, ra = torch.linalg.qr(a.double().transpose(-1, -2))
+        qb, rb = torch.linalg.qr(b.double().transpose(-1, -2))
+        u, s, vh = torch.linalg.svd(ra @ rb.transpose(-1, -2), full_matrices=False)
+        k = s.shape[-1] if k is None else k
+        if not 1 <= k <= s.shape[-1]:
+            raise ValueError(f"k={k} is out of range: this gradient has {s.shape[-1]} singular values")
+        return qa @ u[..., :k], s[..., :k], vh[..., :k, :] @ qb.transpose(-1, -2)
 
-    def rank(self, tol: float | None = None) -> int:
-        """Numerical rank. Default tolerance as ``torch.linalg.matrix_rank``: ``sigma_max * max(shape) * eps``
-        of the factors' dtype (float32's for half-precision factors: their products are exact in float64, and
-        a bfloat16 eps would call every gradient rank 0)."""
-        return numerical_rank(self.svdvals(), self.shape, self.x.dtype, tol)
+    def rank(self, tol: float | None = None, *, dtype: torch.dtype | None = None):
+        """Numerical rank (an int for one gradient, a long tensor for a batch). Default tolerance as
+        ``torch.linalg.matrix_rank``: ``sigma_max * max(shape) * eps`` with the eps of ``dtype`` (default: the
+        factors' dtype; float32's for half precision: their products are exact in float64, and a bfloat16 eps would
+        call every gradient rank 0)."""
+        return self.ranks_and_norms(tol, dtype=dtype)[0]
+
+    def ranks_and_norms(self, tol: float | None = None, *, dtype: torch.dtype | None = None):
+        """``(rank, norm)`` from one SVD (the norm is the root sum of squared singular values): an int and a 0-d
+        float64 tensor for one gradient; for a batch a long and a float64 tensor on the CPU, one device sync."""
+        eps = rank_eps(self.x.dtype if dtype is None else dtype)
+        cut_scale = max(self.shape) * eps
+
+        def both(a, b, kept):
+            s = _svdvals(a, b, kept)
+            cut = s[:, :1] * cut_scale if tol is None else torch.full_like(s[:, :1], tol)
+            return torch.stack([(s > cut).sum(1).double(), s.square().sum(1).sqrt()], -1)
+
+        found = self._batched(both).cpu()
+        ranks, norms = found[..., 0].long(), found[..., 1]
+        if not self.batch_shape:
+            return int(ranks), norms
+        return ranks, norms
+
+    def _batched(self, compute) -> torch.Tensor:
+        """``compute(A, B, kept)`` over the flattened batch (``A, B``: ``n x T x p`` float64, padding zeroed;
+        ``kept``: each item's ``min(tokens, d_in, d_out)``), cut into chunks sized for the device; results reshaped to
+        the batch shape."""
+        a, b = self._left_right()
+        batch = self.batch_shape
+        items = math.prod(batch)
+        a = a.reshape(items, *a.shape[-2:])
+        b = b.reshape(items, *b.shape[-2:])
+        kept = torch.as_tensor(self.max_rank, dtype=torch.long).reshape(-1).to(a.device)
+        per_item = max(1, a.shape[-2] * (a.shape[-1] + b.shape[-1]) * 8)
+        size = max(1, _BATCH_BYTES.get(a.device.type, _DEFAULT_BATCH_BYTES) // per_item)
+        parts = [compute(a[i:i + size].double(), b[i:i + size].double(), kept[i:i + size])
+                 for i in range(0, a.shape[0], size)]
+        out = torch.cat(parts) if parts else a.new_zeros((0,), dtype=torch.float64)
+        return out.reshape(*batch, *out.shape[1:])
 
     def to(self, *args, **kwargs) -> "LowRankGradient":
-        return LowRankGradient(self.x.to(*args, **kwargs), self.delta.to(*args, **kwargs), self.layout)
+        return LowRankGradient(self.x.to(*args, **kwargs), self.delta.to(*args, **kwargs), self.layout, self.lengths)
 
     def __repr__(self) -> str:
-        return (f"LowRankGradient(shape={self.shape}, layout={self.layout!r}, tokens={self.num_tokens}, "
+        batch = f"batch={self.batch_shape}, " if self.batch_shape else ""
+        return (f"LowRankGradient({batch}shape={self.shape}, layout={self.layout!r}, tokens={self.x.shape[-2]}, "
                 f"dtype={self.x.dtype})")
 
 
-def numerical_rank(s: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype, tol: float | None = None) -> int:
-    """How many singular values ``s`` (descending) exceed ``tol``, by default ``s[0] * max(shape) * eps`` with the
-    eps of ``dtype`` (float32's for anything but float64), ``torch.linalg.matrix_rank``'s rule."""
-    if s.numel() == 0:
-        return 0
-    if tol is None:
-        tol = s[0].item() * max(shape) * _rank_eps(dtype)
-    return int((s > tol).sum().item())
+def _svdvals(a: torch.Tensor, b: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``A_i^T B_i`` for a batch of float64 factors: thin R factors of ``A^T`` and ``B^T``
+    (``A^T B = Qa (Ra Rb^T) Qb^T``), then the SVD of the small core; values past ``kept[i]`` (where only padding
+    rows are left) set to exactly zero."""
+    ra = torch.linalg.qr(a.transpose(1, 2), mode="r")[1]
+    rb = torch.linalg.qr(b.transpose(1, 2), mode="r")[1]
+    s = torch.linalg.svdvals(ra @ rb.transpose(1, 2))
+    return s * (torch.arange(s.shape[1], device=s.device) < kept[:, None])
 
 
-def _rank_eps(dtype: torch.dtype) -> float:
+def rank_eps(dtype: torch.dtype) -> float:
     """The eps of ``torch.linalg.matrix_rank``'s default tolerance: float64's for float64, float32's otherwise."""
     return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-
-
-def spectra(grads: Sequence[LowRankGradient]) -> list[torch.Tensor]:
-    """``[g.svdvals() for g in grads]`` for gradients of one shape and layout (one module, any layers), computed
-    together: the factors are zero-padded to the longest, then two batched thin QRs and one batched SVD of the
-    small cores (padding rows only add zero singular values, which are dropped again). Far fewer calls than one
-    per gradient, which is what the time goes to on a GPU."""
-    grads = _same_module(grads)
-    if not grads:
-        return []
-    s, kept = _batched_svdvals(grads)
-    return [s[i, :n] for i, n in enumerate(kept)]
-
-
-def ranks_and_norms(grads: Sequence[LowRankGradient], tol: float | None = None, *,
-                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[g.rank(tol) for g in grads]`` (long) and ``[g.norm() for g in grads]`` (float64), as two tensors on the
-    CPU, for gradients of one shape and layout: one batched SVD like :func:`spectra` (the Frobenius norm is the
-    root sum of squares of the singular values) and one device sync in all. ``dtype`` is the one whose eps sets
-    the default tolerance (default: the factors' dtype, as :meth:`LowRankGradient.rank`)."""
-    grads = _same_module(grads)
-    if not grads:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
-    eps = _rank_eps(grads[0].x.dtype if dtype is None else dtype)
-    parts = []
-    for chunk in _chunks(grads):
-        s, kept = _batched_svdvals(chunk)
-        s = s * (torch.arange(s.shape[1], device=s.device) < torch.tensor(kept, device=s.device)[:, None])
-        cut = s[:, :1] * (max(chunk[0].shape) * eps) if tol is None else torch.full_like(s[:, :1], tol)
-        parts.append(torch.stack([(s > cut).sum(1).double(), s.square().sum(1).sqrt()]))
-    both = torch.cat(parts, 1).cpu()
-    return both[0].long(), both[1]
-
-
-# float64 bytes of one batch's padded factors: cache-sized on a CPU, where a large fresh buffer costs page faults
-# that outweigh the saved calls; large on a GPU, where each call costs launches and syncs
-_BATCH_BYTES = {"cpu": 2 << 20, "cuda": 1 << 30}
-
-
-def _chunks(grads: list[LowRankGradient]) -> list[list[LowRankGradient]]:
-    a, b = grads[0]._left_right
-    per_grad = max(g.num_tokens for g in grads) * (a.shape[1] + b.shape[1]) * 8
-    size = max(1, _BATCH_BYTES.get(a.device.type, 1 << 30) // max(per_grad, 1))
-    return [grads[i:i + size] for i in range(0, len(grads), size)]
-
-
-def norms(grads: Sequence[LowRankGradient]) -> torch.Tensor:
-    """``[g.norm() for g in grads]`` (float64, one tensor) for gradients of one module, computed together."""
-    grads = _same_module(grads)
-    if not grads:
-        return torch.zeros(0, dtype=torch.float64)
-    a, b, _ = _padded_factors(grads)
-    gram = (a @ a.transpose(1, 2)) * (b @ b.transpose(1, 2))
-    return gram.sum((1, 2)).clamp_min(0).sqrt()
-
-
-def _same_module(grads) -> list[LowRankGradient]:
-    grads = list(grads)
-    if len({(g.shape, g.layout) for g in grads}) > 1:
-        raise ValueError("gradients of different shapes or layouts: pass the gradients of one module at a time")
-    return grads
-
-
-def _batched_svdvals(grads: list[LowRankGradient]) -> tuple[torch.Tensor, list[int]]:
-    """Singular values of every gradient as one zero-padded batch, and how many of each row are its own."""
-    a, b, sizes = _padded_factors(grads)
-    _, ra = torch.linalg.qr(a.transpose(1, 2), mode="r")
-    _, rb = torch.linalg.qr(b.transpose(1, 2), mode="r")
-    return torch.linalg.svdvals(ra @ rb.transpose(1, 2)), [min(t, *g.shape) for t, g in zip(sizes, grads)]
-
-
-def _padded_factors(grads: list[LowRankGradient]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The ``(A, B)`` factors (``dense() = A.T @ B``) of every gradient as float64 batches padded with zero rows."""
-    sizes = [g.num_tokens for g in grads]
-    rows = max(max(sizes), 1)
-    first_a, first_b = grads[0]._left_right
-    a = first_a.new_zeros((len(grads), rows, first_a.shape[1]), dtype=torch.float64)
-    b = first_b.new_zeros((len(grads), rows, first_b.shape[1]), dtype=torch.float64)
-    for i, g in enumerate(grads):
-        ga, gb = g._left_right
-        a[i, :ga.shape[0]] = ga
-        b[i, :gb.shape[0]] = gb
-    return a, b, sizes
 
 
 def _check_rows(v: torch.Tensor, expected: int, name: str, what: str) -> None:

@@ -2,35 +2,38 @@
 from __future__ import annotations
 
 import pandas as pd
-from tqdm.auto import tqdm
 
-from ._checks import as_str_list, check_positive_int
-from .capture import capture
+from ._checks import check_positive_int
+from ._ui import progress_bar
+from .capture import capture_examples
+from .context import ModelContext, with_context
 
 
-def rank(model, tokenizer, prompts, targets, *, layers=None, modules=("mlp.in", "mlp.out"), tol: float | None = None,
-         batch_size: int = 8, adapter=None, progress: bool = True) -> pd.DataFrame:
+@with_context
+def rank(ctx: ModelContext, prompts, targets, *, layers=None, modules=("mlp.in", "mlp.out"), tol: float | None = None,
+         batch_size: int = 8, progress: bool = True, loss: str = "teacher_forced") -> pd.DataFrame:
     """A table with one row per example, layer and module: token count, gradient rank, Frobenius norm.
 
-    Columns: ``example, prompt, target, layer, module, tokens, rank, max_rank, full_rank, norm``, where
+    Called as ``rank(model, tokenizer, prompts, targets)`` or ``rank(ctx, prompts, targets)``. Columns:
+    ``example, prompt, target, layer, module, tokens, rank, max_rank, full_rank, norm``, where
     ``max_rank = min(tokens, d_in, d_out)`` and ``full_rank`` says whether the rank reaches it. Examples are
     captured ``batch_size`` at a time; ``tol`` is passed to :meth:`LowRankGradient.rank`.
     """
-    prompts = as_str_list(prompts, "prompts")
-    targets = as_str_list(targets, "targets")
     check_positive_int(batch_size, "batch_size")
+    examples = ctx.tokenize(prompts, targets, loss=loss)
+    layer_ids, module_names = ctx.check_layers(layers), ctx.resolve_modules(modules)
     rows = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="rank", unit="batch", disable=not progress or len(starts) < 2):
-        cap = capture(model, tokenizer, prompts[start:start + batch_size], targets[start:start + batch_size],
-                      layers=layers, modules=modules, adapter=adapter)
-        found = cap.ranks_and_norms(tol=tol)
+    starts = range(0, len(examples), batch_size)
+    for start in progress_bar(starts, desc="rank", unit="batch", enabled=progress and len(starts) > 1):
+        cap = capture_examples(ctx, examples[start:start + batch_size], layer_ids, module_names)
+        grads = {module: cap.gradients(module) for module in cap.modules}
+        found = {module: (g.max_rank, *g.ranks_and_norms(tol)) for module, g in grads.items()}
         for i, example in enumerate(cap.examples):  # example, then layer and module
             for li, layer in enumerate(cap.layers):
                 for module in cap.modules:
-                    widths = (cap.x[layer, module][i].shape[1], cap.delta[layer, module][i].shape[1])
-                    r, max_rank = int(found[module][0][li, i]), min(example.num_tokens, *widths)
+                    max_ranks, ranks, norms = found[module]
+                    r, max_rank = int(ranks[li, i]), int(max_ranks[li, i])
                     rows.append(dict(example=start + i, prompt=example.prompt, target=example.target, layer=layer,
                                      module=module, tokens=example.num_tokens, rank=r, max_rank=max_rank,
-                                     full_rank=r == max_rank, norm=float(found[module][1][li, i])))
+                                     full_rank=r == max_rank, norm=float(norms[li, i])))
     return pd.DataFrame(rows)

@@ -34,19 +34,24 @@ shape (``(k + m) q + l p``); about 1.6% of one dense GPT-J MLP gradient at ``r =
 """
 from __future__ import annotations
 
+import json
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from ._checks import check_positive_int
-from .adapters import get_adapter
-from .capture import Capture, capture, model_device
+from ._io import atomic_save_tensors
+from ._ui import progress_bar
+from .capture import Capture, capture_examples
+from .context import ModelContext, with_context
 from .ops.lowrank import sketch_update
+from .records import batched, record_pairs
 
-__all__ = ["GradientStats", "ModuleStats", "StatsAccumulator", "gradient_stats", "sketch_sizes"]
+__all__ = ["GradientStats", "ModuleSketch", "ModuleStats", "StatsAccumulator", "gradient_stats", "sketch_sizes"]
 
 
 def sketch_sizes(rank: int, sketch_size: int | None = None, cosketch_size: int | None = None,
@@ -170,121 +175,233 @@ class GradientStats:
         raise ValueError(f"table={table!r} is not one of 'summary', 'spectrum', 'norms'")
 
 
-class StatsAccumulator:
-    """Streaming state of :func:`gradient_stats`: sketches per (layer, module) and per-example norms.
+class ModuleSketch:
+    """The streaming state of one (layer, module): sketches ``y`` (``p x (k + m)``) and ``w`` (``l x q``) of the summed
+    gradient in the sketch's orientation, its token count and the per-example squared norms."""
 
-    ``update(capture, ids)`` adds one captured batch; ``state_dict()``/``merge_state()`` save and add up states
-    (the sketches are linear: partial states of disjoint examples sum to the state of their union);
-    ``finalize()`` does the small exact step.
+    def __init__(self, key, d_in: int, d_out: int, layout: str, sizes: tuple[int, int, int], device):
+        self.key = (int(key[0]), str(key[1]))
+        self.d_in, self.d_out, self.layout = int(d_in), int(d_out), layout
+        k, l, m = sizes
+        # The range sketch (k + m columns) goes on the larger side when the co-range sketch is wider.
+        self.swap = (d_in < d_out) if l >= k + m else (d_in > d_out)
+        p, q = (d_out, d_in) if self.swap else (d_in, d_out)
+        self.y = torch.zeros(p, k + m, dtype=torch.float32, device=device)
+        self.w = torch.zeros(l, q, dtype=torch.float32, device=device)
+        self.tokens = 0
+        self.norms_sq: list[torch.Tensor] = []
+
+    @property
+    def sketch_shape(self) -> tuple[int, int]:
+        """``(p, q)``: the sketched matrix's shape (the weight's ``(d_in, d_out)``, or swapped)."""
+        return self.y.shape[0], self.w.shape[1]
+
+    def update(self, xs: list[torch.Tensor], deltas: list[torch.Tensor], test_matrices, impl: str) -> torch.Tensor:
+        """Add examples given as per-example factors; returns their ``||grad||_F^2`` (float64, on the CPU)."""
+        lengths = [x.shape[0] for x in xs]
+        offsets = torch.zeros(len(xs) + 1, dtype=torch.long)
+        offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
+        x = torch.cat(xs).to(self.y.device)
+        d = torch.cat(deltas).to(self.y.device)
+        a, b = (d, x) if self.swap else (x, d)
+        right, left_t = test_matrices
+        norms_sq = sketch_update(a, b, offsets, right, left_t, self.y, self.w, impl=impl).cpu()
+        self.tokens += int(offsets[-1])
+        self.norms_sq.append(norms_sq)
+        return norms_sq
+
+    def merge(self, other: "ModuleSketch") -> None:
+        """Add another state of the same module (other examples): sketches are linear, counts and norms add up."""
+        if (other.key, other.d_in, other.d_out, other.layout) != (self.key, self.d_in, self.d_out, self.layout):
+            raise ValueError(f"cannot merge the sketch of {other.key} ({other.d_in} x {other.d_out}) into {self.key} "
+                             f"({self.d_in} x {self.d_out})")
+        self.y += other.y.to(self.y.device)
+        self.w += other.w.to(self.w.device)
+        self.tokens += other.tokens
+        self.norms_sq.extend(other.norms_sq)
+
+    def all_norms_sq(self) -> torch.Tensor:
+        return torch.cat(self.norms_sq) if self.norms_sq else torch.zeros(0, dtype=torch.float64)
+
+    def state(self, prefix: str) -> tuple[dict, dict]:
+        """``(tensors, metadata)`` of this state, tensor names under ``prefix``."""
+        tensors = {f"{prefix}.y": self.y, f"{prefix}.w": self.w, f"{prefix}.norms_sq": self.all_norms_sq()}
+        return tensors, {"key": list(self.key), "d_in": self.d_in, "d_out": self.d_out, "layout": self.layout,
+                         "tokens": self.tokens}
+
+    @classmethod
+    def from_state(cls, meta: dict, tensors: dict, prefix: str, sizes, device) -> "ModuleSketch":
+        sketch = cls(meta["key"], meta["d_in"], meta["d_out"], meta["layout"], sizes, device)
+        for name in ("y", "w"):
+            found = tensors[f"{prefix}.{name}"]
+            expected = getattr(sketch, name)
+            if tuple(found.shape) != tuple(expected.shape):
+                raise ValueError(f"the saved {name} of {sketch.key} has shape {tuple(found.shape)}, expected "
+                                 f"{tuple(expected.shape)}")
+            expected.copy_(found)
+        sketch.tokens = int(meta["tokens"])
+        sketch.norms_sq = [tensors[f"{prefix}.norms_sq"].double()]
+        return sketch
+
+    def finalize(self, sizes, rank: int, left_t: torch.Tensor, norms: torch.Tensor) -> ModuleStats:
+        """The small exact step: the rank-``rank`` approximation and the norm estimates (module docstring)."""
+        k, l, m = sizes
+        y = self.y.double().cpu()
+        w = self.w.double().cpu()
+        p, q = y.shape[0], w.shape[1]
+        left_t = left_t.double().cpu()
+        y_range, z = y[:, :k], y[:, k:]
+        kk = min(k, p)
+        q_basis = torch.linalg.qr(y_range).Q[:, :kk]  # p x kk, orthonormal even when Y is rank deficient
+        core = torch.linalg.lstsq(left_t.T @ q_basis, w).solution  # kk x q: (Psi Q)^+ W
+        u_core, s, vh = torch.linalg.svd(core, full_matrices=False)
+        r = min(rank, s.shape[0])
+        u_s, s, v_s = q_basis @ u_core[:, :r], s[:r], vh[:r].T
+        captured_sq = float((core ** 2).sum())
+        tail = float(((z - q_basis @ (q_basis.T @ z)) ** 2).sum()) / m if m > 0 else 0.0
+        bias = kk / (l - kk - 1) if l > kk + 1 else 0.0
+        total_sq = max(captured_sq + (1.0 - bias) * tail if m > 0 else captured_sq, float((s ** 2).sum()), 0.0)
+        frobenius = total_sq ** 0.5
+        approx = ((1.0 + bias) * tail) ** 0.5 / frobenius if frobenius > 0 else 0.0
+        # the sketched matrix is a^T b with (a, b) = (Delta, X) when swapped, else (X, Delta); the weight's
+        # layout is X^T Delta for "in_out" and Delta^T X for "out_in".
+        weight_is_x_delta = self.layout == "in_out"
+        u, v = (u_s, v_s) if (not self.swap) == weight_is_x_delta else (v_s, u_s)
+        shape = (self.d_in, self.d_out) if weight_is_x_delta else (self.d_out, self.d_in)
+        return ModuleStats(layer=self.key[0], module=self.key[1], shape=shape, num_examples=int(norms.numel()),
+                           num_tokens=self.tokens, singular_values=s, u=u, v=v, frobenius=frobenius,
+                           residual=tail ** 0.5, approximation_error=approx, sum_of_norms=float(norms.sum()))
+
+
+class StatsAccumulator:
+    """Streaming state of :func:`gradient_stats`: one :class:`ModuleSketch` per (layer, module) and the example ids.
+
+    ``update(capture, ids)`` adds one captured batch; ``state()`` / :meth:`from_state` (and ``save`` / ``load``, a
+    safetensors file) store and restore it; ``merge`` adds another state of other examples (the sketches are
+    linear: partial states of disjoint examples sum to the state of their union); ``finalize()`` does the small
+    exact step.
     """
+
+    FORMAT = "blens_fast.stats/2"
 
     def __init__(self, shapes: Mapping, *, rank: int = 8, sketch_size: int | None = None,
                  cosketch_size: int | None = None, residual_size: int | None = None, seed: int = 0,
                  device="cpu", impl: str = "auto"):
         self.rank = check_positive_int(rank, "rank")
-        self.k, self.l, self.m = sketch_sizes(rank, sketch_size, cosketch_size, residual_size)
+        self.sizes = sketch_sizes(rank, sketch_size, cosketch_size, residual_size)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
         self.device = torch.device(device)
         self.impl = impl
-        self.keys = list(shapes)
-        self.layouts: dict = {}
-        self.swap: dict = {}
-        self.y: dict = {}
-        self.w: dict = {}
-        self.tokens: dict = {}
-        self.norms_sq: dict = {key: [] for key in self.keys}
+        self.sketches = {tuple(key): ModuleSketch(key, *shapes[key], self.sizes, self.device) for key in shapes}
         self.ids: list = []
         self._matrices: dict = {}
-        for key in self.keys:
-            d_in, d_out, layout = shapes[key]
-            # The range sketch (k + m columns) goes on the larger side when the co-range sketch is wider.
-            swap = (d_in < d_out) if self.l >= self.k + self.m else (d_in > d_out)
-            p, q = (d_out, d_in) if swap else (d_in, d_out)
-            self.layouts[key] = (d_in, d_out, layout)
-            self.swap[key] = swap
-            self.y[key] = torch.zeros(p, self.k + self.m, dtype=torch.float32, device=self.device)
-            self.w[key] = torch.zeros(self.l, q, dtype=torch.float32, device=self.device)
-            self.tokens[key] = 0
 
-    # -- memory ---------------------------------------------------------------------------------
+    @property
+    def keys(self) -> list:
+        return list(self.sketches)
+
     def _test(self, p: int, q: int):
+        """The test matrices of a ``p x q`` sketched matrix (shared by modules of that shape)."""
         if (p, q) not in self._matrices:
-            self._matrices[(p, q)] = _test_matrices(p, q, self.k, self.l, self.m, self.seed, self.device)
+            self._matrices[(p, q)] = _test_matrices(p, q, *self.sizes, self.seed, self.device)
         return self._matrices[(p, q)]
 
     def nbytes(self) -> int:
         """Bytes held: accumulators plus (shared) test matrices, whether built yet or not."""
-        total = sum(t.numel() * t.element_size() for t in (*self.y.values(), *self.w.values()))
-        shapes = {(self.y[key].shape[0], self.w[key].shape[1]) for key in self.keys}
-        total += sum(4 * (q * (self.k + self.m) + p * self.l) for p, q in shapes)
-        return total
+        k, l, m = self.sizes
+        total = sum(t.numel() * t.element_size() for s in self.sketches.values() for t in (s.y, s.w))
+        shapes = {s.sketch_shape for s in self.sketches.values()}
+        return total + sum(4 * (q * (k + m) + p * l) for p, q in shapes)
 
     # -- streaming ----------------------------------------------------------------------------------
     def update_factors(self, key, xs: list[torch.Tensor], deltas: list[torch.Tensor]) -> torch.Tensor:
         """Add examples given as per-example factors of one (layer, module); returns their ``||grad||_F^2``."""
-        if key not in self.y:
+        if key not in self.sketches:
             raise ValueError(f"{key} is not accumulated here: expected one of {self.keys}")
-        lengths = [x.shape[0] for x in xs]
-        offsets = torch.zeros(len(xs) + 1, dtype=torch.long)
-        offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
-        x = torch.cat(xs).to(self.device)
-        d = torch.cat(deltas).to(self.device)
-        a, b = (d, x) if self.swap[key] else (x, d)
-        right, left_t = self._test(a.shape[1], b.shape[1])
-        norms_sq = sketch_update(a, b, offsets, right, left_t, self.y[key], self.w[key], impl=self.impl)
-        self.tokens[key] += int(offsets[-1])
-        return norms_sq.cpu()
+        sketch = self.sketches[key]
+        return sketch.update(xs, deltas, self._test(*sketch.sketch_shape), self.impl)
 
     def update(self, cap: Capture, ids=None) -> dict:
-        """Add every example of a capture; ``ids`` name them (default: running indices). Returns the
-        per-key ``||grad_i||_F`` (float64) of this batch."""
-        if ids is None:
-            ids = list(range(len(self.ids), len(self.ids) + cap.num_examples))
-        ids = list(ids)
+        """Add every example of a capture; ``ids`` name them (default: running indices). Returns the per-key
+        ``||grad_i||_F`` (float64) of this batch."""
+        ids = list(range(len(self.ids), len(self.ids) + cap.num_examples)) if ids is None else list(ids)
         if len(ids) != cap.num_examples:
             raise ValueError(f"got {len(ids)} ids for {cap.num_examples} captured examples")
-        out = {}
-        for key in self.keys:
-            if key not in cap.x:
-                raise ValueError(f"the capture has no {key}: it holds {sorted(cap.x)}")
-            norms_sq = self.update_factors(key, cap.x[key], cap.delta[key])
-            self.norms_sq[key].append(norms_sq)
-            out[key] = norms_sq.sqrt()
+        missing = [key for key in self.sketches if key not in cap.x]
+        if missing:
+            raise ValueError(f"the capture has no {missing[0]}: it holds {sorted(cap.x)}")
+        out = {key: self.update_factors(key, cap.x[key], cap.delta[key]).sqrt() for key in self.sketches}
         self.ids.extend(ids)
         return out
 
     # -- partial states ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return dict(version=1, rank=self.rank, sizes=(self.k, self.l, self.m), seed=self.seed, keys=self.keys,
-                    layouts=self.layouts, swap=self.swap, ids=list(self.ids),
-                    y={key: t.cpu() for key, t in self.y.items()}, w={key: t.cpu() for key, t in self.w.items()},
-                    tokens=dict(self.tokens),
-                    norms_sq={key: (torch.cat(v) if v else torch.zeros(0, dtype=torch.float64))
-                              for key, v in self.norms_sq.items()})
+    def _settings(self) -> dict:
+        return {"rank": self.rank, "sizes": list(self.sizes), "seed": self.seed}
 
-    def merge_state(self, state: Mapping) -> None:
-        """Add a saved partial state (same sizes, seed and modules) of other examples to this one."""
-        mine = (self.rank, (self.k, self.l, self.m), self.seed, list(self.keys))
-        theirs = (state["rank"], tuple(state["sizes"]), state["seed"], list(state["keys"]))
+    def state(self) -> tuple[dict, dict]:
+        """``(tensors, metadata)``: every sketch's tensors and a JSON-able description (settings, ids, modules)."""
+        tensors, modules = {}, []
+        for i, sketch in enumerate(self.sketches.values()):
+            part, meta = sketch.state(f"m{i}")
+            tensors.update(part)
+            modules.append(meta)
+        return tensors, {"format": self.FORMAT, **self._settings(), "ids": list(self.ids), "modules": modules}
+
+    @classmethod
+    def from_state(cls, tensors: Mapping, metadata: Mapping, *, device="cpu", impl: str = "auto"
+                   ) -> "StatsAccumulator":
+        """The accumulator a :meth:`state` describes."""
+        if metadata.get("format") != cls.FORMAT:
+            raise ValueError(f"not a blens_fast statistics state (format {metadata.get('format')!r}, expected "
+                             f"{cls.FORMAT!r})")
+        k, l, m = metadata["sizes"]
+        modules = metadata["modules"]
+        acc = cls({tuple(meta["key"]): (meta["d_in"], meta["d_out"], meta["layout"]) for meta in modules},
+                  rank=metadata["rank"], sketch_size=k, cosketch_size=l, residual_size=m, seed=metadata["seed"],
+                  device=device, impl=impl)
+        for i, meta in enumerate(modules):
+            acc.sketches[tuple(meta["key"])] = ModuleSketch.from_state(meta, tensors, f"m{i}", acc.sizes, acc.device)
+        acc.ids = list(metadata["ids"])
+        return acc
+
+    def save(self, path) -> Path:
+        """Write the state as a safetensors file (tensors; settings and ids as JSON metadata)."""
+        tensors, metadata = self.state()
+        return atomic_save_tensors(path, tensors, {"state": json.dumps(metadata)})
+
+    @classmethod
+    def load(cls, path, *, device="cpu", impl: str = "auto") -> "StatsAccumulator":
+        """A state written by :meth:`save`; a ``ValueError`` naming the file when it is damaged or foreign."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = json.loads((f.metadata() or {}).get("state", "null"))
+            tensors = load_file(str(path))
+            if not isinstance(metadata, dict):
+                raise ValueError("no statistics metadata")
+            return cls.from_state(tensors, metadata, device=device, impl=impl)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{str(path)!r} is not a readable blens_fast statistics state ({error})") from None
+
+    def merge(self, other: "StatsAccumulator") -> None:
+        """Add another accumulator's state (same settings and modules, other examples) to this one."""
+        mine, theirs = (self._settings(), self.keys), (other._settings(), other.keys)
         if mine != theirs:
             raise ValueError(f"cannot merge gradient statistics of different settings: {theirs} vs {mine}")
-        for key in self.keys:
-            self.y[key] += state["y"][key].to(self.device)
-            self.w[key] += state["w"][key].to(self.device)
-            self.tokens[key] += int(state["tokens"][key])
-            self.norms_sq[key].append(state["norms_sq"][key])
-        self.ids.extend(state["ids"])
+        for key, sketch in self.sketches.items():
+            sketch.merge(other.sketches[key])
+        self.ids.extend(other.ids)
 
     # -- the exact small step -------------------------------------------------------------------------
     def finalize(self, order=None) -> GradientStats:
         """The rank-``r`` summed gradients and norms; ``order`` (a list of ids) sorts the per-example norms."""
-        summed, norms = {}, {}
-        for key in self.keys:
-            n_sq = torch.cat(self.norms_sq[key]) if self.norms_sq[key] else torch.zeros(0, dtype=torch.float64)
-            norms[key] = n_sq.double().clamp_min(0).sqrt()
-            summed[key] = self._finalize_key(key, norms[key])
+        norms = {key: s.all_norms_sq().double().clamp_min(0).sqrt() for key, s in self.sketches.items()}
+        summed = {key: s.finalize(self.sizes, self.rank, self._test(*s.sketch_shape)[1], norms[key])
+                  for key, s in self.sketches.items()}
         ids = list(self.ids)
         if order is not None:
             position = {i: j for j, i in enumerate(ids)}
@@ -294,117 +411,50 @@ class StatsAccumulator:
             index = torch.tensor([position[i] for i in order], dtype=torch.long)
             norms = {key: v[index] for key, v in norms.items()}
             ids = list(order)
-        layers = tuple(dict.fromkeys(key[0] for key in self.keys))
-        modules = tuple(dict.fromkeys(key[1] for key in self.keys))
-        return GradientStats(self.rank, (self.k, self.l, self.m), self.seed, layers, modules, tuple(ids), norms,
-                             summed)
-
-    def _finalize_key(self, key, norms: torch.Tensor) -> ModuleStats:
-        k, l, m = self.k, self.l, self.m
-        y = self.y[key].double().cpu()
-        w = self.w[key].double().cpu()
-        p, q = y.shape[0], w.shape[1]
-        _, left_t = self._test(p, q)
-        left_t = left_t.double().cpu()
-        y_range, z = y[:, :k], y[:, k:]
-        kk = min(k, p)
-        q_basis = torch.linalg.qr(y_range).Q[:, :kk]  # p x kk, orthonormal even when Y is rank deficient
-        core = torch.linalg.lstsq(left_t.T @ q_basis, w).solution  # kk x q: (Psi Q)^+ W
-        u_core, s, vh = torch.linalg.svd(core, full_matrices=False)
-        r = min(self.rank, s.shape[0])
-        u_s, s, v_s = q_basis @ u_core[:, :r], s[:r], vh[:r].T
-        captured_sq = float((core ** 2).sum())
-        tail = float(((z - q_basis @ (q_basis.T @ z)) ** 2).sum()) / m if m > 0 else 0.0
-        bias = kk / (l - kk - 1) if l > kk + 1 else 0.0
-        total_sq = max(captured_sq + (1.0 - bias) * tail if m > 0 else captured_sq, float((s ** 2).sum()), 0.0)
-        frobenius = total_sq ** 0.5
-        approx = ((1.0 + bias) * tail) ** 0.5 / frobenius if frobenius > 0 else 0.0
-        d_in, d_out, layout = self.layouts[key]
-        # the sketched matrix is a^T b with (a, b) = (Delta, X) when swapped, else (X, Delta); the weight's
-        # layout is X^T Delta for "in_out" and Delta^T X for "out_in".
-        sketched_is_x_delta = not self.swap[key]
-        weight_is_x_delta = layout == "in_out"
-        u, v = (u_s, v_s) if sketched_is_x_delta == weight_is_x_delta else (v_s, u_s)
-        shape = (d_in, d_out) if weight_is_x_delta else (d_out, d_in)
-        return ModuleStats(layer=key[0], module=key[1], shape=shape, num_examples=int(norms.numel()),
-                           num_tokens=self.tokens[key], singular_values=s, u=u, v=v, frobenius=frobenius,
-                           residual=tail ** 0.5, approximation_error=approx, sum_of_norms=float(norms.sum()))
+        layers = tuple(dict.fromkeys(key[0] for key in self.sketches))
+        modules = tuple(dict.fromkeys(key[1] for key in self.sketches))
+        return GradientStats(self.rank, self.sizes, self.seed, layers, modules, tuple(ids), norms, summed)
 
 
-def module_shapes(model, layers, modules, adapter=None) -> dict:
-    """``{(layer, module): (d_in, d_out, layout)}`` for the adapter's resolved modules."""
-    adapter = get_adapter(model, adapter)
-    layer_ids = adapter.check_layers(model, layers)
-    names = adapter.resolve_modules(modules)
+def module_shapes(ctx: ModelContext, layers, modules) -> dict:
+    """``{(layer, module): (d_in, d_out, layout)}`` for the context's validated layers and resolved modules."""
     shapes = {}
-    for layer in layer_ids:
-        for name in names:
-            weight = adapter.weight(model, layer, name)
-            if adapter.weight_layout == "in_out":
-                d_in, d_out = weight.shape
-            else:
-                d_out, d_in = weight.shape
-            shapes[(layer, name)] = (int(d_in), int(d_out), adapter.weight_layout)
+    layout = ctx.adapter.weight_layout
+    for layer in ctx.check_layers(layers):
+        for name in ctx.resolve_modules(modules):
+            rows, cols = ctx.weight(layer, name).shape
+            d_in, d_out = (rows, cols) if layout == "in_out" else (cols, rows)
+            shapes[(layer, name)] = (int(d_in), int(d_out), layout)
     return shapes
 
 
-def _record_pairs(records) -> Iterable[tuple]:
-    for i, record in enumerate(records):
-        if isinstance(record, Mapping):
-            missing = [f for f in ("prompt", "target") if f not in record]
-            if missing:
-                raise ValueError(f"records[{i}] has no {missing[0]!r} field: expected 'prompt' and 'target' "
-                                 f"(and an optional 'id'), got keys {sorted(record)}")
-            yield record.get("id", i), record["prompt"], record["target"]
-        elif isinstance(record, (tuple, list)) and len(record) == 2:
-            yield i, record[0], record[1]
-        else:
-            raise TypeError(f"records[{i}] must be a mapping with 'prompt' and 'target' or a (prompt, target) pair, "
-                            f"got {type(record).__name__}")
-
-
-def gradient_stats(model, tokenizer, records, *, layers=None, modules=("mlp.in", "mlp.out"), rank: int = 8,
+@with_context
+def gradient_stats(ctx: ModelContext, records, *, layers=None, modules=("mlp.in", "mlp.out"), rank: int = 8,
                    batch_size: int = 8, sketch_size: int | None = None, cosketch_size: int | None = None,
-                   residual_size: int | None = None, seed: int = 0, impl: str = "auto", adapter=None,
-                   progress: bool = False) -> GradientStats:
+                   residual_size: int | None = None, seed: int = 0, impl: str = "auto", progress: bool = True,
+                   prompt_field: str = "prompt", target_field: str = "target", id_field: str = "id") -> GradientStats:
     """Per-example gradient norms and the rank-``rank`` summed gradient of each (layer, module), streaming.
 
-    ``records``: an iterable of mappings with ``prompt`` and ``target`` (and an optional ``id``) or of
-    ``(prompt, target)`` pairs; read ``batch_size`` at a time (memory is bounded by the batch). ``impl`` picks
-    the fused kernel (see :func:`blens_fast.ops.lowrank.sketch_update`). See the module docstring for the
+    Called as ``gradient_stats(model, tokenizer, records)`` or ``gradient_stats(ctx, records)``. ``records``: an
+    iterable of mappings with the prompt, target and optional id fields (as :func:`blens_fast.counterfact.load`
+    gives them) or of ``(prompt, target)`` pairs; read ``batch_size`` at a time (memory is bounded by the batch).
+    ``impl`` picks the fused kernel (:func:`blens_fast.ops.lowrank.sketch_update`). See the module docstring for the
     sketch, its sizes ``(k, l, m)`` and the accuracy of each number.
     """
     check_positive_int(batch_size, "batch_size")
-    shapes = module_shapes(model, layers, modules, adapter)
+    shapes = module_shapes(ctx, layers, modules)
     acc = StatsAccumulator(shapes, rank=rank, sketch_size=sketch_size, cosketch_size=cosketch_size,
-                           residual_size=residual_size, seed=seed, device=model_device(model), impl=impl)
+                           residual_size=residual_size, seed=seed, device=ctx.device, impl=impl)
     layer_ids = tuple(dict.fromkeys(key[0] for key in shapes))
     names = tuple(dict.fromkeys(key[1] for key in shapes))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="gradient_stats", unit="ex")
-    batch: list[tuple] = []
+    pairs = record_pairs(records, prompt_field=prompt_field, target_field=target_field, id_field=id_field)
     seen = 0
-
-    def flush():
-        cap = capture(model, tokenizer, [b[1] for b in batch], [b[2] for b in batch], layers=layer_ids,
-                      modules=names, adapter=adapter)
-        acc.update(cap, [b[0] for b in batch])
-        if bar is not None:
+    with progress_bar(desc="gradient_stats", unit="rec", enabled=progress) as bar:
+        for batch in batched(pairs, batch_size):
+            examples = ctx.tokenize([b[1] for b in batch], [b[2] for b in batch])
+            acc.update(capture_examples(ctx, examples, layer_ids, names), [b[0] for b in batch])
+            seen += len(batch)
             bar.update(len(batch))
-        batch.clear()
-
-    for item in _record_pairs(records):
-        batch.append(item)
-        seen += 1
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    if bar is not None:
-        bar.close()
     if seen == 0:
         raise ValueError("records is empty: expected at least one record")
     return acc.finalize()

@@ -1,8 +1,53 @@
-"""Arguments shared by several subcommands."""
+"""The one vocabulary of the ``blens`` subcommands: a parent parser of shared options and the helpers that read
+them.
+
+Shared by every subcommand: ``--model``, ``--device``, ``--dtype``, ``--threads``, ``--out``, ``--quiet``. Used
+with the same name and meaning wherever a subcommand needs them: ``--layers`` (layer indices), ``--batch-size``,
+``--max-tokens``, ``--k``, ``--impl``, ``--unit-norm``.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import re
+from pathlib import Path
+
+MODEL_HELP = ("'default' (the shipped model) or a local Hugging Face folder: config.json, *.safetensors weights and "
+              "the tokenizer files (default: default)")
+
+
+def shared_parser(*, out_default: str | None = None, out_help: str = "output folder",
+                  model_help: str = MODEL_HELP) -> argparse.ArgumentParser:
+    """The parent parser every subcommand is built on."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("shared options")
+    group.add_argument("--model", default="default", help=model_help)
+    group.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    group.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or float64 (default: float32)")
+    group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    group.add_argument("--out", default=out_default, help=out_help + (f" (default: {out_default})" if out_default
+                                                                      else ""))
+    group.add_argument("--quiet", action="store_true", help="no progress bars (they go to stderr)")
+    return parent
+
+
+def add_layers(parser, help_text: str = "layer indices, e.g. '0,2,-1' or '0-3' (default: all)") -> None:
+    parser.add_argument("--layers", default=None, help=help_text)
+
+
+def add_batching(parser, *, batch_size: int, max_tokens: bool = True) -> None:
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"records per forward + backward (default {batch_size})")
+    if max_tokens:
+        parser.add_argument("--max-tokens", type=int, default=None,
+                            help="at most this many padded tokens per batch (default: no limit beyond --batch-size)")
+
+
+def add_projection(parser) -> None:
+    parser.add_argument("--k", type=int, default=10, help="tokens per list (default 10)")
+    parser.add_argument("--unit-norm", action="store_true",
+                        help="project unit-normalised vectors (the paper's normalised lens variant)")
+    parser.add_argument("--impl", default="auto", help="projection kernel: auto, cpu, triton, cuda or torch")
 
 
 def parse_layers(text: str | None):
@@ -22,11 +67,52 @@ def parse_layers(text: str | None):
     return tuple(layers)
 
 
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default",
-                        help="'default' (the shipped model) or a local transformers checkpoint folder (safetensors)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+def int_list(text: str, option: str) -> tuple[int, ...]:
+    """``"10,100,1000"`` -> ``(10, 100, 1000)`` (positive integers)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected comma-separated integers, e.g. 10,100,1000") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{option} {text!r}: expected positive integers")
+    return values
 
 
-def add_layers_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", default=None, help="layer indices, e.g. '0,2,-1' or '0-3' (default: all)")
+def setup(args) -> None:
+    """Validate the shared options before any work (device, dtype, threads, a writable --out) and apply them."""
+    import torch
+
+    from .._checks import check_device, check_dtype
+
+    args.device = str(check_device(args.device, "--device"))
+    args.dtype = check_dtype(args.dtype, "--dtype")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: expected at least 1")
+        torch.set_num_threads(args.threads)
+    if getattr(args, "out", None):
+        check_writable_folder(args.out, "--out")
+
+
+def check_writable_folder(path, option: str) -> Path:
+    """Create ``path`` (and its parents) if needed; a ``ValueError`` naming it when it cannot be written."""
+    folder = Path(path)
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{option} {str(path)!r} cannot be created: {error.strerror or error}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {str(path)!r} is not writable")
+    return folder
+
+
+def load(args):
+    """The model context the shared options name."""
+    from ..context import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)

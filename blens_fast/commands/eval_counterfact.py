@@ -1,7 +1,7 @@
 """Evaluate fact editing on CounterFact: edit, score, revert (checked bit for bit) for each record.
 
-Writes counterfact_eval.json and counterfact_eval.md under --out (rows of earlier runs with other labels
-and the same --n are kept, so separate runs build one table). Both metric families are reported:
+Writes counterfact_eval.json and counterfact_eval.md under --out (default out/counterfact; rows of earlier runs with
+other labels and the same --n are kept, so separate runs build one table). Both metric families are reported:
 MEMIT-style argmax accuracy and ROME-style probability comparison, for efficacy, paraphrase and
 neighborhood, plus the perplexity of true-fact sentences after each edit (fluency cost).
 
@@ -9,8 +9,10 @@ neighborhood, plus the perplexity of true-fact sentences after each edit (fluenc
 whitened + auto-scale variants, and the gradient baseline, each at its calibrated setting.
 --tradeoff also sweeps each forward-shift variant across scales (margins for scale=auto) and writes
 counterfact_tradeoff.json and counterfact_tradeoff.png (efficacy against neighborhood).
---calibrate FILE chooses layer and scale per variant on the given records and writes FILE
-(see blens_fast.evaluate.calibrate); calibrate on records disjoint from the evaluated ones.
+--calibrate FILE chooses layer and scale per variant on the given records and writes FILE (see
+blens_fast.counterfact.calibrate); calibrate on records disjoint from the evaluated ones, then pass
+--calibration FILE here (or calibration=FILE to blens_fast.edit). Without a calibration, a model is edited with the
+documented uncalibrated default: its last layer with the scale chosen from the last position's logits.
 """
 from __future__ import annotations
 
@@ -19,15 +21,18 @@ import json
 import time
 from pathlib import Path
 
-from ._common import add_model_argument
+from ._common import load
+
+OUT_DEFAULT = "out/counterfact"
+OUT_HELP = "folder for counterfact_eval.json/.md (and the trade-off files)"
 
 #: name -> (label, method, edit options)
 VARIANTS = {
     "none": ("unedited", "none", {}),
     "forward_shift": ("forward shift (paper: key a_n)", "forward_shift", {}),
-    "forward_shift_normalized": ("forward shift, key a_n/(a_n.a_n)", "forward_shift", {"normalize": True}),
+    "forward_shift_normalized": ("forward shift, key a_n/(a_n.a_n)", "forward_shift", {"normalize_key": True}),
     "forward_shift_normalized_auto": ("forward shift, key a_n/(a_n.a_n), scale from last-position logits",
-                                      "forward_shift", {"normalize": True, "scale": "auto"}),
+                                      "forward_shift", {"normalize_key": True, "scale": "auto"}),
     "forward_shift_whitened": ("forward shift, whitened key C^-1 a_n/(a_n^T C^-1 a_n)", "forward_shift",
                                {"whiten": True}),
     "forward_shift_whitened_auto": ("forward shift, whitened key, scale from last-position logits", "forward_shift",
@@ -46,30 +51,28 @@ def _scale(text: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_argument(parser)
     parser.add_argument("--method", default="forward_shift",
                         help="comma-separated variant names (" + ", ".join(VARIANTS) + ") or 'all' "
                              "(default: forward_shift)")
     parser.add_argument("--n", type=int, default=1000, help="records to evaluate (default: 1000)")
     parser.add_argument("--start", type=int, default=0, help="index of the first record (default: 0)")
-    parser.add_argument("--records", default=None, help="CounterFact JSON (default: the shipped edit file)")
-    parser.add_argument("--out", default="benchmarks/results", help="output folder (default: benchmarks/results)")
+    parser.add_argument("--records", default="counterfact",
+                        help="'counterfact' (the shipped edit file, default) or a CounterFact JSON / JSON Lines file")
     parser.add_argument("--layer", type=int, default=None, help="edit layer (default: calibrated)")
     parser.add_argument("--scale", type=_scale, default=None, help="shift scale or 'auto' (default: calibrated)")
     parser.add_argument("--margin", type=float, default=None, help="logit lead for --scale auto (default: calibrated)")
     parser.add_argument("--whiten", action="store_true", help="whitened key (forward_shift)")
-    parser.add_argument("--normalize", action="store_true", help="key a_n/(a_n.a_n) (forward_shift)")
+    parser.add_argument("--normalize-key", action="store_true", help="key a_n/(a_n.a_n) (forward_shift)")
     parser.add_argument("--lr", type=float, default=None, help="gradient step size (default: calibrated)")
     parser.add_argument("--steps", type=int, default=None, help="gradient steps (default: calibrated)")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="a calibration file written by --calibrate (default: the model's shipped one, if any)")
     parser.add_argument("--label", default=None, help="row label (default: the variant's)")
     parser.add_argument("--no-baseline", action="store_true", help="do not add the unedited row")
     parser.add_argument("--no-fluency", action="store_true", help="skip the fluency perplexity")
     parser.add_argument("--tradeoff", action="store_true", help="also sweep scales and plot the trade-off")
     parser.add_argument("--calibrate", default=None, metavar="FILE",
                         help="calibrate layer/scale per variant on these records and write FILE (JSON)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's; 1 is fastest on a busy machine)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _variant_runs(args) -> list[tuple[str, str, dict]]:
@@ -89,12 +92,12 @@ def _variant_runs(args) -> list[tuple[str, str, dict]]:
                      "steps": args.steps}
             if args.whiten:
                 extra["whiten"] = True
-            if args.normalize:
-                extra["normalize"] = True
+            if args.normalize_key:
+                extra["normalize_key"] = True
             options.update({k: v for k, v in extra.items() if v is not None})
-            if method == "forward_shift" and (args.whiten or args.normalize or args.scale == "auto"):
-                label = "forward shift" + (", whitened" if args.whiten else ", normalised" if args.normalize else "") \
-                    + (", auto scale" if args.scale == "auto" else "")
+            if method == "forward_shift" and (args.whiten or args.normalize_key or args.scale == "auto"):
+                label = "forward shift" + (", whitened" if args.whiten else ", normalised key" if args.normalize_key
+                                           else "") + (", auto scale" if args.scale == "auto" else "")
             label = args.label or label
         if method == "gradient":
             options = {k: v for k, v in options.items() if k in ("layer", "lr", "steps")}
@@ -105,30 +108,22 @@ def _variant_runs(args) -> list[tuple[str, str, dict]]:
 
 
 def run(args) -> int:
-    from ..default_model import load_counterfact
-    from ..evaluate import calibrate, evaluate_counterfact, write_results
-    from ..models import load_model
+    from ..counterfact import calibrate, evaluate_counterfact, load as load_records, run_tradeoff, write_results
+    from ..counterfact.harness import edit_options
+    from ..editing import calibrated_defaults, variant_name
 
     if args.n < 1:
         raise ValueError(f"--n {args.n}: expected at least 1")
     if args.start < 0:
         raise ValueError(f"--start {args.start}: expected 0 or more")
-    if args.records is not None and not Path(args.records).is_file():
-        raise FileNotFoundError(f"--records {args.records}: no such file")
-    records = load_counterfact(args.records)[args.start:]
+    records = load_records(args.records)[args.start:]
     if len(records) < args.n:
-        raise ValueError(f"--n {args.n} --start {args.start}: the file has only {len(records)} records from there")
+        raise ValueError(f"--n {args.n} --start {args.start}: {args.records} has only {len(records)} records from there")
     runs = _variant_runs(args) if args.calibrate is None else []
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            raise ValueError(f"--threads {args.threads}: expected at least 1")
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, device=args.device)
+    ctx = load(args)
     out = Path(args.out)
     if args.calibrate is not None:
-        record = calibrate(model, tokenizer, records, n=args.n, start=args.start, progress=not args.quiet)
+        record = calibrate(ctx, records, n=args.n, start=args.start, progress=not args.quiet)
         Path(args.calibrate).parent.mkdir(parents=True, exist_ok=True)
         Path(args.calibrate).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.calibrate}")
@@ -136,40 +131,41 @@ def run(args) -> int:
             print(f"  {name}: {settings}")
         return 0
     if args.method == "all" or "," in args.method:  # several variants: skip the ones not calibrated
-        from ..edit import calibrated_defaults, variant_name
-
-        known = calibrated_defaults(model)
+        known = calibrated_defaults(ctx, args.calibration)
         kept = []
         for label, method, options in runs:
-            name = variant_name(method, whiten=bool(options.get("whiten")), normalize=bool(options.get("normalize")),
-                                auto=options.get("scale") == "auto")
+            name = variant_name(method, whiten=bool(options.get("whiten")),
+                                normalize_key=bool(options.get("normalize_key")), auto=options.get("scale") == "auto")
             if method == "none" or name in known:
                 kept.append((label, method, options))
             else:
                 print(f"skipping {label}: no calibrated {name!r} settings for this model")
         runs = kept
+    # every variant's settings are checked before the first row runs
+    runs = [(label, method, edit_options(ctx, method, options, calibration=args.calibration,
+                                         progress=not args.quiet)) for label, method, options in runs]
     rows = []
     for label, method, options in runs:
-        row = evaluate_counterfact(model, tokenizer, records, method=method, n=args.n, label=label,
-                                   fluency=not args.no_fluency, progress=not args.quiet, **options)
+        row = evaluate_counterfact(ctx, records, method=method, n=args.n, label=label, fluency=not args.no_fluency,
+                                   progress=not args.quiet, **{k: v for k, v in options.items()
+                                                               if not k.startswith("_")})
+        if method != "none":
+            row["settings"].update(variant=options["_variant"], source=options["_source"])
         rows.append(row)
         m, p = row["memit_argmax"], row["rome_probability"]
         print(f"{label}: argmax {m['efficacy']:.1f}/{m['paraphrase']:.1f}/{m['neighborhood']:.1f}  "
               f"P(new)>P(true) {p['efficacy']:.1f}/{p['paraphrase']:.1f}/{p['neighborhood']:.1f}  "
               f"revert failures {row['revert_failures']}  ({row['seconds']:.0f} s)", flush=True)
-    meta = {"model": args.model, "records": args.records or "blens_fast/data/counterfact/counterfact-edit.json",
-            "first_record": args.start, "n": args.n,
-            "description": f"Records {args.start}-{args.start + args.n - 1} of the CounterFact edit file, model "
+    meta = {"model": args.model, "records": args.records, "first_record": args.start, "n": args.n,
+            "description": f"Records {args.start}-{args.start + args.n - 1} of {args.records}, model "
                            f"`{args.model}`; percentages. Efficacy/paraphrase: the new object wins; neighborhood: "
                            "the true object still wins. Fluency: perplexity of true-fact sentences after each edit "
                            "(unedited value in brackets)."}
     json_path, md_path = write_results(rows, out, meta=meta)
     print(f"wrote {json_path} and {md_path}")
     if args.tradeoff:
-        from ..evaluate import run_tradeoff
-
         started = time.perf_counter()
-        paths = run_tradeoff(model, tokenizer, records, n=args.n, out_dir=out, progress=not args.quiet,
+        paths = run_tradeoff(ctx, records, n=args.n, out_dir=out, progress=not args.quiet, calibration=args.calibration,
                              reference_rows=json.loads(json_path.read_text())["rows"])  # with merged rows
         print(f"wrote {', '.join(map(str, paths))} ({time.perf_counter() - started:.0f} s)")
     return 0

@@ -4,34 +4,36 @@ Example: blens lens --prompt "The mother tongue of Danielle Darrieux is" --targe
 """
 from __future__ import annotations
 
-from ._common import add_layers_argument, add_model_argument, parse_layers
+from ._common import add_layers, add_projection, load, parse_layers
+
+OUT_HELP = "folder for lens.png, lens.html and the CSV tables (default: print only)"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt, e.g. 'The Eiffel Tower is in'")
-    parser.add_argument("--target", required=True, help="the target object, e.g. ' Paris' (a leading space is added if missing)")
-    add_model_argument(parser)
-    add_layers_argument(parser)
-    parser.add_argument("--k", type=int, default=10, help="tokens per list (default 10)")
-    parser.add_argument("--normalized", action="store_true", help="project unit-normalised vectors")
+    parser.add_argument("--target", required=True,
+                        help="the target object, e.g. ' Paris' (a leading space is added if missing)")
+    add_layers(parser)
+    add_projection(parser)
+    parser.add_argument("--loss", choices=("teacher_forced", "last_position"), default="teacher_forced",
+                        help="teacher_forced (default: ranks refer to the target's first token) or last_position "
+                             "(the paper authors' code: every target token scored at the prompt's last position, "
+                             "ranks refer to its last token)")
     parser.add_argument("--positions", choices=("last", "all"), default="last",
                         help="positions shown on the terminal (files always hold all)")
-    parser.add_argument("--out", default=None, help="directory for lens.png, lens.html and the CSV tables")
-    parser.add_argument("--impl", default="auto", help="projection implementation: auto, cpu, triton, cuda, torch")
 
 
 def run(args) -> int:
     from .._checks import as_str_list, check_positive_int
     from ..lens import lens
-    from ..models import load_model
 
-    as_str_list(args.prompt, "prompts")  # fail fast, before loading a model
-    as_str_list(args.target, "targets")
-    check_positive_int(args.k, "k")
+    as_str_list(args.prompt, "--prompt")  # fail fast, before loading a model
+    as_str_list(args.target, "--target")
+    check_positive_int(args.k, "--k")
     layers = parse_layers(args.layers)
-    model, tokenizer = load_model(args.model, device=args.device)
-    report = lens(model, tokenizer, args.prompt, args.target, layers=layers, k=args.k,
-                  normalized=args.normalized, impl=args.impl)
+    ctx = load(args)
+    report = lens(ctx, args.prompt, args.target, layers=layers, k=args.k, unit_norm=args.unit_norm, impl=args.impl,
+                  loss=args.loss)
     print(report.format(positions=args.positions))
     if args.out:
         written = report.save(args.out)

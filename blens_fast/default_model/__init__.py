@@ -5,8 +5,8 @@ No model hub is reachable from this project, so it ships its own small model: a 
 next-token language modelling, on the true facts of the first 2,000 records of the shipped
 CounterFact edit file (``blens_fast/data/counterfact/counterfact-edit.json``).
 
-Train it with ``python -m blens_fast.default_model.train`` and measure it with
-``python -m blens_fast.default_model.quality``.
+Load it with :func:`blens_fast.load_default_model`; train it with ``python -m blens_fast.default_model.train``
+and measure it with ``python -m blens_fast.default_model.quality``.
 
 The model was trained WITHOUT a leading BOS token: feed it the tokenizer's plain output.
 """
@@ -24,7 +24,6 @@ import torch
 MODEL_DIR = Path(__file__).resolve().parent
 TOKENIZER_DIR = MODEL_DIR / "tokenizer"
 WEIGHTS_FILE = "model.safetensors"
-COUNTERFACT_EDIT_PATH = MODEL_DIR.parent / "data" / "counterfact" / "counterfact-edit.json"
 
 TRAIN_RECORDS = 2000  # records [0, 2000) of the edit file are the training facts
 UNSEEN_RECORDS = (2000, 3000)  # records never seen in training, for the quality report
@@ -33,15 +32,10 @@ TRAIN_COMMAND = "python -m blens_fast.default_model.train"
 
 __all__ = [
     "MODEL_DIR",
-    "COUNTERFACT_EDIT_PATH",
     "TRAIN_RECORDS",
     "UNSEEN_RECORDS",
     "TRAIN_COMMAND",
     "load_default_tokenizer",
-    "load_default_model",
-    "load_counterfact",
-    "fact_texts",
-    "fact_queries",
     "first_token_top1",
 ]
 
@@ -60,61 +54,6 @@ def load_default_tokenizer():
     tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
-
-
-def load_default_model(dtype: torch.dtype = torch.float32, device="cpu", model_dir=None):
-    """Load the shipped model offline; return ``(model, tokenizer)`` with the model in eval mode.
-
-    ``model_dir`` defaults to this package folder (``config.json`` + ``model.safetensors``).
-    """
-    model_dir = Path(model_dir) if model_dir is not None else MODEL_DIR
-    if not (model_dir / WEIGHTS_FILE).is_file() or not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(
-            f"default model weights not found in {model_dir} (need config.json and {WEIGHTS_FILE}); "
-            f"train them with `{TRAIN_COMMAND}` run from the repository root "
-            "(about an hour on 1-2 CPU cores)"
-        )
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(
-        str(model_dir), local_files_only=True, dtype=dtype, use_safetensors=True
-    )
-    model.to(device)
-    model.eval()
-    return model, load_default_tokenizer()
-
-
-def load_counterfact(split_path=None) -> list[dict]:
-    """Load CounterFact records (EasyEdit layout); defaults to the shipped edit file."""
-    path = Path(split_path) if split_path is not None else COUNTERFACT_EDIT_PATH
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records")
-    return records
-
-
-def fact_queries(records: Iterable[dict], kind: str = "prompt") -> tuple[list[str], list[str]]:
-    """Return ``(prompts, objects)`` for one query kind: ``prompt``, ``rephrase_prompt`` or
-    ``locality_prompt``. Objects carry their leading space (``" French"``)."""
-    answer_key = "locality_ground_truth" if kind == "locality_prompt" else "ground_truth"
-    prompts, objects = [], []
-    for r in records:
-        prompts.append(r[kind])
-        objects.append(" " + r[answer_key])
-    return prompts, objects
-
-
-def fact_texts(records: Iterable[dict]) -> list[str]:
-    """The true-fact sentences of the records, three per record, in record order:
-    ``prompt + " " + ground_truth``, ``rephrase_prompt + " " + ground_truth`` and
-    ``locality_prompt + " " + locality_ground_truth``."""
-    texts = []
-    for r in records:
-        texts.append(r["prompt"] + " " + r["ground_truth"])
-        texts.append(r["rephrase_prompt"] + " " + r["ground_truth"])
-        texts.append(r["locality_prompt"] + " " + r["locality_ground_truth"])
-    return texts
 
 
 @torch.no_grad()

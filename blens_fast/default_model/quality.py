@@ -22,16 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import (
-    MODEL_DIR,
-    TRAIN_RECORDS,
-    UNSEEN_RECORDS,
-    fact_queries,
-    fact_texts,
-    first_token_top1,
-    load_counterfact,
-    load_default_model,
-)
+from ..context import load_model
+from ..counterfact.records import fact_queries, fact_texts, load as load_counterfact
+from . import MODEL_DIR, TRAIN_RECORDS, UNSEEN_RECORDS, first_token_top1
 
 
 @torch.no_grad()
@@ -122,7 +115,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     t0 = time.time()
-    model, tok = load_default_model(model_dir=args.model_dir)
+    model, tok = load_model(args.model_dir)
     records = load_counterfact()
     results = measure(model, tok, records)
     elapsed = time.time() - t0

@@ -16,7 +16,8 @@ is an ordinary full-vocabulary GPT-2; quality.py measures it with the full softm
 
 A resumable checkpoint (model, optimizer, scheduler, epoch, RNG states) is written atomically to
 ``<out>/checkpoint.pt`` after every epoch; at the end ``config.json`` + ``model.safetensors``
-(bf16) are written to ``--model-dir`` (default: this package folder) with ``training_info.json``
+(bf16) and the tokenizer are written to ``--model-dir`` (default: ``out/default_model``, a new folder: the shipped
+model is never overwritten unless named explicitly) with ``training_info.json``
 (command, wall time, loss and accuracy history).
 """
 
@@ -36,14 +37,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_write
+from ..counterfact.records import fact_queries, fact_texts, load as load_counterfact
 from . import (
-    MODEL_DIR,
     TRAIN_RECORDS,
     default_threads,
-    fact_queries,
-    fact_texts,
     first_token_top1,
-    load_counterfact,
     load_default_tokenizer,
 )
 
@@ -143,12 +142,6 @@ def lr_lambda_factory(warmup_steps, total_steps, min_ratio):
     return lr_lambda
 
 
-def atomic_torch_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def evaluate(model, tok, records, autocast):
     prompts, objects = fact_queries(records, "prompt")
     hits = first_token_top1(
@@ -167,7 +160,9 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--out", default=".cache/default_model_training", help="checkpoint folder (not shipped)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--model-dir", default=str(MODEL_DIR), help="where the final bf16 weights go")
+    p.add_argument("--model-dir", default="out/default_model",
+                   help="where the final bf16 weights and the tokenizer go (default: out/default_model; the shipped "
+                        "model's folder only when named explicitly)")
     p.add_argument("--max-records", type=int, default=TRAIN_RECORDS, help="train on records [0, N)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -252,7 +247,7 @@ def main(argv=None):
     if args.resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume given but {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         for key in ("epochs", "max_records", "batch_size", "seed", "n_layer", "n_embd", "softmax"):
             if ckpt["args"][key] != getattr(args, key):
                 raise ValueError(
@@ -331,7 +326,7 @@ def main(argv=None):
             )
         history.append(entry)
         elapsed = elapsed_before + (time.time() - session_start)
-        atomic_torch_save(
+        atomic_write(ckpt_path, lambda tmp: torch.save(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -343,8 +338,8 @@ def main(argv=None):
                 "history": history,
                 "args": vars(args),
             },
-            ckpt_path,
-        )
+            tmp,
+        ))
         print(f"checkpoint saved: {ckpt_path} (epoch {epoch + 1}, {format_secs(elapsed)} elapsed)", flush=True)
         if args.stop_after is not None and epoch + 1 >= args.stop_after and epoch + 1 < args.epochs:
             print(f"--stop-after {args.stop_after}: stopping; continue with --resume", flush=True)
@@ -362,6 +357,7 @@ def save_final(model, args, history, wall, command):
     model = model.to(torch.bfloat16)
     model.config.dtype = "bfloat16"
     model.save_pretrained(str(model_dir), safe_serialization=True)
+    load_default_tokenizer().save_pretrained(str(model_dir))  # the folder loads as `--model DIR` on its own
     weights = model_dir / "model.safetensors"
     size_mb = weights.stat().st_size / 1e6
     last = history[-1] if history else {}

@@ -1,85 +1,84 @@
-"""Loading the compiled kernels.
+"""The one loader of the compiled kernels.
 
-``blens_fast._C`` (C++, CPU) and ``blens_fast._C_cuda`` (CUDA) are built by ``setup.py``
-(``pip install --no-build-isolation -e .``). When the CPU extension was not built (a plain source
-checkout), :func:`cpu_extension` JIT-compiles ``csrc/cpu/topk_cpu.cpp`` once with
-``torch.utils.cpp_extension.load`` into a cache directory (``$BLENS_FAST_CACHE`` or
-``~/.cache/blens_fast``) and reuses it afterwards. The CUDA extension is never JIT-built here.
+``blens_fast._C`` (C++, CPU: the fused projection and the low-rank sketch op) and ``blens_fast._C_cuda`` (CUDA) are
+built by ``setup.py`` (``pip install --no-build-isolation -e .``). When ``_C`` was not built (a plain source
+checkout) it is JIT-compiled once from every ``csrc/cpu/*.cpp`` with ``torch.utils.cpp_extension.load`` into the
+package's cache folder (:func:`blens_fast._io.cache_dir`) and reused afterwards; ``BLENS_FAST_NO_JIT=1`` forbids
+that. The CUDA extension is never JIT-built. Importing an extension also registers its ``torch.library`` ops.
 """
 from __future__ import annotations
 
 import importlib
 import os
-import warnings
 from pathlib import Path
 
-_CACHE: dict[str, object] = {}
+_LOADED: dict[str, object] = {}
 _ERRORS: dict[str, str] = {}
 
 _REPO = Path(__file__).resolve().parents[2]
-# every C++ source setup.py compiles into blens_fast._C (the top-k kernel defines the Python module)
-CPU_SOURCES = sorted((_REPO / "csrc" / "cpu").glob("*.cpp")) or [_REPO / "csrc" / "cpu" / "topk_cpu.cpp"]
+#: every C++ source setup.py compiles into blens_fast._C
+CPU_SOURCES = sorted((_REPO / "csrc" / "cpu").glob("*.cpp"))
 
 
-def cache_dir() -> Path:
+def build_dir() -> Path:
     import torch
 
-    root = Path(os.environ.get("BLENS_FAST_CACHE", Path.home() / ".cache" / "blens_fast"))
-    return root / f"torch-{torch.__version__.replace('+', '_')}"
+    from .._io import cache_dir
+
+    return cache_dir() / f"torch-{torch.__version__.replace('+', '_')}" / "blens_fast_C"
 
 
 def _jit_build_cpu():
     from torch.utils import cpp_extension
 
-    missing = [str(p) for p in CPU_SOURCES if not p.exists()]
-    if missing:
-        raise RuntimeError(f"blens_fast._C is not built and its sources are missing ({', '.join(missing)}); "
-                           "reinstall with `pip install --no-build-isolation -e .` from a source checkout")
-    build = cache_dir() / "blens_fast_C"
-    build.mkdir(parents=True, exist_ok=True)
+    if not CPU_SOURCES:
+        raise RuntimeError(f"the C++ sources are missing ({_REPO / 'csrc' / 'cpu'}); reinstall with "
+                           "`pip install --no-build-isolation -e .` from a source checkout")
+    folder = build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name="blens_fast_C", sources=[str(p) for p in CPU_SOURCES],
                               extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                              build_directory=str(build), verbose=False)
+                              build_directory=str(folder), verbose=False)
 
 
-def cpu_extension(required: bool = True):
-    """The C++ CPU extension, JIT-built if needed; ``None`` (with one warning) when unavailable and not ``required``."""
-    if "cpu" not in _CACHE and "cpu" not in _ERRORS:
+def _load(kind: str) -> None:
+    if kind in _LOADED or kind in _ERRORS:
+        return
+    if kind == "cpu":
         try:
-            _CACHE["cpu"] = importlib.import_module("blens_fast._C")
+            _LOADED["cpu"] = importlib.import_module("blens_fast._C")
         except ImportError:
             if os.environ.get("BLENS_FAST_NO_JIT"):
                 _ERRORS["cpu"] = "blens_fast._C is not built and BLENS_FAST_NO_JIT is set"
-            else:
-                try:
-                    _CACHE["cpu"] = _jit_build_cpu()
-                except Exception as exc:  # compiler missing, headers missing, ...
-                    _ERRORS["cpu"] = f"building the C++ extension failed: {type(exc).__name__}: {exc}"
-                    if not required:
-                        warnings.warn(f"blens_fast: {_ERRORS['cpu']}; using the torch implementation", stacklevel=3)
-    if "cpu" in _CACHE:
-        return _CACHE["cpu"]
-    if required:
-        raise RuntimeError(f"impl='cpu' is unavailable: {_ERRORS['cpu']}. Build it with "
-                           "`pip install --no-build-isolation -e .` (needs a C++ compiler), or use impl='torch'")
-    return None
-
-
-def cuda_extension(required: bool = True):
-    """The CUDA extension built by setup.py; ``None`` when absent (or no GPU) and not ``required``."""
+                return
+            try:
+                _LOADED["cpu"] = _jit_build_cpu()
+            except Exception as error:  # noqa: BLE001 - compiler or headers missing: report, fall back to torch
+                _ERRORS["cpu"] = f"building the C++ extension failed ({type(error).__name__}: {error})"
+        return
     import torch
 
-    if "cuda" not in _CACHE and "cuda" not in _ERRORS:
-        if not torch.cuda.is_available():
-            _ERRORS["cuda"] = "no CUDA device is available"
-        else:
-            try:
-                _CACHE["cuda"] = importlib.import_module("blens_fast._C_cuda")
-            except ImportError as exc:
-                _ERRORS["cuda"] = (f"blens_fast._C_cuda is not built ({exc}); build with a CUDA torch and nvcc: "
-                                   "`pip install --no-build-isolation -e .`")
-    if "cuda" in _CACHE:
-        return _CACHE["cuda"]
-    if required:
-        raise RuntimeError(f"impl='cuda' is unavailable: {_ERRORS['cuda']}")
-    return None
+    if not torch.cuda.is_available():
+        _ERRORS["cuda"] = "no CUDA device is available"
+        return
+    _load("cpu")  # the CUDA kernels register into the op schema the C++ extension defines
+    try:
+        _LOADED["cuda"] = importlib.import_module("blens_fast._C_cuda")
+    except ImportError as error:
+        _ERRORS["cuda"] = (f"blens_fast._C_cuda is not built ({error}); build it with a CUDA torch and nvcc: "
+                           "`pip install --no-build-isolation -e .`")
+
+
+def unavailable(kind: str) -> str | None:
+    """Why the ``kind`` extension (``"cpu"`` or ``"cuda"``) cannot be used here, or None when it can."""
+    _load(kind)
+    return _ERRORS.get(kind) if kind not in _LOADED else None
+
+
+def extension(kind: str):
+    """The loaded ``kind`` extension module; a ``RuntimeError`` saying why when it cannot be loaded."""
+    reason = unavailable(kind)
+    if reason:
+        raise RuntimeError(f"the {kind} extension is unavailable: {reason}. Build it with "
+                           "`pip install --no-build-isolation -e .`, or use impl='torch'")
+    return _LOADED[kind]

@@ -9,103 +9,78 @@ For examples whose factors are stacked row-wise (example ``e`` owns rows ``offse
 * adds, in place, ``A^T (B right)`` to ``y`` (``p x s1``) and ``(A left_t)^T B`` to ``w`` (``s2 x q``).
 
 No ``p x q`` matrix is formed: the cost is ``O(N (p + q) (s1 + s2))`` for the sketches plus
-``O(sum_e T_e^2 (p + q))`` for the norms. ``impl``: ``"torch"`` (the reference, products in the
-accumulators' dtype), ``"cpu"`` (C++ op ``torch.ops.blens_fast.lowrank_sketch_update``), ``"cuda"`` (the same
-op's CUDA kernel), ``"triton"``, or ``"auto"`` (CUDA tensors: the CUDA op if built, else Triton; CPU
-tensors: the C++ op if built, else torch). Every impl returns what ``"torch"`` returns, to float32
-rounding.
+``O(sum_e T_e^2 (p + q))`` for the norms. ``impl``: ``"torch"`` (the reference, products in the accumulators'
+dtype), ``"cpu"`` (the C++ ``torch.library`` op ``blens_fast::lowrank_sketch_update``), ``"cuda"`` (the same op's
+CUDA kernel), ``"triton"``, or ``"auto"`` (the registry's policy, :mod:`blens_fast.ops.registry`). Every impl
+returns what ``"torch"`` returns, to float32 rounding.
 """
 from __future__ import annotations
 
 import functools
-import os
-import warnings
-from pathlib import Path
 
 import torch
 
-from .._checks import check_choice, check_tensor
+from .._checks import check_tensor
+from . import _extension
 from .lowrank_reference import sketch_update_reference
+from .registry import Implementation, Operation, triton_unavailable
 
-IMPLS = ("auto", "cuda", "triton", "cpu", "torch")
-_OP_NAME = "lowrank_sketch_update"
-_REPO = Path(__file__).resolve().parents[2]
-
-
-def _op_registered() -> bool:
-    try:
-        return hasattr(torch.ops.blens_fast, _OP_NAME)
-    except (AttributeError, RuntimeError):
-        return False
+_OP = "lowrank_sketch_update"
 
 
 @functools.lru_cache(maxsize=None)
-def _load_extensions() -> bool:
-    """Load the compiled extensions (importing them registers the op); True when the op exists afterwards.
-
-    Order: ``blens_fast._C`` and ``_C_cuda`` through the package's loader (``blens_fast.ops._extension``,
-    which may JIT-build ``_C``; both, even when the op is already registered: ``_C`` alone registers it
-    without its CUDA kernel); then, unless ``BLENS_FAST_NO_JIT`` is set, a JIT build of
-    ``csrc/cpu/lowrank_cpu.cpp`` alone (a source checkout whose ``_C`` lacks this op).
-    """
+def _has_kernel(dispatch_key: str) -> bool:
+    """Whether the compiled op has a kernel for ``dispatch_key`` (loading the extensions first)."""
+    _extension.unavailable("cpu")
+    if dispatch_key == "CUDA":
+        _extension.unavailable("cuda")
     try:
-        from . import _extension
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _extension.cpu_extension(required=False)
-            if torch.cuda.is_available():
-                _extension.cuda_extension(required=False)
-    except Exception:  # noqa: BLE001 - a missing build only narrows the choice of impl
-        pass
-    if not _op_registered() and not os.environ.get("BLENS_FAST_NO_JIT"):
-        try:
-            _jit_build()
-        except Exception:  # noqa: BLE001
-            pass
-    return _op_registered()
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"blens_fast::{_OP}", dispatch_key)
+    except RuntimeError:  # the op is not registered at all
+        return False
+    _register_fake()
+    return found
 
 
-def _jit_build() -> None:
-    from torch.utils.cpp_extension import load
-
-    source = _REPO / "csrc" / "cpu" / "lowrank_cpu.cpp"
-    if not source.is_file():
-        return
-    root = Path(os.environ.get("BLENS_FAST_CACHE", Path.home() / ".cache" / "blens_fast"))
-    build_dir = root / f"torch-{torch.__version__.replace('+', '_')}" / "blens_fast_lowrank_cpu"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    load(name="blens_fast_lowrank_cpu", sources=[str(source)], extra_cflags=["-O3"], is_python_module=False,
-         build_directory=str(build_dir), verbose=False)
+@functools.lru_cache(maxsize=None)
+def _register_fake() -> None:
+    """Shapes of the compiled op for fake tensors and ``torch.compile``: it writes ``y`` and ``w`` in place and
+    returns one float64 norm per example."""
+    @torch.library.register_fake(f"blens_fast::{_OP}")
+    def _(a, b, offsets, right, left_t, y, w):
+        return a.new_empty((offsets.shape[0] - 1,), dtype=torch.float64)
 
 
-def build_cpu_extension_jit() -> bool:
-    """Make sure the C++ op is available (JIT-building ``csrc/cpu/lowrank_cpu.cpp`` if needed); True if it is."""
-    if _load_extensions():
-        return True
-    _jit_build()
-    _load_extensions.cache_clear()
-    return _load_extensions()
+def _kernel_check(dispatch_key: str):
+    def check(device, **facts):
+        if _has_kernel(dispatch_key):
+            return None
+        kind = "cpu" if dispatch_key == "CPU" else "cuda"
+        return _extension.unavailable(kind) or f"the compiled extension has no {dispatch_key} kernel of {_OP}"
+    return check
 
 
-def has_cpu_op() -> bool:
-    return _load_extensions() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"blens_fast::{_OP_NAME}", "CPU")
+def _compiled(a, b, offsets, right, left_t, y, w):
+    return getattr(torch.ops.blens_fast, _OP)(a, b, offsets.to(a.device), right, left_t, y, w)
 
 
-def has_cuda_op() -> bool:
-    return _load_extensions() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"blens_fast::{_OP_NAME}", "CUDA")
+def _triton(a, b, offsets, right, left_t, y, w):
+    from .triton.lowrank import sketch_update_triton
+
+    return sketch_update_triton(a, b, offsets.to(a.device), right, left_t, y, w)
 
 
-def _triton_available(device: torch.device) -> bool:
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _torch(a, b, offsets, right, left_t, y, w):
+    return sketch_update_reference(a, b, offsets, right, left_t, y, w, compute_dtype=torch.float32)
+
+
+SKETCH = Operation("sketch_update", [
+    Implementation("torch", _torch, ("cpu", "cuda")),
+    Implementation("cpu", _compiled, ("cpu",), _kernel_check("CPU")),
+    Implementation("triton", _triton, ("cuda", "cpu"), lambda device, **facts: triton_unavailable(device)),
+    Implementation("cuda", _compiled, ("cuda",), _kernel_check("CUDA")),
+])
+IMPLS = SKETCH.choices
 
 
 def check_sketch_args(a, b, offsets, right, left_t, y, w) -> None:
@@ -142,39 +117,8 @@ def check_sketch_args(a, b, offsets, right, left_t, y, w) -> None:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    check_choice(impl, "impl", IMPLS)
-    if impl != "auto":
-        return impl
-    if device.type == "cuda":
-        return "cuda" if has_cuda_op() else "triton"
-    return "cpu" if has_cpu_op() else "torch"
-
-
 def sketch_update(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, right: torch.Tensor,
                   left_t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """Add the batch's sketches to ``y`` and ``w`` in place; return its per-example ``||A_e^T B_e||_F^2``."""
     check_sketch_args(a, b, offsets, right, left_t, y, w)
-    impl = resolve_impl(impl, a.device)
-    if impl == "torch":
-        return sketch_update_reference(a, b, offsets, right, left_t, y, w, compute_dtype=torch.float32)
-    if impl == "triton":
-        if not _triton_available(a.device):
-            raise ValueError("impl='triton' needs a CUDA device or TRITON_INTERPRET=1 (set before triton is imported)")
-        from .triton.lowrank import sketch_update_triton
-
-        return sketch_update_triton(a, b, offsets.to(a.device), right, left_t, y, w)
-    if impl == "cpu":
-        if a.device.type != "cpu":
-            raise ValueError(f"impl='cpu' needs CPU tensors, got {a.device}")
-        if not has_cpu_op():
-            raise ValueError("impl='cpu' needs the compiled extension blens_fast._C (build with "
-                             "`pip install --no-build-isolation -e .`), or call "
-                             "blens_fast.ops.lowrank.build_cpu_extension_jit() once")
-    if impl == "cuda":
-        if a.device.type != "cuda":
-            raise ValueError(f"impl='cuda' needs CUDA tensors, got {a.device}")
-        if not has_cuda_op():
-            raise ValueError("impl='cuda' needs the compiled extension blens_fast._C_cuda (built when setup.py "
-                             "finds a CUDA torch)")
-    return torch.ops.blens_fast.lowrank_sketch_update(a, b, offsets.to(a.device), right, left_t, y, w)
+    return SKETCH.resolve(impl, a.device).run(a, b, offsets, right, left_t, y, w)

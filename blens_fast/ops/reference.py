@@ -10,8 +10,10 @@ Each returns :class:`Lists`: the top-k and/or bottom-k, the log-sum-exp, and the
 rank) that one pass yields. Both implement the package-wide selection rule exactly: values sorted (descending for ``largest``,
 ascending otherwise), **ties go to the lower vocabulary index** (``torch.topk`` itself does not
 promise that on the CPU, so rows whose k-th value is tied outside the selection are re-selected
-with a stable sort), and the log-sum-exp of the whole row. The final norm reference is
-:meth:`blens_fast.adapters.Lens.normalize`; it is not duplicated here.
+with a stable sort), and the log-sum-exp of the whole row. Logits are float32 sums of the exact products of the
+inputs whatever their dtype (16-bit inputs are upcast, never multiplied by a GEMM that rounds its output to 16 bits):
+the contract every implementation meets. :func:`normalize_rows` is the reference of the norm prologue (and of
+:meth:`blens_fast.adapters.Lens.normalize`).
 """
 from __future__ import annotations
 
@@ -23,12 +25,46 @@ import torch
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
+#: vocabulary rows of a 16-bit weight upcast at a time by :func:`logits_block`
+UPCAST_ROWS = 8192
+
+
 def logits_block(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``hidden @ weight.T (+ bias)`` in the inputs' dtype (torch's own GEMM), returned as float32."""
-    logits = torch.matmul(hidden, weight.t()).float()
+    """``hidden @ weight.T (+ bias)`` as float32 sums of the inputs' exact products: 16-bit inputs are upcast (the
+    weight :data:`UPCAST_ROWS` vocabulary rows at a time, so no float32 copy of the whole matrix is made)."""
+    h = hidden.float()
+    if weight.dtype == torch.float32:
+        logits = h @ weight.t()
+    else:
+        logits = torch.empty(h.shape[:-1] + (weight.shape[0],), dtype=torch.float32, device=h.device)
+        for v in range(0, weight.shape[0], UPCAST_ROWS):
+            logits[..., v:v + UPCAST_ROWS] = h @ weight[v:v + UPCAST_ROWS].float().t()
     if bias is not None:
         logits = logits + bias.float()
     return logits
+
+
+def normalize_rows(hidden: torch.Tensor, norm_kind, eps: float, unit: bool = False, norm_weight=None,
+                   norm_bias=None) -> torch.Tensor:
+    """The reference norm in float32: optional unit L2 normalisation (``F.normalize``), then LayerNorm
+    (``norm_kind="layernorm"``, biased variance) or RMSNorm (``"rmsnorm"``) with ``eps``, times ``norm_weight``,
+    plus ``norm_bias``; ``norm_kind=None``: no norm (weight and bias ignored)."""
+    h = hidden.float()
+    if unit:
+        h = torch.nn.functional.normalize(h, dim=-1)
+    if norm_kind is None:
+        return h
+    if norm_kind == "layernorm":
+        h = torch.nn.functional.layer_norm(h, (h.shape[-1],), eps=eps)
+    elif norm_kind == "rmsnorm":
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        raise ValueError(f"norm_kind={norm_kind!r}: expected 'layernorm', 'rmsnorm' or None")
+    if norm_weight is not None:
+        h = h * norm_weight.float()
+    if norm_bias is not None:
+        h = h + norm_bias.float()
+    return h
 
 
 def select_topk(logits: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

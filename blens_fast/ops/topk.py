@@ -1,38 +1,44 @@
 """Fused top-k vocabulary projection: ``topk(norm(h) @ W.T + b)`` without the ``N x V`` logits.
 
-One public call, :func:`topk_logits`, with an ``impl=`` switch; arguments are checked here, the
-kernels live in their own files:
+Public calls, each with an ``impl=`` switch resolved by one registry (:mod:`blens_fast.ops.registry`):
+:func:`topk_logits` (one list) and :func:`topk_bottomk_logits` (top-k, bottom-k, log-sum-exp and target ranks in
+one pass). Arguments are checked here; the kernels live in their own files:
 
 ========== ==========================================================================================
-``torch``  reference: chunked ``matmul`` + ``torch.topk`` (memory bounded by one chunk of logits)
+``torch``  reference: chunked float32 ``matmul`` + ``torch.topk`` (memory bounded by one chunk of logits)
 ``naive``  the full ``N x V`` logits + selection (comparison only)
-``cpu``    C++ (``csrc/cpu/topk_cpu.cpp``): cache-sized blocks, each block's GEMM through torch's
-           BLAS, then a threshold selection and online log-sum-exp while the block is hot
+``cpu``    C++ (``csrc/cpu/topk_cpu.cpp``): cache-sized blocks, each block's GEMM through torch's BLAS,
+           then a threshold selection and online log-sum-exp while the block is hot
 ``triton`` Triton (``ops/triton/topk.py``): GEMM tiles, per-tile top-k merged into a running top-k
-``cuda``   CUDA (``csrc/cuda/topk_kernel.cu``): tensor-core tile GEMM + warp-level top-k
-``auto``   the fastest one available for the tensors' device (GPU: Triton, then CUDA), falling back
+``cuda``   CUDA (``csrc/cuda/``): tensor-core tile GEMM + warp-level top-k
+``auto``   the registry's choice for the tensors' device (measured table on GPUs, else its default order)
 ========== ==========================================================================================
+
+The dispatch runs inside the ``torch.library`` op ``blens_fast::topk_bottomk`` (with a fake implementation, so
+the call traces under fake tensors and ``torch.compile``).
 
 Semantics shared by every implementation (the tests check each against the reference):
 
-* values are float32 logits (float32 accumulation whatever the input dtype), sorted descending for
-  ``largest=True`` and ascending otherwise; indices are int64; ``logsumexp`` is over the whole row,
-  so ``exp(values - logsumexp)`` are exact softmax probabilities (also for the bottom-k);
+* values are float32 logits, the float32 sums of the exact products of the inputs (16-bit inputs are never
+  multiplied by a GEMM that rounds to 16 bits), sorted descending for ``largest=True`` and ascending otherwise;
+  indices are int64; ``logsumexp`` is over the whole row, so ``exp(values - logsumexp)`` are exact softmax
+  probabilities (also for the bottom-k);
 * **ties go to the lower vocabulary index**;
-* **NaN policy: an error.** A row whose logits contain NaN or +-inf (NaN/inf in ``hidden``, ``weight``
-  or ``bias``, or float overflow) has a non-finite log-sum-exp; :func:`topk_logits` raises
-  ``ValueError`` naming the rows instead of returning a selection that means nothing. A finite
-  ``-inf`` bias (masking tokens) is fine as long as the row keeps finite logits.
+* **NaN policy: an error.** A row whose logits contain NaN or +-inf (NaN/inf in ``hidden``, ``weight`` or ``bias``,
+  or float overflow) has a non-finite log-sum-exp; the calls raise ``ValueError`` naming the rows instead of
+  returning a selection that means nothing. A finite ``-inf`` bias (masking tokens) is fine as long as the row
+  keeps finite logits.
 * ``hidden`` may have leading batch dimensions ``(..., d)``; the results keep them.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from . import reference
+from .registry import Implementation, Operation, extension_unavailable, triton_unavailable
 
 IMPLS = ("auto", "torch", "naive", "cpu", "triton", "cuda")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -176,14 +182,26 @@ class TopBottomK:
 @dataclass(frozen=True)
 class Prologue:
     """The normalisation a fused kernel applies to each loaded block of ``hidden``:
-    ``x = (h * a[row] - c[row]) * norm_weight + norm_bias``, then rounded to the weight dtype.
-    Built by :func:`blens_fast.project` from :func:`reference.row_norm_coefficients`."""
+    ``x = (h * a[row] - c[row]) * norm_weight + norm_bias``, then rounded to the weight dtype (``a``, ``c`` from
+    :func:`reference.row_norm_coefficients`). ``norm_kind``, ``eps`` and ``unit`` describe the same norm for the
+    torch reference (:func:`reference.normalize_rows`)."""
 
     a: torch.Tensor
     c: torch.Tensor
-    norm_weight: torch.Tensor | None = None
-    norm_bias: torch.Tensor | None = None
-    reference: object = field(default=None, compare=False)  # callable(h_chunk) -> normalised, for torch impls
+    norm_weight: torch.Tensor | None
+    norm_bias: torch.Tensor | None
+    norm_kind: str | None
+    eps: float
+    unit: bool
+
+    @classmethod
+    def build(cls, hidden: torch.Tensor, norm_kind, eps: float, unit: bool, norm_weight=None, norm_bias=None):
+        """The prologue of rows ``hidden`` (N x d): one read of them for two float32 coefficients per row."""
+        with torch.no_grad():
+            a, c = reference.row_norm_coefficients(hidden, norm_kind, eps, unit)
+        weight = norm_weight.detach().float().contiguous() if norm_kind and norm_weight is not None else None
+        bias = norm_bias.detach().float().contiguous() if norm_kind and norm_bias is not None else None
+        return cls(a, c, weight, bias, norm_kind, float(eps), bool(unit))
 
     def apply(self, hidden: torch.Tensor, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """The kernels' normalisation of ``hidden[rows]`` in float32 (before rounding to the weight dtype)."""
@@ -194,17 +212,33 @@ class Prologue:
             x = x + self.norm_bias
         return x
 
+    def reference(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The reference norm of rows ``hidden`` (what the torch implementations apply)."""
+        return reference.normalize_rows(hidden, self.norm_kind, self.eps, self.unit, self.norm_weight,
+                                        self.norm_bias)
+
+
+@dataclass(frozen=True)
+class CpuTuning:
+    """Block sizes and GEMM mode of the C++ kernel (0 = chosen from the shapes; ``gemm_mode`` 1: float32 GEMM on
+    upcast 16-bit blocks, 2: the 16-bit batch-reduce GEMM with float32 output; see csrc/cpu/topk_cpu.cpp)."""
+
+    block_rows: int = 0
+    block_vocab: int = 0
+    gemm_mode: int = 0
+
 
 # ---------------------------------------------------------------------------------------
 def topk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, k: int = 10,
-                largest: bool = True, impl: str = "auto") -> TopK:
+                largest: bool = True, impl: str = "auto", tuning: CpuTuning | None = None) -> TopK:
     """Exact top-k (``largest=False``: bottom-k) of ``hidden @ weight.T (+ bias)`` per row, fused.
 
     ``hidden``: ``(..., d)``; ``weight``: ``V x d`` (an ``lm_head``), same floating dtype (float32,
     bfloat16 or float16) and device; ``bias``: ``V`` or None. Returns a :class:`TopK`. See the module
     docstring for the tie rule (lower index wins) and the NaN policy (``ValueError``).
     """
-    return one_list(largest, lambda **which: topk_bottomk_logits(hidden, weight, bias, k=k, impl=impl, **which))
+    return one_list(largest, lambda **which: topk_bottomk_logits(hidden, weight, bias, k=k, impl=impl, tuning=tuning,
+                                                                 **which))
 
 
 def one_list(largest: bool, compute) -> TopK:
@@ -218,7 +252,7 @@ def one_list(largest: bool, compute) -> TopK:
 
 def topk_bottomk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                         k: int = 10, top: bool = True, bottom: bool = True, targets=None,
-                        impl: str = "auto") -> TopBottomK:
+                        impl: str = "auto", tuning: CpuTuning | None = None) -> TopBottomK:
     """Top-k and bottom-k of ``hidden @ weight.T (+ bias)`` per row, and the rank of a target token per row, in
     **one** pass over the vocabulary (one GEMM): a :class:`TopBottomK`.
 
@@ -226,11 +260,12 @@ def topk_bottomk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     Arguments otherwise as in :func:`topk_logits`. A target's rank is exact up to float32 rounding: its logit
     is computed on its own, so tokens within rounding of it may fall either way.
     """
-    hidden, weight, bias, k, lead = _check(hidden, weight, bias, k, impl, top=top, bottom=bottom)
+    hidden, weight, bias, k, lead = check_projection(hidden, weight, bias, k, impl, top=top, bottom=bottom)
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: expected the same dtype")
-    return _run(hidden, weight, bias, k, impl, lead, top=top, bottom=bottom,
-                targets=check_targets(targets, lead, weight.shape[0], weight.device), prologue=None)
+    return run_projection(hidden, weight, bias, k, impl, lead, top=top, bottom=bottom,
+                          targets=check_targets(targets, lead, weight.shape[0], weight.device), prologue=None,
+                          tuning=tuning)
 
 
 def check_targets(targets, lead: tuple[int, ...], vocab: int, device) -> torch.Tensor | None:
@@ -255,7 +290,9 @@ def check_targets(targets, lead: tuple[int, ...], vocab: int, device) -> torch.T
     return t.contiguous()
 
 
-def _check(hidden, weight, bias, k, impl, *, top=True, bottom=False):
+def check_projection(hidden, weight, bias, k, impl, *, top=True, bottom=False):
+    """Validate a projection's arguments (each message names the bad value and what was expected); returns
+    ``(hidden as N x d, weight, bias, k, leading shape)``."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}")
     for name, flag in (("top", top), ("bottom", bottom)):
@@ -293,65 +330,6 @@ def _check(hidden, weight, bias, k, impl, *, top=True, bottom=False):
     return hidden.reshape(-1, d), weight, bias, k, lead
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def available_impls(device: torch.device | str = "cpu") -> list[str]:
-    """The implementations usable for tensors on ``device`` in this environment, fastest first."""
-    from . import _extension
-
-    device = torch.device(device)
-    out = []
-    if device.type == "cuda":
-        if _triton_available():
-            out.append("triton")
-        if _extension.cuda_extension(required=False) is not None:
-            out.append("cuda")
-    else:
-        if _extension.cpu_extension(required=False) is not None:
-            out.append("cpu")
-        if _interpreting() and _triton_available():
-            out.append("triton")
-    return out + ["torch", "naive"]
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _resolve_impl(impl, device, k):
-    from . import _extension
-
-    if impl == "auto":
-        if device.type == "cuda":
-            # Triton first: on an H200 it ran at ~220 TFLOP/s (bf16, d=4096, N=4096) where the CUDA kernel's
-            # simple WMMA GEMM reached ~18 TFLOP/s (N=288); see benchmarks/results/gpu_h200_triton_topk.md.
-            if k <= GPU_MAX_K:
-                if _triton_available():
-                    return "triton"
-                if _extension.cuda_extension(required=False) is not None:
-                    return "cuda"
-            return "torch"
-        if device.type == "cpu" and _extension.cpu_extension(required=False) is not None:
-            return "cpu"
-        return "torch"
-    if impl == "cpu" and device.type != "cpu":
-        raise ValueError(f"impl='cpu' needs CPU tensors, got tensors on {device}")
-    if impl == "cuda" and device.type != "cuda":
-        raise ValueError(f"impl='cuda' needs CUDA tensors, got tensors on {device}")
-    if impl == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
-        raise ValueError(f"impl='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
-                         f"got tensors on {device}")
-    if impl in ("cuda", "triton") and k > GPU_MAX_K:
-        raise ValueError(f"impl={impl!r} supports k <= {GPU_MAX_K}, got k={k}: use impl='auto' or 'torch'")
-    return impl
-
-
 def target_logits(hidden, weight, bias, targets, prologue, chunk_rows: int = 1024) -> torch.Tensor:
     """Each row's logit for its target, the way the kernels compute logits: the row normalised by the prologue
     and rounded to the weight dtype, times the target's weight row, in float32 (+ bias); ``chunk_rows`` rows at
@@ -364,21 +342,23 @@ def target_logits(hidden, weight, bias, targets, prologue, chunk_rows: int = 102
     return out + bias[targets].float() if bias is not None else out
 
 
-def _run(hidden, weight, bias, k, impl, lead, *, top, bottom, targets, prologue) -> TopBottomK:
+def run_projection(hidden, weight, bias, k, impl, lead, *, top, bottom, targets, prologue,
+                   tuning: CpuTuning | None = None) -> TopBottomK:
+    """The checked one-pass projection of ``hidden`` (N x d) through ``impl``, results shaped by ``lead``."""
     n = hidden.shape[0]
-    dev = weight.device
     if not (top or bottom or targets is not None):
         raise ValueError("nothing to compute: ask for top=True, bottom=True or targets")
+    chosen = TOPK.resolve(impl, weight.device, k=k, n=n, d=weight.shape[1], v=weight.shape[0], dtype=weight.dtype)
+    tuning = tuning or CpuTuning()
     with torch.no_grad():
         tau = target_logits(hidden, weight, bias, targets, prologue) if targets is not None else None
-        if n == 0:
-            empty_k = (torch.empty(0, k, device=dev), torch.empty(0, k, dtype=torch.int64, device=dev))
-            lists = reference.Lists(*(empty_k if top else (None, None)), *(empty_k if bottom else (None, None)),
-                                    torch.empty(0, device=dev),
-                                    torch.empty(0, 3, dtype=torch.int64, device=dev) if targets is not None else None)
-        else:
-            name = _resolve_impl(impl, dev, k)
-            lists = reference.Lists(*_DISPATCH[name](hidden, weight, bias, k, top, bottom, targets, tau, prologue))
+        p = prologue
+        outputs = torch.ops.blens_fast.topk_bottomk(
+            hidden, weight, bias, *((p.a, p.c, p.norm_weight, p.norm_bias) if p else (None,) * 4),
+            (p.norm_kind or "") if p else "", p.eps if p else 0.0, p.unit if p else False, targets, tau, k, top,
+            bottom, chosen.name, tuning.block_rows, tuning.block_vocab, tuning.gemm_mode)
+    lists = reference.Lists(*(None if not wanted else t for t, wanted in
+                              zip(outputs, (top, top, bottom, bottom, True, targets is not None))))
     lse = lists.logsumexp
     bad = ~torch.isfinite(lse)
     if bool(bad.any()):
@@ -401,20 +381,65 @@ def _run(hidden, weight, bias, k, impl, lead, *, top, bottom, targets, prologue)
                       None if tau is None else tau.reshape(lead), *ranks)
 
 
+# -- the torch.library op ------------------------------------------------------------------
+@torch.library.custom_op("blens_fast::topk_bottomk", mutates_args=())
+def _topk_bottomk_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     row_a: Optional[torch.Tensor], row_c: Optional[torch.Tensor],
+                     norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor], norm_kind: str,
+                     eps: float, unit: bool, targets: Optional[torch.Tensor], target_logits: Optional[torch.Tensor],
+                     k: int, top: bool, bottom: bool, impl: str, block_rows: int, block_vocab: int,
+                     gemm_mode: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                              torch.Tensor]:
+    """One pass of implementation ``impl`` (resolved, not "auto"): the six fields of :class:`reference.Lists`, lists
+    not asked for and counts without targets as empty ``0 x k`` / ``0 x 3`` tensors."""
+    prologue = None if row_a is None else Prologue(row_a, row_c, norm_weight, norm_bias, norm_kind or None, eps,
+                                                   unit)
+    n = hidden.shape[0]
+    if n == 0:
+        found = reference.Lists(None, None, None, None, torch.empty(0, device=hidden.device), None)
+    else:
+        found = TOPK.implementations[impl].run(hidden, weight, bias, k, top, bottom, targets, target_logits,
+                                               prologue, CpuTuning(block_rows, block_vocab, gemm_mode))
+    return _dense_outputs(found, n, k, hidden.device)
+
+
+def _dense_outputs(found: reference.Lists, n: int, k: int, device) -> tuple:
+    """:class:`reference.Lists` with every absent field as an empty tensor of the op's fixed output dtypes."""
+    def or_empty(t, width, dtype):
+        return torch.empty(0, width, dtype=dtype, device=device) if t is None else t.contiguous()
+
+    return (or_empty(found.top_values, k, torch.float32), or_empty(found.top_indices, k, torch.int64),
+            or_empty(found.bottom_values, k, torch.float32), or_empty(found.bottom_indices, k, torch.int64),
+            found.logsumexp.float().contiguous(), or_empty(found.target_counts, 3, torch.int64))
+
+
+@_topk_bottomk_op.register_fake
+def _(hidden, weight, bias, row_a, row_c, norm_weight, norm_bias, norm_kind, eps, unit, targets, target_logits, k,
+      top, bottom, impl, block_rows, block_vocab, gemm_mode):
+    n = hidden.shape[0]
+
+    def rows(wanted, width, dtype):
+        return hidden.new_empty((n if wanted else 0, width), dtype=dtype)
+
+    return (rows(top, k, torch.float32), rows(top, k, torch.int64), rows(bottom, k, torch.float32),
+            rows(bottom, k, torch.int64), hidden.new_empty((n,), dtype=torch.float32),
+            rows(targets is not None, 3, torch.int64))
+
+
 # -- implementations ----------------------------------------------------------------------
 # Each takes (hidden N x d, weight, bias, k, top, bottom, targets (N) or None, target logits (N) or None,
-# prologue or None) and returns the six fields of reference.Lists.
-def _impl_torch(hidden, weight, bias, k, top, bottom, targets, tau, prologue, naive=False):
+# prologue or None, CpuTuning) and returns a reference.Lists.
+def _impl_torch(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning, naive=False):
     n, v = hidden.shape[0], weight.shape[0]
     rows = n if naive else max(1, reference.DEFAULT_CHUNK_ELEMENTS // max(v, 1))
-    # with a prologue: the reference norm (Lens.normalize) per chunk, rounded to the weight dtype like the model
+    # with a prologue: the reference norm per chunk, rounded to the weight dtype like the model's own norm output
     return reference.chunked_lists(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
                                    target_logits=tau, chunk_rows=rows,
                                    normalize=None if prologue is None else prologue.reference)
 
 
-def _impl_naive(hidden, weight, bias, k, top, bottom, targets, tau, prologue):
-    return _impl_torch(hidden, weight, bias, k, top, bottom, targets, tau, prologue, naive=True)
+def _impl_naive(*args):
+    return _impl_torch(*args, naive=True)
 
 
 def _prologue_args(prologue):
@@ -423,34 +448,57 @@ def _prologue_args(prologue):
     return prologue.a, prologue.c, prologue.norm_weight, prologue.norm_bias
 
 
-def _impl_cpu(hidden, weight, bias, k, top, bottom, targets, tau, prologue):
+def _impl_cpu(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning):
     from . import _extension
 
-    ext = _extension.cpu_extension(required=True)
-    return ext.topk_logits(hidden, weight, bias, *_prologue_args(prologue), k, top, bottom, targets, tau,
-                           _CPU_BLOCK_ROWS, _CPU_BLOCK_VOCAB, _CPU_GEMM_MODE)
+    return reference.Lists(*_extension.extension("cpu").topk_logits(
+        hidden, weight, bias, *_prologue_args(prologue), k, top, bottom, targets, tau, tuning.block_rows,
+        tuning.block_vocab, tuning.gemm_mode))
 
 
-#: CPU kernel tuning (0 = choose from the shapes; see csrc/cpu/topk_cpu.cpp). Module-level so the
-#: benchmark can sweep them.
-_CPU_BLOCK_ROWS = 0
-_CPU_BLOCK_VOCAB = 0
-_CPU_GEMM_MODE = 0  # 0 auto, 1 float32 GEMM on upcast blocks, 2 the input dtype's own GEMM
-
-
-def _impl_triton(hidden, weight, bias, k, top, bottom, targets, tau, prologue):
+def _impl_triton(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning):
     from .triton.topk import triton_topk
 
-    return triton_topk(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets, target_logits=tau,
-                       prologue=prologue)
+    return reference.Lists(*triton_topk(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
+                                        target_logits=tau, prologue=prologue))
 
 
-def _impl_cuda(hidden, weight, bias, k, top, bottom, targets, tau, prologue):
+def _impl_cuda(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning):
     from . import _extension
 
-    ext = _extension.cuda_extension(required=True)
-    return ext.topk_logits(hidden, weight, bias, *_prologue_args(prologue), k, top, bottom, targets, tau)
+    return reference.Lists(*_extension.extension("cuda").topk_logits(
+        hidden, weight, bias, *_prologue_args(prologue), k, top, bottom, targets, tau))
 
 
-_DISPATCH = {"torch": _impl_torch, "naive": _impl_naive, "cpu": _impl_cpu, "triton": _impl_triton,
-             "cuda": _impl_cuda}
+def _gpu_k_limit(device, k=1, **facts):
+    return f"it supports k <= {GPU_MAX_K}, got k={k}" if k > GPU_MAX_K else None
+
+
+def _triton_check(device, **facts):
+    return triton_unavailable(device) or _gpu_k_limit(device, **facts)
+
+
+def _cuda_check(device, **facts):
+    return extension_unavailable("cuda")(device) or _gpu_k_limit(device, **facts)
+
+
+def _measured(op, device_name, **facts):
+    try:
+        from .tuning import measured_impl
+    except ImportError:
+        return None
+    return measured_impl(op, device_name, **facts)
+
+
+TOPK = Operation("topk", [
+    Implementation("torch", _impl_torch, ("cpu", "cuda")),
+    Implementation("naive", _impl_naive, ("cpu", "cuda")),
+    Implementation("cpu", _impl_cpu, ("cpu",), lambda device, **facts: extension_unavailable("cpu")(device)),
+    Implementation("triton", _impl_triton, ("cuda", "cpu"), _triton_check),
+    Implementation("cuda", _impl_cuda, ("cuda",), _cuda_check),
+], measured=_measured)
+
+
+def available_impls(device: torch.device | str = "cpu") -> list[str]:
+    """The implementations usable for tensors on ``device`` in this environment."""
+    return TOPK.available(device)

@@ -19,12 +19,15 @@
 // key is larger, or equal with a lower vocabulary index. NaN never enters a buffer (comparisons with NaN
 // are false); it is flagged and the row's logsumexp becomes NaN, which the Python layer reports as an error.
 //
-// Low-precision inputs: by default bf16/fp16 blocks are upcast to float32 and multiplied with the
-// float32 GEMM (exact float32 logits of the low-precision inputs). gemm_mode=2 uses the input
-// dtype's own GEMM instead (its output is rounded to that dtype); auto picks it for bf16 only when
-// the CPU has native bf16 dot products (AVX512-BF16 / AMX), where that GEMM is the faster one.
+// Low-precision inputs: the logits are always the float32 sums of the exact products of the 16-bit inputs
+// (one contract for every implementation). gemm_mode=1 upcasts bf16/fp16 blocks to float32 and uses the
+// float32 GEMM; gemm_mode=2 runs torch's batch-reduce GEMM (at::native::cpublas::brgemm, 16-bit inputs,
+// float32 output, never rounded to 16 bits) on the weight block packed for the CPU's native 16-bit dot
+// products (AMX / AVX512-BF16 through oneDNN) where torch can use them, and on torch's reference brgemm
+// otherwise. Auto (0) picks 2 exactly when the native path exists (cpublas::could_pack).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
@@ -427,12 +430,14 @@ std::vector<at::Tensor> topk_logits_cpu(const at::Tensor& hidden, const at::Tens
     if (norm_b_opt.has_value() && norm_b_opt->defined()) norm_b = norm_b_opt->to(at::kFloat).contiguous();
   }
 
-  // GEMM precision: 1 = float32 GEMM (upcast low-precision blocks), 2 = the weight dtype's own GEMM.
+  // GEMM: 1 = float32 GEMM on upcast blocks, 2 = 16-bit brgemm with float32 output (see the top of the file).
+  TORCH_CHECK(gemm_mode >= 0 && gemm_mode <= 2, "topk_logits_cpu: gemm_mode must be 0, 1 or 2, got ", gemm_mode);
   bool native = false;
   if (wdtype != at::kFloat) {
     if (gemm_mode == 2) native = true;
-    else if (gemm_mode == 0) native = (wdtype == at::kBFloat16 && cpu_has_native_bf16());
+    else if (gemm_mode == 0) native = at::native::cpublas::could_pack(wdtype);
   }
+  const bool vnni = native && at::native::cpublas::could_pack(wdtype);
 
   // Block sizes: BV vocabulary columns x BN rows of float32 logits per thread. The defaults keep a
   // block (plus an upcast weight block) within a few MiB: the GEMM stays efficient (M, N >= 256)
@@ -479,7 +484,9 @@ std::vector<at::Tensor> topk_logits_cpu(const at::Tensor& hidden, const at::Tens
     for (int64_t t = tb; t < te; ++t) {
       // thread-local buffers, sized once
       at::Tensor lbuf = at::empty({BN * BV}, f32);
-      at::Tensor lbuf_native = native ? at::empty({BN * BV}, at::TensorOptions().dtype(wdtype)) : at::Tensor();
+      // native: the weight block transposed to d x L (and packed for the CPU's dot products when vnni)
+      at::Tensor wt = native ? at::empty({d * BV}, at::TensorOptions().dtype(wdtype)) : at::Tensor();
+      at::Tensor wpacked = vnni ? at::empty({d * BV + 64}, at::TensorOptions().dtype(wdtype)) : at::Tensor();
       at::Tensor wbuf = w_direct ? at::Tensor() : at::empty({BV * d}, f32);
       std::vector<Cand> cands(static_cast<size_t>(BN * sel.cap * std::max<int64_t>(lists, 1)));
       std::vector<RowState> states(static_cast<size_t>(BN));
@@ -500,6 +507,7 @@ std::vector<at::Tensor> topk_logits_cpu(const at::Tensor& hidden, const at::Tens
           }
           hb = hf.to(gemm_dtype);
         }
+        if (native) hb = hb.contiguous();
         for (int64_t r = 0; r < rows; ++r) {
           RowState& st = states[r];
           Cand* own = cands.data() + r * sel.cap * std::max<int64_t>(lists, 1);
@@ -518,9 +526,19 @@ std::vector<at::Tensor> topk_logits_cpu(const at::Tensor& hidden, const at::Tens
           if (!w_direct) wb = wbuf.narrow(0, 0, L * d).view({L, d}).copy_(wb);
           at::Tensor lb = lbuf.narrow(0, 0, rows * L).view({rows, L});
           if (native) {
-            at::Tensor lbn = lbuf_native.narrow(0, 0, rows * L).view({rows, L});
-            at::mm_out(lbn, hb, wb.t());
-            lb.copy_(lbn);
+            at::Tensor b_t = wt.narrow(0, 0, d * L).view({d, L}).copy_(wb.t());
+            const void* b_ptr = b_t.data_ptr();
+            if (vnni) {
+              at::native::cpublas::pack(d, L, L, L, wdtype, wdtype, b_ptr, wpacked.data_ptr());
+              b_ptr = wpacked.data_ptr();
+            }
+            if (wdtype == at::kBFloat16) {
+              at::native::cpublas::brgemm(rows, L, d, d, L, L, false, hb.data_ptr<at::BFloat16>(),
+                                          static_cast<const at::BFloat16*>(b_ptr), lb.data_ptr<float>(), vnni);
+            } else {
+              at::native::cpublas::brgemm(rows, L, d, d, L, L, false, hb.data_ptr<at::Half>(),
+                                          static_cast<const at::Half*>(b_ptr), lb.data_ptr<float>(), vnni);
+            }
           } else {
             at::mm_out(lb, hb, wb.t());
           }
@@ -554,6 +572,7 @@ std::vector<at::Tensor> topk_logits_cpu(const at::Tensor& hidden, const at::Tens
           }
         }
       }
+      if (vnni) at::native::cpublas::brgemm_release(vnni);
     }
   });
 
@@ -597,6 +616,7 @@ std::string cpu_features() {
   std::string out;
   out += cpu_has_avx2() ? "avx2+fma" : "scalar";
   out += cpu_has_native_bf16() ? ",native-bf16" : "";
+  out += at::native::cpublas::could_pack(at::kBFloat16) ? ",brgemm-bf16-packed" : "";
   return out;
 }
 

@@ -44,7 +44,11 @@
 
 #include <cstdint>
 
+#include "topk_common.cuh"
+
 namespace blens {
+
+using namespace blens_topk_common;
 
 constexpr int BM = 64;
 constexpr int BN = 128;
@@ -55,33 +59,6 @@ constexpr int ROWS_PER_WARP = BM / WARPS;  // 8: counters of row i live in lanes
 constexpr int MAX_K = 256;
 constexpr unsigned FULL = 0xffffffffu;
 static_assert(3 * ROWS_PER_WARP <= 32, "one counter lane per (row, counter)");
-
-template <typename T> __device__ __forceinline__ float to_float(T x);
-template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-
-// Unsigned order-preserving key; the stored int64 is key ^ 2^63 (the Triton kernel's encoding).
-__device__ __forceinline__ unsigned long long make_key(float v, long long col) {
-  unsigned int bits = __float_as_uint(v);
-  if (v == 0.0f) bits = 0u;  // -0.0 == +0.0
-  unsigned int ord = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  return (static_cast<unsigned long long>(ord) << 32) | (0xFFFFFFFFull - static_cast<unsigned long long>(col));
-}
-
-// The float a threshold key stands for (its high word decoded): every s whose key beats thr has
-// !(s < key_bound(thr)), NaN s included, so the bound is an exact prefilter for the key compare.
-// -inf while the list still has empty slots (keys below 2^32) or when the threshold is a NaN.
-__device__ __forceinline__ float key_bound(unsigned long long thr) {
-  const unsigned int ord = static_cast<unsigned int>(thr >> 32);
-  if (ord == 0u) return -INFINITY;
-  const float b = __uint_as_float((ord & 0x80000000u) ? (ord & 0x7FFFFFFFu) : ~ord);
-  return b != b ? -INFINITY : b;
-}
 
 template <typename TW>
 struct Smem {
@@ -326,23 +303,7 @@ topk_kernel(const TH* __restrict__ hidden, const TW* __restrict__ weight, const 
           s_l[i] = s;
           m_l[i] = m_new;
         }
-        if (count) {
-          // target column relative to the tile, clamped to [-1, BN]: c < tr <=> column < target id
-          const float tau = tau_s[r];
-          const long long rel = tgt_s[r] - col0;
-          const int tr = rel < 0 ? -1 : (rel > BN ? BN : static_cast<int>(rel));
-          unsigned int greater = 0, less = 0, equal_lower = 0;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int c = lane + 32 * j;
-            const bool other = valid[j] && c != tr;
-            greater += __popc(__ballot_sync(FULL, other && x[j] > tau));
-            less += __popc(__ballot_sync(FULL, other && x[j] < tau));
-            equal_lower += __popc(__ballot_sync(FULL, other && x[j] == tau && c < tr));
-          }
-          const int slot = lane - 3 * i;
-          cnt += slot == 0 ? greater : slot == 1 ? less : slot == 2 ? equal_lower : 0u;
-        }
+        if (count) cnt += target_count_share(x, valid, tau_s[r], tgt_s[r], col0, BN, lane, i);
         // a list's candidates satisfy !(s < bound): flag the row for the exact selection
         if (top) {
           const float b = bound_s[0][r];

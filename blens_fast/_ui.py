@@ -1,0 +1,13 @@
+"""What long work shows while it runs: one progress bar style, on stderr."""
+from __future__ import annotations
+
+import sys
+
+
+def progress_bar(iterable=None, *, total=None, desc: str, unit: str = "it", enabled: bool = True, initial: int = 0,
+                 leave: bool = False):
+    """A tqdm bar on stderr (a no-op bar with the same methods when not ``enabled``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, initial=initial, leave=leave,
+                file=sys.stderr, dynamic_ncols=True)

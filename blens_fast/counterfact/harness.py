@@ -1,0 +1,239 @@
+"""The CounterFact harness: edit, score, revert (checked bit for bit), for each record.
+
+Two metric families, kept apart as the literature does (all in percent):
+
+* **MEMIT-style argmax accuracy**: is the first token of the new object the argmax at the last token of ``prompt``
+  (efficacy) and of ``rephrase_prompt`` (paraphrase)? Is the first token of ``locality_ground_truth`` still the
+  argmax at ``locality_prompt`` (neighborhood)?
+* **ROME-style probability comparison** over whole objects (sum of token log-probabilities, objects scored with a
+  leading space): ``P(new) > P(true)`` at ``prompt`` (efficacy score) and ``rephrase_prompt`` (paraphrase score);
+  ``P(locality_ground_truth) > P(new)`` at ``locality_prompt`` (neighborhood score).
+
+Fluency cost: the perplexity (``exp`` of the mean token NLL) of a fixed set of true-fact sentences, measured after
+every edit and averaged over edits (``fluency_ppl``), next to its value for the unedited model.
+
+All of one record's queries (6 prompt/object pairs) and the fluency sentences run as one right-padded batch through
+the model without its LM head; the unembedding is applied only at the positions scored.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .._checks import check_choice
+from .._ui import progress_bar
+from ..context import ModelContext, with_context
+from ..editing import Whitening, edit, ff2_whitening, resolve_settings
+from ..forward import forward_hidden
+from .records import check_records, fact_texts
+
+METHODS = ("none", "forward_shift", "gradient")
+METRICS = ("efficacy", "paraphrase", "neighborhood")
+FAMILIES = {"memit": "memit_argmax", "rome": "rome_probability"}
+
+
+def record_pairs(record) -> list[tuple[str, str]]:
+    """The six (prompt, object) pairs a record is scored on, in the order :func:`metrics` reads them."""
+    r = record
+    return [(r["prompt"], r["target_new"]), (r["prompt"], r["ground_truth"]),
+            (r["rephrase_prompt"], r["target_new"]), (r["rephrase_prompt"], r["ground_truth"]),
+            (r["locality_prompt"], r["target_new"]), (r["locality_prompt"], r["locality_ground_truth"])]
+
+
+class Scorer:
+    """Scores one record's six (prompt, object) pairs and the fluency sentences in one forward pass."""
+
+    def __init__(self, ctx: ModelContext, fluency_texts=()):
+        self.ctx = ctx
+        tokenizer = ctx.require_tokenizer()
+        self.fluency = [s for s in (tuple(tokenizer(t)["input_ids"]) for t in fluency_texts) if len(s) > 1]
+
+    def prepare(self, record) -> dict:
+        pairs = record_pairs(record)
+        examples = self.ctx.tokenize([p for p, _ in pairs], [o for _, o in pairs])
+        sequences = [e.input_ids for e in examples] + list(self.fluency)
+        rows, positions, tokens = [], [], []
+        for row, e in enumerate(examples):
+            for position, token in e.scored:
+                rows.append(row)
+                positions.append(position)
+                tokens.append(token)
+        for k, s in enumerate(self.fluency):
+            rows.extend([len(examples) + k] * (len(s) - 1))
+            positions.extend(range(len(s) - 1))
+            tokens.extend(s[1:])
+        ids, mask = self.ctx.pad(sequences)
+        device = self.ctx.device
+        return {"examples": examples, "ids": ids, "mask": mask, "rows": torch.tensor(rows, device=device),
+                "positions": torch.tensor(positions, device=device), "tokens": torch.tensor(tokens, device=device),
+                "n_scored": sum(len(e.target_ids) for e in examples)}
+
+    def score(self, prepared, *, fluency: bool = True) -> dict:
+        ids, mask = prepared["ids"], prepared["mask"]
+        rows, positions, tokens = prepared["rows"], prepared["positions"], prepared["tokens"]
+        n_scored = prepared["n_scored"]
+        if not fluency:
+            keep = rows < 6
+            rows, positions, tokens = rows[keep], positions[keep], tokens[keep]
+            width = int(mask[:6].sum(1).max())
+            ids, mask = ids[:6, :width], mask[:6, :width]
+        hidden = forward_hidden(self.ctx, ids, mask).hidden
+        logits = self.ctx.lens.logits(hidden[rows, positions])
+        result, token_lp = metrics(logits, prepared["examples"], rows, tokens, n_scored)
+        if fluency and len(token_lp) > n_scored:
+            result["fluency_nll"] = (-token_lp[n_scored:].sum()).item()
+            result["fluency_tokens"] = len(token_lp) - n_scored
+        return result
+
+
+def metrics(logits, examples, rows, tokens, n_scored) -> tuple[dict, torch.Tensor]:
+    """Both metric families of one record from the logits at its scored positions (pairs first, in order)."""
+    logp = logits.log_softmax(-1)
+    token_lp = logp[torch.arange(len(tokens), device=logp.device), tokens]
+    object_lp = torch.zeros(6, device=logp.device, dtype=token_lp.dtype).index_add(
+        0, rows[:n_scored], token_lp[:n_scored])
+    firsts, start = [], 0
+    for e in examples:  # the first scored position of each pair is its prompt's last token
+        firsts.append(start)
+        start += len(e.target_ids)
+    argmax = logits[firsts].argmax(-1)
+    first_token = [e.target_ids[0] for e in examples]
+    return {
+        "memit": {"efficacy": bool(argmax[0] == first_token[0]), "paraphrase": bool(argmax[2] == first_token[2]),
+                  "neighborhood": bool(argmax[4] == first_token[5])},
+        "rome": {"efficacy": bool(object_lp[0] > object_lp[1]), "paraphrase": bool(object_lp[2] > object_lp[3]),
+                 "neighborhood": bool(object_lp[5] > object_lp[4])},
+    }, token_lp
+
+
+def edit_options(ctx: ModelContext, method: str, options: dict, *, calibration=None, progress: bool = True) -> dict:
+    """The complete, checked edit settings of a run (resolved once, before any record is scored); ``whiten=True``
+    becomes the layer's :class:`~blens_fast.editing.Whitening`, estimated once."""
+    if method == "none":
+        return {}
+    options = dict(options)
+    whiten = options.pop("whiten", False)
+    settings = resolve_settings(ctx, method, whiten=whiten, calibration=calibration, **{
+        k: options.pop(k, None) for k in ("layer", "scale", "margin", "steps", "lr")},
+        normalize_key=bool(options.get("normalize_key", False)))
+    keys = ("layer", "steps", "lr") if method == "gradient" else ("layer", "scale", "margin")
+    resolved = {**options, **{k: settings[k] for k in keys if settings.get(k) is not None}}
+    if whiten is True:
+        whiten = ff2_whitening(ctx, settings["layer"], progress=progress)
+    if whiten is not False:
+        resolved["whiten"] = whiten
+    resolved["_variant"], resolved["_source"] = settings["variant"], settings["source"]
+    return resolved
+
+
+@with_context
+def evaluate_counterfact(ctx: ModelContext, records, *, method: str = "forward_shift", n: int | None = None,
+                         label: str | None = None, fluency_texts=None, fluency: bool = True, progress: bool = True,
+                         details: bool = False, calibration=None, **edit_kwargs) -> dict:
+    """Edit, score and revert for each of the first ``n`` records; returns one row of metrics (percent).
+
+    Called as ``evaluate_counterfact(model, tokenizer, records)`` or ``evaluate_counterfact(ctx, records)``;
+    ``records``: CounterFact records (:func:`blens_fast.counterfact.load`) or a path. ``method``: ``"none"`` (the
+    unedited model), ``"forward_shift"`` or ``"gradient"``; ``edit_kwargs`` go to :func:`blens_fast.edit`
+    (``layer``, ``scale``, ``whiten``, ``normalize_key``, ``margin``, ``lr``, ``steps``...); missing settings are
+    resolved once before any work (``calibration=PATH`` as in :func:`blens_fast.edit`), and ``whiten=True`` is
+    estimated once. ``fluency_texts``: the sentences whose perplexity measures the fluency cost; default: the
+    true-fact sentences of the 2 records after the evaluated ones (the first 2 when there are none). After each revert
+    every ``mlp.out`` weight is compared bit for bit with a copy taken before the run (``revert_failures``; a failure
+    is repaired from that copy), and all parameters' fingerprint at the end (``parameters_restored``).
+    """
+    method = "none" if method is None else method
+    check_choice(method, "method", METHODS)
+    records, n = check_records(records, n)
+    options = edit_options(ctx, method, edit_kwargs, calibration=calibration, progress=progress)
+    settings = {k: v for k, v in options.items() if not k.startswith("_")}
+    if fluency_texts is None:
+        fluency_texts = fact_texts(records[n:n + 2] if len(records) >= n + 2 else records[:2])
+    scorer = Scorer(ctx, fluency_texts if fluency else ())
+    snapshot = {l: ctx.weight(l, "mlp.out").detach().clone() for l in range(ctx.num_layers)}
+    fingerprint = ctx.weights_fingerprint()
+    unedited_fluency = _fluency_ppl(scorer, records[0]) if fluency and scorer.fluency else None
+    totals = {family: dict.fromkeys(METRICS, 0) for family in FAMILIES}
+    ntok, ppl_sum = 0, 0.0
+    skipped = failures = 0
+    shifts, per_record = [], []
+    started = time.perf_counter()
+    edit_seconds = 0.0
+    for record in progress_bar(records[:n], desc=label or method, unit="rec", enabled=progress):
+        prepared = scorer.prepare(record)
+        applied = None
+        if method != "none":
+            t0 = time.perf_counter()
+            applied = edit(ctx, record["prompt"], record["target_new"], method=method, progress=False, **settings)
+            edit_seconds += time.perf_counter() - t0
+        try:
+            scores = scorer.score(prepared, fluency=fluency)
+        finally:
+            if applied is not None:
+                applied.revert()
+        if applied is not None:
+            skipped += not applied.updates
+            if "shifts" in applied.info:
+                shifts.append(applied.info["shifts"][0])
+            failures += _restore(ctx, snapshot)
+        for family in totals:
+            for metric in METRICS:
+                totals[family][metric] += scores[family][metric]
+        if "fluency_nll" in scores:
+            ntok += scores["fluency_tokens"]
+            ppl_sum += math.exp(scores["fluency_nll"] / scores["fluency_tokens"])
+        if details:
+            per_record.append({"case_id": record.get("case_id"), **scores,
+                               "skipped": applied is not None and not applied.updates})
+    row = {
+        "label": label or method,
+        "method": method,
+        "settings": settings_record(options),
+        "n": n,
+        **{FAMILIES[family]: {m: 100.0 * totals[family][m] / n for m in METRICS} for family in FAMILIES},
+        "fluency_ppl": ppl_sum / n if ntok else None,
+        "fluency_ppl_unedited": unedited_fluency,
+        "skipped": skipped,
+        "revert_failures": failures,
+        "parameters_restored": ctx.weights_fingerprint() == fingerprint,
+        "seconds": round(time.perf_counter() - started, 2),
+        "ms_per_edit": round(1000 * edit_seconds / n, 3) if method != "none" else None,
+    }
+    if shifts:
+        row["median_shift"] = float(torch.tensor(shifts).median())
+    if details:
+        row["records"] = per_record
+    return row
+
+
+def _restore(ctx: ModelContext, snapshot: dict) -> int:
+    """Compare every ``mlp.out`` weight with the run's snapshot bit for bit; repair and count the ones that differ."""
+    failures = 0
+    for layer, original in snapshot.items():
+        weight = ctx.weight(layer, "mlp.out")
+        if not torch.equal(weight, original):
+            failures += 1
+            with torch.no_grad():
+                weight.copy_(original)
+    return failures
+
+
+def _fluency_ppl(scorer: Scorer, record) -> float:
+    scores = scorer.score(scorer.prepare(record), fluency=True)
+    return math.exp(scores["fluency_nll"] / scores["fluency_tokens"])
+
+
+def settings_record(options: dict) -> dict:
+    """The settings of a run as plain JSON values (a Whitening as its description)."""
+    out = {}
+    for key, value in options.items():
+        key = key.lstrip("_")
+        if isinstance(value, Whitening):
+            out[key] = f"Whitening(layer={value.layer}, ridge={value.ridge}, tokens={value.num_tokens})"
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out[key] = value
+        else:
+            out[key] = repr(value)
+    return out

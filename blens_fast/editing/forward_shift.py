@@ -1,0 +1,89 @@
+"""The forward shift (Katz et al., 2024, "Backward Lens", editing without a backward pass).
+
+One forward pass of the prompt gives ``a_n``, the input of the MLP output projection (FF2; ``mlp.out``) at the
+prompt's last token. The edit adds to that projection, at one layer, the outer product of a key built from ``a_n``
+and the *input* embedding ``e_t`` of the target's first token::
+
+    W_FF2 += scale * outer(key, e_t)        # in [in, out] terms; written in the weight's own layout
+
+so that at the prompt's last token the MLP output moves by ``scale * (key . a_n) * e_t``. Keys:
+
+* paper (default): ``key = a_n``. The paper uses GPT-2 XL, layer 35 of 48, scale 0.24, and skips the edit when
+  the target already is the argmax (``skip_if_argmax=True``; the same forward pass answers it).
+* ``normalize_key=True``: ``key = a_n / (a_n . a_n)``, so the residual stream moves by exactly ``scale * e_t``.
+* ``whiten=True`` (beyond the paper): ``key = C^-1 a_n / (a_n^T C^-1 a_n)`` (:mod:`.whitening`).
+* ``scale="auto"`` (beyond the paper; last layer only): the smallest shift giving the target a logit lead of
+  ``margin`` (:mod:`.auto_scale`); the scale is that shift divided by the key's response ``key . a_n``, so any key
+  (raw, normalised or whitened) moves the residual by exactly the shift.
+
+Several facts at once: the per-fact outer products are summed. With ``normalize_key`` or ``whiten`` the keys are
+solved jointly (``K = C^-1 A (A^T C^-1 A + eps I)^-1``, ``C = I`` without whitening) so that each key answers 1 to
+its own ``a_n`` and 0 to the other edited prompts' ``a_n``; the paper's raw keys are summed.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..context import ModelContext
+from ..forward import forward_hidden
+from .auto_scale import auto_shifts
+from .update import Edit, Update
+from .whitening import Whitening
+
+
+def forward_shift_edit(ctx: ModelContext, examples, layer: int, scale, margin, whitening: Whitening | None,
+                       normalize_key: bool, skip_if_argmax: bool, info: dict) -> Edit:
+    """Build and apply the forward-shift edit of ``examples`` at ``layer`` (arguments already checked)."""
+    auto = scale == "auto"
+    ids, mask = ctx.pad([e.prompt_ids for e in examples])
+    last = mask.sum(1) - 1
+    rows = torch.arange(len(examples), device=ctx.device)
+    found = forward_hidden(ctx, ids, mask, ff2_layers=[layer], pre_norm=auto)
+    logits = ctx.lens.logits(found.hidden[rows, last])
+    ff2 = found.ff2_inputs[layer]
+    cdt = torch.float64 if ff2.dtype == torch.float64 else torch.float32
+    a = ff2[rows, last].to(cdt)
+    tokens = torch.tensor([e.target_ids[0] for e in examples], device=ctx.device)
+    already = logits.argmax(-1) == tokens
+    keep = ~already if (skip_if_argmax and not auto) else torch.ones_like(already)
+    if not torch.isfinite(a).all():
+        raise ValueError("the FF2 input at the prompt's last token is not finite: check the model's weights")
+    if bool((a.norm(dim=-1)[keep] == 0).any()):
+        raise ValueError("the FF2 input at the prompt's last token is zero: no key can address it")
+    keys = edit_keys(a, keep, whitening, normalize_key)
+    embed = ctx.embedding_matrix[tokens].to(cdt)
+    if auto:
+        shift = auto_shifts(ctx, found.pre_norm[rows, last].float(), embed, tokens, float(margin)).to(cdt)
+        response = (keys * a).sum(-1)
+        scales = torch.where(shift > 0, shift / response, torch.zeros_like(shift))
+        keep = keep & (shift > 0)
+        info.update(scale="auto", margin=float(margin), shifts=shift.tolist())
+    else:
+        scales = torch.full((len(examples),), float(scale), device=ctx.device, dtype=cdt)
+        info.update(scale=float(scale))
+    scales = torch.where(keep, scales, torch.zeros_like(scales))
+    info.update(scales=scales.tolist(), skipped=(~keep).tolist(), already_argmax=already.tolist())
+    edited = keep.nonzero().flatten()
+    updates = []
+    if len(edited):
+        k = keys[edited] * scales[edited, None]
+        e = embed[edited]
+        left, right = (k, e) if ctx.adapter.weight_layout == "in_out" else (e, k)
+        updates.append(Update(layer, "mlp.out", left.contiguous(), right.contiguous()))
+    return Edit(updates, info).apply(ctx)
+
+
+def edit_keys(a: torch.Tensor, keep: torch.Tensor, whitening: Whitening | None, normalize_key: bool) -> torch.Tensor:
+    """Keys per fact (rows of ``a``); rows not kept are returned as they are and never used."""
+    if whitening is None and not normalize_key:
+        return a
+    keys = a.clone()
+    index = keep.nonzero().flatten()
+    if len(index) == 0:
+        return keys
+    rows = a[index].double()
+    cinv_a = rows if whitening is None else rows @ whitening.inverse.to(rows.device).double()  # symmetric
+    gram = rows @ cinv_a.T  # A^T C^-1 A
+    solved = torch.linalg.pinv(gram, hermitian=True, rtol=1e-10) @ cinv_a  # pinv: repeated prompts are fine
+    keys[index] = solved.to(keys.dtype)
+    return keys

@@ -1,0 +1,38 @@
+"""`blens bench` from the command line: the shared options, and a 16-bit run on the shipped model that agrees."""
+import json
+
+import pytest
+
+from blens_fast.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bfloat16_bench_on_the_shipped_model_exits_0_and_stores_per_row_ranks(tmp_path, capsys):
+    code = main(["bench", "--dtype", "bfloat16", "--model", "default", "--prompts", "3", "--naive-prompts", "1",
+                 "--threads", "1", "--quiet", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "bench_cpu_default_bfloat16.json").read_text())
+    (run,) = report["runs"]
+    assert run["agree"] and run["agreement"]["gradient_rank_equal"] == 1.0
+    ranks = run["ranks"]
+    gradients = ranks["gradient_ranks"]
+    assert len(gradients["naive"]) == 1 and len(gradients["naive"][0]) == 4  # 1 prompt x 4 layers x 2 modules
+    assert gradients["naive"] == gradients["blens_fast"]
+    for name in ("ff1_top", "ff2_bottom", "ff2_top"):  # one row per layer and position of the prompt compared
+        rows = ranks["target_ranks"][name]
+        assert len(rows["naive"]) == len(rows["blens_fast"]) == len(rows["same_vectors"]) == len(rows["degenerate"])
+        assert len(rows["naive"]) > 0 and len(rows["naive"]) % 4 == 0
+        assert rows["naive"] == rows["same_vectors"]
+
+
+def test_help_shows_the_shared_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--device", "--dtype", "--threads", "--out", "--quiet", "--depth", "--batch-size",
+                   "--max-tokens", "--k", "--unit-norm", "--impl", "tiny-llama"):
+        assert option in text, option
+    for gone in ("--layers", "--no-progress", "--normalized"):
+        assert gone not in text, gone

@@ -1,0 +1,158 @@
+"""The Backward Lens report on tiny random models of every architecture, against full float64 logits computed
+through the model's own final norm and unembedding (not the package's lens)."""
+import pytest
+import torch
+
+import blens_fast
+from blens_fast.lens import LISTS, lens
+from tests.helpers import ARCHITECTURES, lens_logits64, make_tiny_model, prompt_target_ids
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT, TARGET = "The mother tongue of Danielle Darrieux is", " French"
+#: the paper's reading, written here rather than taken from the code under test: (factor, module part, descending?)
+PAPER_LISTS = {"ff1_top": ("x", "in", True), "ff2_bottom": ("delta", "out", False), "ff2_top": ("delta", "out", True)}
+
+
+def in_module(model):
+    return "mlp.up" if model.config.model_type in ("llama", "mistral", "qwen2") else "mlp.in"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_report_matches_full_logits(arch, tokenizer):
+    model = make_tiny_model(arch)
+    k = 7
+    report = lens(model, tokenizer, PROMPT, TARGET, k=k, impl="torch")
+    cap = blens_fast.capture(model, tokenizer, PROMPT, TARGET)
+    target_id = prompt_target_ids(tokenizer, PROMPT, TARGET)[1][0]
+    assert report.target_token_id == target_id and report.target_token == TARGET
+    assert set(LISTS) == set(PAPER_LISTS)
+    checked = 0
+    for name, (factor, part, descending) in PAPER_LISTS.items():
+        module = in_module(model) if part == "in" else "mlp.out"
+        for li, layer in enumerate(report.layers):
+            vectors = (cap.x if factor == "x" else cap.delta)[(layer, module)][0]
+            logits = lens_logits64(model, vectors)
+            live = vectors.abs().amax(-1) > 0  # zero VJP rows have no ranking: flagged, not compared
+            assert torch.equal(report.degenerate[name][li], ~live)
+            # a stable sort keeps the lower token id first among ties
+            expected_values, expected_indices = logits.sort(dim=-1, descending=descending, stable=True)
+            expected_values, expected_indices = expected_values[:, :k], expected_indices[:, :k]
+            assert report.indices[name].shape == (len(report.layers), report.num_positions, k)
+            torch.testing.assert_close(report.indices[name][li][live], expected_indices[live])
+            torch.testing.assert_close(report.logits[name][li][live].double(), expected_values[live], rtol=1e-5,
+                                       atol=1e-5)
+            probs = logits.softmax(-1).gather(1, expected_indices)
+            torch.testing.assert_close(report.probs[name][li][live].double(), probs[live], rtol=1e-4, atol=1e-7)
+            # exact up to float32 rounding: tokens within 1e-4 of the target's logit may fall either way
+            margin = (logits - logits[:, target_id: target_id + 1]) * (1 if descending else -1)
+            margin[:, target_id] = -1.0
+            rank = report.target_rank[name][li]
+            assert ((margin > 1e-4).sum(1) + 1 <= rank)[live].all()
+            assert (rank <= (margin > -1e-4).sum(1) + 1)[live].all()
+            checked += int(live.sum())
+    assert checked > 0
+
+
+def test_ff2_bottom_is_the_argmin_and_ascends_on_a_live_row(tokenizer):
+    """The paper's central reading: a descent step promotes the tokens with the SMALLEST logits of the FF2 VJP."""
+    model = make_tiny_model("gpt2")
+    report = lens(model, tokenizer, PROMPT, TARGET, k=5)
+    cap = blens_fast.capture(model, tokenizer, PROMPT, TARGET)
+    last = report.num_positions - 1
+    for li, layer in enumerate(report.layers):
+        delta = cap.delta[(layer, "mlp.out")][0][last]
+        assert delta.abs().max() > 0
+        logits = lens_logits64(model, delta[None])[0]
+        assert int(report.indices["ff2_bottom"][li, last, 0]) == int(logits.argmin())
+        assert int(report.indices["ff2_top"][li, last, 0]) == int(logits.argmax())
+        assert bool((report.logits["ff2_bottom"][li, last].diff() >= 0).all())
+        assert bool((report.logits["ff2_top"][li, last].diff() <= 0).all())
+
+
+def test_zero_vectors_are_flagged_not_listed(tokenizer, tmp_path):
+    """The last layer's FF2 VJP is exactly zero before the positions the loss scores: flagged in the tables,
+    greyed in the heatmap, marked in the text instead of tie-broken tokens."""
+    model = make_tiny_model("gpt2")
+    report = lens(model, tokenizer, PROMPT, TARGET, k=3)
+    flat = report.degenerate["ff2_bottom"][-1]
+    assert bool(flat[:-1].all()) and not bool(flat[-1])  # one-token target: only the last position carries a VJP
+    assert not bool(report.degenerate["ff1_top"].any())
+    frame = report.to_pandas()
+    assert frame[(frame.list == "ff2_bottom") & (frame.layer == 1) & (frame.position == 0)].degenerate.all()
+    ranks = report.target_rank_table()
+    assert ranks[(ranks.list == "ff2_top") & (ranks.layer == 1)].degenerate.tolist()[:-1] == [True] * (
+        report.num_positions - 1)
+    assert "(zero or all-tied vector)" in report.format(positions="all")
+
+
+def test_tables_plots_html_and_notebook(tokenizer, tmp_path):
+    model = make_tiny_model("gpt2")
+    report = lens(model, tokenizer, PROMPT, TARGET, layers=[0, -1], k=3)
+    assert report.layers == (0, 1)
+    frame = report.to_pandas()
+    assert list(frame.columns) == ["layer", "module", "position", "input_token", "list", "rank", "token_id", "token",
+                                   "logit", "prob", "degenerate"]
+    assert len(frame) == len(LISTS) * 2 * report.num_positions * 3
+    ranks = report.target_rank_table()
+    assert len(ranks) == len(LISTS) * 2 * report.num_positions and ranks.target_rank.min() >= 1
+    assert set(report.gradients.columns) == {"layer", "module", "tokens", "rank", "norm"}
+    text = report.format()
+    assert "layer 1" in text and "ff2_bottom" in text and repr(" French") in text
+    written = report.save(tmp_path / "out")
+    assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = written["html"].read_text()
+    assert "data:image/png;base64," in page and "Target rank" in page
+    for name in ("tokens", "target_ranks", "gradients"):
+        assert written[name].stat().st_size > 0
+    notebook = report._repr_html_()
+    assert notebook.startswith("<div>") and "data:image/png;base64," in notebook
+
+
+def test_unit_norm_variant_differs_only_in_scale(tokenizer):
+    model = make_tiny_model("llama")  # RMSNorm without bias: unit-normalising changes nothing
+    plain = lens(model, tokenizer, PROMPT, TARGET, k=5, impl="torch")
+    unit = lens(model, tokenizer, PROMPT, TARGET, k=5, unit_norm=True, impl="torch")
+    torch.testing.assert_close(plain.indices["ff1_top"], unit.indices["ff1_top"])
+
+
+def test_last_position_loss_ranks_the_last_target_token(tokenizer):
+    """The paper authors' definition: the prompt only, every target token scored at its last position, the ranks of
+    the target's last token; the default teacher-forces and ranks the first."""
+    model = make_tiny_model("gpt2", torch.float64)
+    target = " French and English"
+    p, t = prompt_target_ids(tokenizer, PROMPT, target)
+    forced = lens(model, tokenizer, PROMPT, target, k=3)
+    last = lens(model, tokenizer, PROMPT, target, k=3, loss="last_position")
+    assert forced.num_positions == len(p) + len(t) - 1 and forced.target_token_id == t[0]
+    assert last.num_positions == len(p) and last.target_token_id == t[-1]
+    cap = blens_fast.capture(model, tokenizer, PROMPT, target, loss="last_position")
+    grad = cap.gradient(1, "mlp.out")
+    ids = torch.tensor([p])
+    with torch.enable_grad():
+        for param in model.parameters():
+            param.grad = None
+        logp = model(input_ids=ids).logits[0, -1].log_softmax(-1)
+        (-logp[t].sum()).backward()
+    torch.testing.assert_close(grad.dense(), model.transformer.h[1].mlp.c_proj.weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_context_and_model_calls_agree(tokenizer):
+    model = make_tiny_model("gpt2")
+    ctx = blens_fast.bind(model, tokenizer)
+    a = lens(ctx, PROMPT, TARGET, k=4)
+    b = lens(model, tokenizer, PROMPT, TARGET, k=4)
+    assert torch.equal(a.indices["ff2_bottom"], b.indices["ff2_bottom"])
+    with pytest.raises(TypeError, match="needs a tokenizer"):
+        lens(model)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(k=0), "k=0 is out of range"),
+    (dict(k=50258), "k=50258 is out of range"),
+    (dict(layers=[5]), "layer 5 is out of range"),
+    (dict(loss="mean"), "loss='mean' is not one of"),
+])
+def test_lens_bad_input(tokenizer, kwargs, match):
+    model = make_tiny_model("gpt2")
+    with pytest.raises(ValueError, match=match):
+        lens(model, tokenizer, PROMPT, TARGET, **kwargs)

@@ -1,0 +1,201 @@
+"""LowRankGradient against dense linear algebra."""
+import pytest
+import torch
+
+from blens_fast import LowRankGradient
+
+
+def factors(t, d_in, d_out, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t, d_in, generator=g, dtype=dtype), torch.randn(t, d_out, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_dense_layout_and_shape(layout):
+    x, d = factors(5, 7, 11)
+    g = LowRankGradient(x, d, layout)
+    expected = x.T @ d if layout == "in_out" else d.T @ x
+    assert g.shape == tuple(expected.shape)
+    torch.testing.assert_close(g.dense(), expected)
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_matvec_rmatvec_norm_svd(layout):
+    x, d = factors(6, 9, 13)
+    g = LowRankGradient(x, d, layout)
+    dense = g.dense()
+    v = torch.randn(dense.shape[1], 3, dtype=torch.float64)
+    u = torch.randn(dense.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(g.matvec(v), dense @ v)
+    torch.testing.assert_close(g.rmatvec(u), dense.T @ u)
+    torch.testing.assert_close(g.norm(), dense.norm())
+    torch.testing.assert_close(g.svdvals(), torch.linalg.svdvals(dense)[:6])
+    uu, s, vh = g.svd()
+    torch.testing.assert_close(uu @ torch.diag(s) @ vh, dense)
+    u2, s2, vh2 = g.svd(2)
+    assert u2.shape == (dense.shape[0], 2) and vh2.shape == (2, dense.shape[1])
+    best = torch.linalg.svd(dense)
+    torch.testing.assert_close(s2, best.S[:2])
+    with pytest.raises(ValueError, match="k=7 is out of range"):
+        g.svd(7)
+    with pytest.raises(ValueError, match="expected 9 rows|expected 13 rows"):
+        g.matvec(torch.randn(4, dtype=torch.float64))
+
+
+def test_rank_of_generic_and_deficient_factors():
+    x, d = factors(8, 20, 30)
+    assert LowRankGradient(x, d).rank() == 8
+    x[5] = x[2]
+    d[5] = d[2]  # the same outer product twice: rank 7
+    d[6] = 0  # a position with no gradient: rank 6
+    x[7] = 0  # a zero input row: rank 5
+    g = LowRankGradient(x, d)
+    assert g.rank() == 5 == torch.linalg.matrix_rank(g.dense()).item()
+    assert LowRankGradient(torch.zeros(3, 4), torch.zeros(3, 5)).rank() == 0
+    assert LowRankGradient(torch.zeros(0, 4), torch.zeros(0, 5)).rank() == 0
+
+
+def test_float32_rank_uses_float32_tolerance():
+    x, d = factors(6, 40, 50, dtype=torch.float32)
+    x[3] = x[1] + 1e-9 * torch.randn(40)  # a difference far below float32 resolution
+    d[3] = d[1]
+    g = LowRankGradient(x, d, "in_out")
+    assert g.rank() == torch.linalg.matrix_rank(g.dense()).item() == 5
+
+
+def test_small_singular_values_survive():
+    """A Gram-matrix route loses singular values below sqrt(eps) of the largest; the QR route keeps them."""
+    t, n = 6, 40
+    q1, _ = torch.linalg.qr(torch.randn(n, t, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n + 10, t, dtype=torch.float64))
+    sigma = torch.logspace(0, -11, t, dtype=torch.float64)
+    x = (q1 * sigma).T.contiguous()  # X^T D = q1 diag(sigma) q2^T
+    d = q2.T.contiguous()
+    g = LowRankGradient(x, d, "in_out")
+    torch.testing.assert_close(g.svdvals(), sigma, rtol=1e-6, atol=0)
+    assert g.rank() == t
+
+
+def test_addition_concatenates_factors():
+    a = LowRankGradient(*factors(3, 5, 7, seed=1), "in_out")
+    b = LowRankGradient(*factors(2, 5, 7, seed=2), "in_out")
+    total = a + b
+    assert total.num_tokens == 5
+    torch.testing.assert_close(total.dense(), a.dense() + b.dense())
+    with pytest.raises(ValueError, match="cannot add"):
+        a + LowRankGradient(*factors(2, 5, 7), "out_in")
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError, match=r"x has shape \(3, 4\) but delta has \(2, 4\)"):
+        LowRankGradient(torch.zeros(3, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="layout='rows'"):
+        LowRankGradient(torch.zeros(3, 4), torch.zeros(3, 4), "rows")
+
+
+def test_half_precision_factors_use_float32_tolerance():
+    x, d = factors(6, 64, 96, dtype=torch.float32)
+    g = LowRankGradient(x.bfloat16(), d.bfloat16())
+    assert g.rank() == 6 == torch.linalg.matrix_rank(g.to(torch.float32).dense()).item()
+
+
+def matrix_rank_rule(dense, dtype):
+    """torch.linalg.matrix_rank's default tolerance, with the eps of ``dtype``, on the dense matrix."""
+    s = torch.linalg.svdvals(dense.double())
+    if s.numel() == 0:
+        return 0
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return int((s > s[0] * max(dense.shape) * eps).sum())
+
+
+def mixed_gradients(layout, seed=4):
+    """T below, equal to and above the smaller dimension, a rank-deficient one, a zero one and an empty one."""
+    g = torch.Generator().manual_seed(seed)
+    grads = []
+    for t in (1, 5, 9, 13, 4):
+        x, d = torch.randn(t, 9, generator=g, dtype=torch.float64), torch.randn(t, 11, generator=g, dtype=torch.float64)
+        grads.append(LowRankGradient(x, d, layout))
+    x = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    grads.append(LowRankGradient(torch.cat([x, x]), torch.randn(12, 11, generator=g, dtype=torch.float64), layout))
+    grads += [LowRankGradient(torch.zeros(3, 9, dtype=torch.float64), torch.zeros(3, 11, dtype=torch.float64), layout),
+              LowRankGradient(torch.zeros(0, 9, dtype=torch.float64), torch.zeros(0, 11, dtype=torch.float64), layout)]
+    return grads
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_a_batch_equals_dense_linear_algebra_per_gradient(layout):
+    """One batch (zero-padded factors + lengths) answers for every gradient what the dense matrix says: singular
+    values (zeros past each one's own count), rank by matrix_rank's rule, Frobenius norm, dense() and products."""
+    grads = mixed_gradients(layout)
+    batch = LowRankGradient.stack(grads)
+    assert batch.batch_shape == (len(grads),) and batch.num_tokens.tolist() == [1, 5, 9, 13, 4, 12, 3, 0]
+    s = batch.svdvals()
+    ranks, frobenius = batch.ranks_and_norms()
+    assert ranks.dtype == torch.long
+    for i, grad in enumerate(grads):
+        dense = grad.dense()
+        truth = torch.linalg.svdvals(dense)
+        kept = min(grad.num_tokens, 9, 11)
+        torch.testing.assert_close(s[i, :kept], truth[:kept], rtol=1e-10, atol=1e-12)
+        assert bool((s[i, kept:] == 0).all())
+        assert int(ranks[i]) == matrix_rank_rule(dense, torch.float64) == int(batch.rank()[i])
+        torch.testing.assert_close(frobenius[i], dense.norm(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(batch.norm()[i], dense.norm(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(batch.dense()[i], dense)
+        torch.testing.assert_close(batch[i].dense(), dense)
+    assert [int(r) for r in ranks] == [1, 5, 9, 9, 4, 6, 0, 0]
+    assert batch.rank(1e-6).tolist() == [matrix_rank_rule(g.dense(), torch.float64) for g in grads]
+    # float32's eps for float64 factors: what matrix_rank says of the float32 dense gradient
+    assert batch.rank(dtype=torch.float32).tolist() == [matrix_rank_rule(g.dense(), torch.float32) for g in grads]
+    v = torch.randn(batch.shape[1], 2, dtype=torch.float64)
+    torch.testing.assert_close(batch.matvec(v), batch.dense() @ v)
+    with pytest.raises(ValueError, match="one module at a time"):
+        LowRankGradient.stack([grads[0], LowRankGradient(torch.ones(2, 3), torch.ones(2, 4), layout)])
+
+
+def test_rank_tolerance_scales_with_the_larger_dimension():
+    """A singular value planted between ``s_max * min(shape) * eps`` and ``s_max * max(shape) * eps``: below
+    matrix_rank's cut-off (which uses max(shape)), so it does not count, for one gradient and in a batch."""
+    g = torch.Generator().manual_seed(3)
+    q1, _ = torch.linalg.qr(torch.randn(4, 2, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(400, 2, generator=g, dtype=torch.float64))
+    eps = torch.finfo(torch.float64).eps
+    sigma = torch.tensor([1.0, 50 * eps], dtype=torch.float64)  # 4 * eps < 50 * eps < 400 * eps
+    grad = LowRankGradient((q1 * sigma).T.contiguous(), q2.T.contiguous(), "in_out")
+    assert grad.shape == (4, 400)
+    assert torch.linalg.matrix_rank(grad.dense()).item() == 1
+    assert grad.rank() == 1
+    assert LowRankGradient.stack([grad, grad]).rank().tolist() == [1, 1]
+    assert grad.rank(tol=10 * eps) == 2  # an explicit tolerance below it counts it
+
+
+def test_batches_cut_into_chunks_equal_one_batch(monkeypatch):
+    """Cut into small batches (as on a CPU, to keep buffers cache-sized) or in one: the same ranks and norms."""
+    from blens_fast import lowrank
+
+    g = torch.Generator().manual_seed(7)
+    grads = [LowRankGradient(torch.randn(t, 9, generator=g, dtype=torch.float64),
+                             torch.randn(t, 11, generator=g, dtype=torch.float64)) for t in (3, 1, 12, 7, 0, 5, 9)]
+    batch = LowRankGradient.stack(grads)
+    monkeypatch.setitem(lowrank._BATCH_BYTES, "cpu", 1 << 40)
+    whole = batch.ranks_and_norms()
+    monkeypatch.setitem(lowrank._BATCH_BYTES, "cpu", 2 * 12 * (9 + 11) * 8)  # two of the longest per batch
+    chunked = batch.ranks_and_norms()
+    assert torch.equal(whole[0], chunked[0]) and whole[0].tolist() == [
+        matrix_rank_rule(g_.dense(), torch.float64) for g_ in grads]
+    torch.testing.assert_close(whole[1], chunked[1], rtol=1e-13, atol=0)
+
+
+def test_batch_shape_is_kept_and_indexing_gives_single_gradients():
+    grads = mixed_gradients("in_out")[:6]
+    flat = LowRankGradient.stack(grads)
+    grid = LowRankGradient(flat.x.reshape(2, 3, *flat.x.shape[1:]), flat.delta.reshape(2, 3, *flat.delta.shape[1:]),
+                           "in_out", flat.lengths.reshape(2, 3))
+    ranks, norms = grid.ranks_and_norms()
+    assert ranks.shape == norms.shape == (2, 3)
+    assert ranks.reshape(-1).tolist() == flat.rank().tolist()
+    single = grid[1, 2]
+    assert single.batch_shape == () and single.num_tokens == grads[5].num_tokens
+    assert isinstance(single.rank(), int) and single.norm().dim() == 0
+    with pytest.raises(ValueError, match="lengths has shape"):
+        LowRankGradient(flat.x, flat.delta, "in_out", flat.lengths[:2])
