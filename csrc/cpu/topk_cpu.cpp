@@ -24,7 +24,7 @@
 // float32 GEMM; gemm_mode=2 runs torch's batch-reduce GEMM (at::native::cpublas::brgemm, 16-bit inputs,
 // float32 output, never rounded to 16 bits) on the weight block packed for the CPU's native 16-bit dot
 // products (AMX / AVX512-BF16 through oneDNN) where torch can use them, and on torch's reference brgemm
-// otherwise. Auto (0) picks 2 exactly when the native path exists (cpublas::could_pack).
+// otherwise. Auto (0) picks 2 exactly when the native path exists (cpublas::could_pack, and an even d).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -298,6 +298,15 @@ void scan_row(Want<TOP, BOTTOM, COUNT> want, const Selector& sel, RowState& st, 
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// the widest slice of B that oneDNN packs for the CPU's 16-bit dot products (see the native GEMM below)
+constexpr int64_t kPackCols = 64;
+
+// Whether B can be packed for the CPU's 16-bit dot products: torch says so (AMX, AVX512-BF16), and K is even
+// (VNNI pairs rows of K; oneDNN's bf16 AMX kernel for an odd K executes an illegal instruction).
+bool packable(at::ScalarType dtype, int64_t K) {
+  return K % 2 == 0 && at::native::cpublas::could_pack(dtype);
+}
+
 }  // namespace
 
 namespace {
@@ -435,9 +444,9 @@ std::vector<at::Tensor> topk_logits_cpu(const at::Tensor& hidden, const at::Tens
   bool native = false;
   if (wdtype != at::kFloat) {
     if (gemm_mode == 2) native = true;
-    else if (gemm_mode == 0) native = at::native::cpublas::could_pack(wdtype);
+    else if (gemm_mode == 0) native = packable(wdtype, d);
   }
-  const bool vnni = native && at::native::cpublas::could_pack(wdtype);
+  const bool vnni = native && packable(wdtype, d);
 
   // Block sizes: BV vocabulary columns x BN rows of float32 logits per thread. The defaults keep a
   // block (plus an upcast weight block) within a few MiB: the GEMM stays efficient (M, N >= 256)
@@ -486,7 +495,7 @@ std::vector<at::Tensor> topk_logits_cpu(const at::Tensor& hidden, const at::Tens
       at::Tensor lbuf = at::empty({BN * BV}, f32);
       // native: the weight block transposed to d x L (and packed for the CPU's dot products when vnni)
       at::Tensor wt = native ? at::empty({d * BV}, at::TensorOptions().dtype(wdtype)) : at::Tensor();
-      at::Tensor wpacked = vnni ? at::empty({d * BV + 64}, at::TensorOptions().dtype(wdtype)) : at::Tensor();
+      at::Tensor wpacked = vnni ? at::empty({(d + 2) * kPackCols}, at::TensorOptions().dtype(wdtype)) : at::Tensor();
       at::Tensor wbuf = w_direct ? at::Tensor() : at::empty({BV * d}, f32);
       std::vector<Cand> cands(static_cast<size_t>(BN * sel.cap * std::max<int64_t>(lists, 1)));
       std::vector<RowState> states(static_cast<size_t>(BN));
@@ -527,17 +536,28 @@ std::vector<at::Tensor> topk_logits_cpu(const at::Tensor& hidden, const at::Tens
           at::Tensor lb = lbuf.narrow(0, 0, rows * L).view({rows, L});
           if (native) {
             at::Tensor b_t = wt.narrow(0, 0, d * L).view({d, L}).copy_(wb.t());
-            const void* b_ptr = b_t.data_ptr();
-            if (vnni) {
-              at::native::cpublas::pack(d, L, L, L, wdtype, wdtype, b_ptr, wpacked.data_ptr());
-              b_ptr = wpacked.data_ptr();
-            }
-            if (wdtype == at::kBFloat16) {
-              at::native::cpublas::brgemm(rows, L, d, d, L, L, false, hb.data_ptr<at::BFloat16>(),
-                                          static_cast<const at::BFloat16*>(b_ptr), lb.data_ptr<float>(), vnni);
-            } else {
-              at::native::cpublas::brgemm(rows, L, d, d, L, L, false, hb.data_ptr<at::Half>(),
-                                          static_cast<const at::Half*>(b_ptr), lb.data_ptr<float>(), vnni);
+            const int64_t elem = b_t.element_size();
+            const char* b_all = static_cast<const char*>(b_t.data_ptr());
+            // oneDNN's packed B holds at most kPackCols columns with a leading dimension of 16, 32, 48 or 64:
+            // pack and multiply the block slice by slice, each into its own columns of the logits (ld_c = L).
+            const int64_t slice = vnni ? kPackCols : L;
+            for (int64_t c0 = 0; c0 < L; c0 += slice) {
+              const int64_t n = std::min(slice, L - c0);
+              const void* b_ptr = b_all + c0 * elem;
+              int64_t ld_b = L;
+              if (vnni) {
+                ld_b = round_up(n, 16);
+                at::native::cpublas::pack(d, n, L, ld_b, wdtype, wdtype, b_ptr, wpacked.data_ptr());
+                b_ptr = wpacked.data_ptr();
+              }
+              if (wdtype == at::kBFloat16) {
+                at::native::cpublas::brgemm(rows, n, d, d, ld_b, L, false, hb.data_ptr<at::BFloat16>(),
+                                            static_cast<const at::BFloat16*>(b_ptr), lb.data_ptr<float>() + c0,
+                                            vnni);
+              } else {
+                at::native::cpublas::brgemm(rows, n, d, d, ld_b, L, false, hb.data_ptr<at::Half>(),
+                                            static_cast<const at::Half*>(b_ptr), lb.data_ptr<float>() + c0, vnni);
+              }
             }
           } else {
             at::mm_out(lb, hb, wb.t());
