@@ -24,6 +24,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from _common import timed
+
 from blens_fast._report import machine_info, markdown_table, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,9 +98,7 @@ def throughput(args) -> dict:
     times = {name: [] for name in passes}
     for _ in range(args.rounds):
         for name, run in passes.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(timed(run)[0])
     best = {name: min(ts) for name, ts in times.items()}
     return {"benchmark": "throughput", "model": args.model, "records": len(records), "tokens": tokens,
             "batch_size": args.batch_size, "batches": len(batches), "k": args.k, "layers": args.layers or "all",

@@ -44,6 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import median_seconds, timed  # noqa: E402
+
 from blens_fast.ops import reference, tuning  # noqa: E402
 
 DIMS = {"gptj": (4096, 50400), "gpt2": (768, 50257)}
@@ -64,18 +66,9 @@ class Timer:
 
     def __call__(self, fn) -> float:
         """Median ms of fn(); one call first (compiles, autotunes): a call over 250 ms is timed 3 times, plainly."""
-        start = time.perf_counter()
-        fn()
-        self.sync()
-        first = (time.perf_counter() - start) * 1e3
+        first = timed(fn, sync=self.sync)[0] * 1e3
         if first > 250 or not self.cuda:
-            times = []
-            for _ in range(3 if first > 250 else 5):
-                start = time.perf_counter()
-                fn()
-                self.sync()
-                times.append((time.perf_counter() - start) * 1e3)
-            return sorted(times)[len(times) // 2]
+            return median_seconds(fn, 3 if first > 250 else 5, sync=self.sync) * 1e3
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))

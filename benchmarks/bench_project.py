@@ -36,8 +36,16 @@ from _common import RESULTS, machine_description, markdown_table, parser, setup,
 
 from blens_fast._io import atomic_write_json, atomic_write_text
 from blens_fast.bench.meter import read_status_bytes, reset_rss_peak
-from blens_fast.ops.reference import plain_topk
+from blens_fast.ops.reference import logits_block
 from blens_fast.ops.topk import CpuTuning, topk_logits
+
+def plain_topk(hidden, weight, bias=None, *, k=10, largest=True):
+    """What one writes without thinking, the benchmark's "naive" baseline: ``torch.topk(hidden @ weight.T)`` plus
+    ``logsumexp`` (no tie rule, so never a test reference)."""
+    logits = logits_block(hidden, weight, bias)
+    values, indices = torch.topk(logits, k, dim=-1, largest=largest)
+    return values, indices, torch.logsumexp(logits, dim=-1)
+
 
 DIMS = {"gpt2": (768, 50257), "gptj": (4096, 50400)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -99,6 +99,9 @@ class LensReport:
                                      degenerate=bool(self.degenerate[name][li, position])))
         return pd.DataFrame(rows)
 
+    # Presentation (text, PNG, HTML, files) is left out of mutation testing (setup.cfg): its tests check that it
+    # renders, not each character.
+    # pragma: no mutate start
     def format(self, *, positions: str = "last") -> str:
         """A readable table per layer (the last position by default, ``positions="all"`` for every one)."""
         chosen = range(self.num_positions) if positions == "all" else [self.num_positions - 1]
@@ -200,6 +203,8 @@ td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
             written[name] = directory / f"lens_{name}.csv"
             frame.to_csv(written[name], index=False)
         return written
+
+    # pragma: no mutate end
 
 
 def lists_by_factor() -> dict[tuple[str, str], list[str]]:

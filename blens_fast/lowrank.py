@@ -145,13 +145,13 @@ class LowRankGradient:
         """``dense() @ v`` without forming ``dense()``; ``v`` has ``shape[1]`` rows (a vector or a matrix)."""
         a, b = self._left_right()
         _check_rows(v, self.shape[1], "v", "shape[1]")
-        return a.transpose(-1, -2) @ (b @ v)
+        return _chain(a.transpose(-1, -2), b, v)
 
     def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
         """``dense().T @ u`` without forming ``dense()``; ``u`` has ``shape[0]`` rows."""
         a, b = self._left_right()
         _check_rows(u, self.shape[0], "u", "shape[0]")
-        return b.transpose(-1, -2) @ (a @ u)
+        return _chain(b.transpose(-1, -2), a, u)
 
     def __add__(self, other: "LowRankGradient") -> "LowRankGradient":
         """Sum of two single gradients of the same module: the factors are stacked (ranks add at most)."""
@@ -256,6 +256,14 @@ def _svdvals(a: torch.Tensor, b: torch.Tensor, kept: torch.Tensor) -> torch.Tens
 def rank_eps(dtype: torch.dtype) -> float:
     """The eps of ``torch.linalg.matrix_rank``'s default tolerance: float64's for float64, float32's otherwise."""
     return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _chain(outer: torch.Tensor, inner: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``outer @ (inner @ v)`` per gradient; a vector ``v`` is a one-column matrix (a batch's matmul would take
+    ``inner @ v``, one vector per gradient, for a matrix)."""
+    if v.dim() == 1:
+        return (outer @ (inner @ v.unsqueeze(-1))).squeeze(-1)
+    return outer @ (inner @ v)
 
 
 def _check_rows(v: torch.Tensor, expected: int, name: str, what: str) -> None:

@@ -133,6 +133,10 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return found
 
 
+# Outside mutation testing's core (setup.cfg), which here is the resume decisions (what a restart finds, keeps and
+# redoes: plan_shards, _prepare and what they call; shard commits are in shards.py): the run's settings, torchrun
+# plumbing, the lens batches, argument handling, and the orchestration after the plan (_compute, _finish).
+# pragma: no mutate start
 def build_spec(ctx: ModelContext, source: RecordSource, fields: Fields, *, layers, modules, k: int, batch_size: int,
                max_tokens: int | None, shard_size, skip_bad: bool, unit_norm: bool, impl: str, stats: bool,
                stats_rank: int, stats_seed: int) -> RunSpec:
@@ -222,6 +226,8 @@ def process_group():
         if made_here and dist.is_initialized():
             dist.destroy_process_group()
 
+# pragma: no mutate end
+
 
 # -- the plan ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -281,6 +287,7 @@ class ShardResult:
     tokens: int
 
 
+# pragma: no mutate start
 def batches_by_length(items: list, batch_size: int, max_tokens: int | None) -> list[list]:
     """``(record, example)`` pairs sorted by token count (stable) and cut into batches of at most ``batch_size``
     pairs and ``max_tokens`` padded tokens."""
@@ -435,6 +442,7 @@ def execute(ctx: ModelContext, spec: RunSpec, source: RecordSource, out: Path, r
     return out
 
 
+# pragma: no mutate end
 def _prepare(out: Path, spec: RunSpec, log) -> tuple[Plan, Work]:
     """Rank 0 before any work: clear a killed run's temporaries, check or write ``run.json``, plan."""
     remove_stale_temporaries(out)
@@ -488,6 +496,7 @@ def _output_problems(out: Path, manifest: dict) -> list[str]:
     return problems
 
 
+# pragma: no mutate start
 def _compute(ctx, spec: RunSpec, source: RecordSource, out: Path, ranks: Ranks, work: Work, progress: bool) -> dict:
     """This rank's shards of ``work.todo`` (dealt round-robin), each committed as soon as it is computed."""
     mine = {shard: with_stats for i, (shard, with_stats) in enumerate(work.todo) if i % ranks.world == ranks.rank}
@@ -580,3 +589,4 @@ def _merge_stats(out: Path, segments: list[Segment], ids: list[str]) -> dict[str
 def _summary_line(manifest: dict) -> str:
     return (f"{manifest['records']} records ({manifest['rejected']} rejected), {manifest['rows']} rows in "
             f"{len(manifest['shards'])} shards")
+# pragma: no mutate end

@@ -165,24 +165,6 @@ def chunked_lists(hidden, weight, bias=None, *, k=10, top=True, bottom=False, ta
     return cat_lists(parts)
 
 
-def naive_topk(hidden, weight, bias=None, *, k=10, largest=True):
-    """Full ``N x V`` logits, then the exact selection and ``torch.logsumexp``: (values, indices, lse)."""
-    lists = naive_lists(hidden, weight, bias, k=k, top=largest, bottom=not largest)
-    if largest:
-        return lists.top_values, lists.top_indices, lists.logsumexp
-    return lists.bottom_values, lists.bottom_indices, lists.logsumexp
-
-
-def plain_topk(hidden, weight, bias=None, *, k=10, largest=True):
-    """What one writes without thinking: ``torch.topk(hidden @ weight.T)`` plus ``logsumexp``.
-
-    The benchmark's "naive" baseline; no tie fix-up, so it is not used as the test reference.
-    """
-    logits = logits_block(hidden, weight, bias)
-    values, indices = torch.topk(logits, k, dim=-1, largest=largest)
-    return values, indices, torch.logsumexp(logits, dim=-1)
-
-
 def row_norm_coefficients(hidden: torch.Tensor, norm_kind, eps: float, unit: bool,
                           chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(a, c)`` with ``norm(h) = (h * a - c) * norm_weight + norm_bias`` (float32, shape ``N``).

@@ -423,8 +423,8 @@ def test_cpu_64bit_offsets():
     w = torch.randn(v, 2, generator=g)
     res = topk_logits(h, w, k=3, impl="cpu")
     rows = torch.tensor([0, n // 2, n - 1])
-    ref = reference.naive_topk(h[rows], w, k=3)
-    assert torch.equal(res.indices[rows], ref[1])
+    ref = reference.naive_lists(h[rows], w, None, k=3, top=True, bottom=False)
+    assert torch.equal(res.indices[rows], ref.top_indices)
 
 
 @pytest.mark.slow
@@ -438,3 +438,26 @@ def test_triton_compiles_for_sm80_sm90():
     proc = subprocess.run([sys.executable, "-m", "blens_fast.ops.triton.compile_check"], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_available_implementations_default_to_the_cpu():
+    from blens_fast.ops.topk import TOPK
+
+    assert TOPK.available() == TOPK.available("cpu") == available_impls() == available_impls("cpu")
+    assert {"torch", "naive"} <= set(TOPK.available())
+
+
+@pytest.mark.parametrize(("value", "interpreting"), [(None, False), ("0", False), ("", False), ("1", True)])
+def test_cpu_tensors_reach_the_gpu_kernel_language_only_when_interpreted(monkeypatch, value, interpreting):
+    from blens_fast.ops.registry import triton_interpreting, triton_unavailable
+
+    pytest.importorskip("triton")
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_interpreting() is interpreting
+    reason = triton_unavailable(torch.device("cpu"))
+    assert (reason is None) is interpreting
+    assert interpreting or "TRITON_INTERPRET=1" in reason
+    assert triton_unavailable(torch.device("cuda")) is None  # importable: CUDA tensors are Triton's own

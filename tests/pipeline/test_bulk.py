@@ -525,3 +525,20 @@ def test_batches_respect_size_and_token_budget():
     batches = batches_by_length(items, 4, 16)
     assert all(len(b) * max(e.num_tokens for _, e in b) <= 16 or len(b) == 1 for b in batches)
     assert sorted(r.index for b in batches for r, _ in b) == list(range(6))
+
+
+def test_damaged_merged_statistics_of_a_finished_run_are_written_again(tmp_path, tiny):
+    """A finished run whose merged statistics file is damaged is not "already complete": the restart names the file
+    and writes it again, equal to what it was."""
+    data = write_jsonl(tmp_path / "in.jsonl", 4)
+    out = project_dataset(tiny, data, tmp_path / "out", **STATS_RUN)
+    merged = sorted((out / "stats").glob("*.safetensors"))
+    assert merged
+    before = merged[0].read_bytes()
+    damage(merged[0], "truncated")
+    messages = []
+    project_dataset(tiny, data, out, log=messages.append, **STATS_RUN)
+    assert (f"blens project-dataset: {str(merged[0])!r} has {len(before) // 2} bytes, {len(before)} were committed "
+            "(truncated or replaced): writing it again") in messages, messages
+    assert not any("already complete" in m for m in messages)
+    assert merged[0].read_bytes() == before

@@ -252,3 +252,30 @@ def test_ranks_and_norms_per_layer_and_example(tokenizer):
     assert len({int(n) for n in found["mlp.in"][0][0]}) > 1  # prompts of different lengths: a transposition shows
     only_out = cap.ranks_and_norms("mlp.out", tol=1e9)
     assert list(only_out) == ["mlp.out"] and (only_out["mlp.out"][0] == 0).all()
+
+
+def test_non_finite_factors_name_the_example_the_factor_and_the_module():
+    """The check behind capture's error: the example counted across batches (batch start + row) and the first
+    non-finite factor (x before delta)."""
+    from types import SimpleNamespace
+
+    from blens_fast.capture import _raise_not_finite
+
+    batch = [SimpleNamespace(prompt="a", target=" b"), SimpleNamespace(prompt="c", target=" d")]
+    key = (3, "mlp.out")
+    xs, deltas = {key: torch.zeros(5, 4, 2)}, {key: torch.zeros(5, 4, 2)}
+    xs[key][3, 1, 0] = deltas[key][3, 0, 0] = float("inf")  # the batch's second example, 2 + 1 = 3 overall
+    with pytest.raises(ValueError, match=r"^the x factor of mlp.out at layer 3 is not finite for example 3 "
+                                         r"\('c' -> ' d'\)"):
+        _raise_not_finite(torch.zeros(2), batch, 2, [key], xs, deltas)
+    xs[key][3] = 0.0
+    with pytest.raises(ValueError, match=r"^the delta factor of mlp.out at layer 3 .* example 3 "):
+        _raise_not_finite(torch.zeros(2), batch, 2, [key], xs, deltas)
+    deltas[key][3] = 0.0
+    _raise_not_finite(torch.zeros(2), batch, 2, [key], xs, deltas)  # all finite: no error
+
+
+def test_repr_names_architecture_examples_layers_and_modules(tokenizer):
+    cap = blens_fast.capture(make_tiny_model("gpt2"), tokenizer, PROMPTS[:2], TARGETS[:2], layers=[1, 0],
+                             modules=("mlp.out",))
+    assert repr(cap) == f"Capture({cap.architecture}, examples=2, layers=[1, 0], modules=['mlp.out'])"

@@ -6,6 +6,7 @@ from torch import nn
 from blens_fast import bind
 from blens_fast.adapters import get_adapter
 from blens_fast.editing import Edit, applied_edits, calibrated_defaults, edit, ff2_whitening
+from blens_fast.editing.update import Update
 from tests.helpers import autograd_loss, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -404,3 +405,35 @@ def test_whitening_cache_lives_under_the_cache_folder(tokenizer, tmp_path, monke
     ff2_whitening(model, tokenizer, 1, ["Paris is in France", "The cat sat"], progress=False)
     files = list((tmp_path / "xdg" / "blens_fast" / "ff2_whitening").glob("*.safetensors"))
     assert len(files) == 2  # every layer from the one pass
+
+
+def test_repr_and_the_edit_stack_of_a_context(tokenizer):
+    model = tiny("gpt2")
+    ctx = bind(model, tokenizer)
+    made = edit(ctx, PROMPT, TARGET, layer=1, scale=1.0, skip_if_argmax=False)
+    assert applied_edits(ctx) == applied_edits(model) == (made,)
+    assert repr(made) == (f"Edit(method='forward_shift', fact={PROMPT!r} -> {TARGET!r}, touched=[(1, 'mlp.out')], "
+                          "steps=1, applied)")
+    made.revert()
+    assert repr(made).endswith("steps=1, not applied)") and applied_edits(ctx) == ()
+    assert repr(Edit(made.updates, {"method": "custom", "prompts": ["p"]})) == (
+        "Edit(method='custom', fact='p' -> '?', touched=[(1, 'mlp.out')], steps=1, not applied)")
+    assert repr(Edit(made.updates)) == "Edit(method=None, touched=[(1, 'mlp.out')], steps=1, not applied)"
+
+
+def test_saved_info_drops_private_keys_and_writes_other_values_as_text(tmp_path):
+    step = Update(1, "mlp.out", torch.ones(1, 4), torch.ones(1, 3))
+    path = Edit([step], {"method": "m", "_live": object(), "dtype": torch.float16}).save(tmp_path / "e.safetensors")
+    assert Edit.load(path).info == {"method": "m", "dtype": "torch.float16"}
+
+
+def test_an_edit_file_without_info_loads_with_an_empty_record(tmp_path):
+    from safetensors.torch import save_file
+
+    from blens_fast.editing.update import FORMAT
+
+    path = tmp_path / "bare.safetensors"
+    save_file({"update.0.left": torch.ones(1, 4), "update.0.right": torch.ones(1, 3)}, str(path),
+              metadata={"format": FORMAT, "steps": '[{"layer": 2, "module": "mlp.out"}]'})
+    loaded = Edit.load(path)
+    assert loaded.info == {} and loaded.touched == ((2, "mlp.out"),)

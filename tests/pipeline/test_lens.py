@@ -156,3 +156,12 @@ def test_lens_bad_input(tokenizer, kwargs, match):
     model = make_tiny_model("gpt2")
     with pytest.raises(ValueError, match=match):
         lens(model, tokenizer, PROMPT, TARGET, **kwargs)
+
+
+def test_tokens_are_read_from_the_vocabulary_or_shown_as_ids(tokenizer):
+    import dataclasses
+
+    report = lens(make_tiny_model("gpt2"), tokenizer, PROMPT, TARGET, layers=[0], k=3)
+    token_id = int(report.indices["ff1_top"][0, -1, 0])
+    assert report.token(token_id) == tokenizer.convert_ids_to_tokens(token_id) == report.vocabulary[token_id]
+    assert dataclasses.replace(report, vocabulary=()).token(token_id) == str(token_id)

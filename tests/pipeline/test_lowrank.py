@@ -199,3 +199,87 @@ def test_batch_shape_is_kept_and_indexing_gives_single_gradients():
     assert isinstance(single.rank(), int) and single.norm().dim() == 0
     with pytest.raises(ValueError, match="lengths has shape"):
         LowRankGradient(flat.x, flat.delta, "in_out", flat.lengths[:2])
+
+
+def test_indexing_a_padded_batch():
+    """A single gradient taken out of a batch holds its own rows only (no padding, no lengths); a sub-batch keeps
+    the padding and its lengths."""
+    grads = mixed_gradients("out_in")[:6]
+    batch = LowRankGradient.stack(grads)
+    for i, grad in enumerate(grads):
+        single = batch[i]
+        assert single.lengths is None and single.layout == "out_in"
+        assert torch.equal(single.x, grad.x) and torch.equal(single.delta, grad.delta)
+    part = batch[2:5]
+    assert part.layout == "out_in" and part.lengths.tolist() == batch.lengths[2:5].tolist()
+    assert torch.equal(part.x, batch.x[2:5]) and torch.equal(part.delta, batch.delta[2:5])
+    with pytest.raises(IndexError, match="no batch dimensions"):
+        grads[0][0]
+
+
+def test_batched_products_and_svd_equal_dense_per_gradient():
+    grads = mixed_gradients("in_out")[:5]
+    batch = LowRankGradient.stack(grads)
+    u = torch.randn(batch.shape[0], dtype=torch.float64)
+    v = torch.randn(batch.shape[1], dtype=torch.float64)
+    out, out_v = batch.rmatvec(u), batch.matvec(v)  # vectors: one result vector per gradient
+    assert out.shape == (5, batch.shape[1]) and out_v.shape == (5, batch.shape[0])
+    u_all, s_all, vh_all = batch.svd()
+    for i, grad in enumerate(grads):
+        dense = grad.dense()
+        torch.testing.assert_close(out[i], dense.T @ u)
+        torch.testing.assert_close(out_v[i], dense @ v)
+        torch.testing.assert_close(u_all[i] @ torch.diag(s_all[i]) @ vh_all[i], dense)
+    top, s1, vh1 = grads[2].svd(1)  # k=1 is in range
+    torch.testing.assert_close(s1, torch.linalg.svdvals(grads[2].dense())[:1])
+    assert top.shape == (grads[2].shape[0], 1) and vh1.shape == (1, grads[2].shape[1])
+
+
+def test_conversion_keeps_lengths_and_converts_both_factors():
+    batch = LowRankGradient.stack(mixed_gradients("in_out")[:4])
+    for converted in (batch.to(torch.float32), batch.to(dtype=torch.float32)):
+        assert converted.x.dtype == converted.delta.dtype == torch.float32
+        assert converted.layout == "in_out" and torch.equal(converted.lengths, batch.lengths)
+
+
+def test_product_and_sum_errors_name_the_operand():
+    x, d = factors(6, 9, 13)
+    g = LowRankGradient(x, d, "in_out")
+    with pytest.raises(ValueError, match=r"^v has shape \(4,\): expected 13 rows \(shape\[1\] of the gradient\)$"):
+        g.matvec(torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^u has shape \(4,\): expected 9 rows \(shape\[0\] of the gradient\)$"):
+        g.rmatvec(torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="cannot add gradients of shape"):
+        g + LowRankGradient(*factors(6, 9, 12), "in_out")  # same layout, another shape
+    with pytest.raises(ValueError, match="index a batch first"):
+        g + LowRankGradient.stack([g, g])
+    with pytest.raises(ValueError, match="index a batch first"):
+        LowRankGradient.stack([g, g]) + g
+
+
+def test_repr_names_batch_shape_layout_tokens_and_dtype():
+    x, d = factors(6, 9, 13)
+    g = LowRankGradient(x, d, "in_out")
+    assert repr(g) == "LowRankGradient(shape=(9, 13), layout='in_out', tokens=6, dtype=torch.float64)"
+    batch = LowRankGradient.stack([g, LowRankGradient(*factors(2, 9, 13), "in_out")])
+    assert repr(batch) == ("LowRankGradient(batch=(2,), shape=(9, 13), layout='in_out', tokens=6, "
+                           "dtype=torch.float64)")
+
+
+def test_rank_in_another_dtype_uses_that_dtype_eps():
+    """A singular value of 1e-9 (relative): above float64's cut-off, below float32's (4 x 400 gradient)."""
+    g = torch.Generator().manual_seed(5)
+    q1, _ = torch.linalg.qr(torch.randn(4, 2, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(400, 2, generator=g, dtype=torch.float64))
+    grad = LowRankGradient((q1 * torch.tensor([1.0, 1e-9], dtype=torch.float64)).T.contiguous(), q2.T.contiguous())
+    assert grad.rank() == 2 and grad.rank(dtype=torch.float32) == 1
+    assert LowRankGradient.stack([grad, grad]).rank(dtype=torch.float32).tolist() == [1, 1]
+
+
+def test_a_sum_leaves_out_the_padding_rows_of_a_single_gradient():
+    x, d = factors(5, 7, 11, seed=3)
+    padded = LowRankGradient(x, d, "in_out", torch.tensor(3))  # rows 3 and 4 are padding (not zero here)
+    other = LowRankGradient(*factors(2, 7, 11, seed=4), "in_out")
+    total = padded + other
+    assert total.num_tokens == 5 and total.lengths is None
+    torch.testing.assert_close(total.dense(), x[:3].T @ d[:3] + other.dense())

@@ -1,0 +1,169 @@
+"""Mutation testing of the core (``make mutate``): mutmut over the files that ``setup.cfg`` names, time-boxed and
+resumable, then a report of every surviving mutant.
+
+    python -m tests.mutate run --minutes 75   # mutmut run, stopped cleanly at the deadline; rerun to go on
+    python -m tests.mutate run --survivors    # test again the survivors only (after writing tests for them)
+    python -m tests.mutate report             # tests/MUTATION.md from mutants/**/*.meta
+
+mutmut keeps each mutant's verdict under ``mutants/``, so a run that hits its deadline loses nothing: the next run
+starts where it stopped. A survivor is either killed by a new test or explained in ``tests/mutation_explained.toml``
+(an equivalent mutant, or a change no test can or should observe); the report lists the unexplained ones first.
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "tests" / "MUTATION.md"
+EXPLAINED = ROOT / "tests" / "mutation_explained.toml"
+
+# mutmut's exit codes, grouped: a timeout counts as caught (the mutant made the tests hang, which a run notices)
+CAUGHT = {1: "killed", 3: "killed", 36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout",
+          -11: "crashed", -9: "crashed"}
+MISSED = {0: "survived", 5: "no tests", 33: "no tests"}
+
+
+def run(minutes: float, workers: int, survivors: bool = False) -> int:
+    """``mutmut run`` until it finishes or ``minutes`` pass; then an interrupt, which mutmut answers by saving.
+    ``survivors``: test again only the mutants that survived or had no test (after new tests were written)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    names = [name for name, (_, code) in verdicts().items() if code in MISSED] if survivors else []
+    if survivors and not names:
+        print("mutate: no survivors to test again")
+        return 0
+    process = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", str(workers), *names],
+                               cwd=ROOT, env=env, start_new_session=True)
+    try:
+        return process.wait(timeout=minutes * 60)
+    except subprocess.TimeoutExpired:
+        print(f"\nmutate: {minutes:g} minutes passed; stopping (run again to go on where this stopped)", flush=True)
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        return 0
+
+
+def core_files() -> list[str]:
+    """The files mutated (``only_mutate`` in setup.cfg)."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    return config.get("mutmut", "only_mutate").split()
+
+
+def verdicts() -> dict[str, tuple[str, int | None]]:
+    """Every mutant of the core files: name -> (source file, exit code or None when not yet run)."""
+    found = {}
+    for source in core_files():
+        meta = ROOT / "mutants" / f"{source}.meta"
+        if not meta.exists():
+            continue
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            found[name] = (source, code)
+    return found
+
+
+def status(code: int | None) -> str:
+    if code is None:
+        return "not run"
+    return CAUGHT.get(code) or MISSED.get(code) or f"suspicious ({code})"
+
+
+def diff(name: str, source: str) -> str:
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # mutmut reads its configuration and mutants from the working directory
+    try:
+        from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+        return "\n".join(line for line in get_diff_for_mutant(name, path=source).splitlines()
+                         if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+    finally:
+        os.chdir(cwd)
+
+
+def report() -> int:
+    found = verdicts()
+    if not found:
+        print("mutate: no results under mutants/; run `make mutate` first", file=sys.stderr)
+        return 2
+    explained = tomllib.loads(EXPLAINED.read_text()) if EXPLAINED.exists() else {}
+    by_file: dict[str, Counter] = {}
+    survivors = []
+    for name, (source, code) in found.items():
+        verdict = status(code)
+        counts = by_file.setdefault(source, Counter())
+        counts[verdict] += 1
+        if code in MISSED:
+            survivors.append((name, source, verdict))
+    total = Counter()
+    for counts in by_file.values():
+        total.update(counts)
+    checked = sum(v for k, v in total.items() if k != "not run")
+    caught = total["killed"] + total["timeout"] + total["crashed"]
+    equivalent = sum(1 for name, _, _ in survivors if name in explained)
+    unexplained = [s for s in survivors if s[0] not in explained]
+
+    lines = [
+        "# Mutation testing of the core",
+        "",
+        f"`make mutate` (mutmut, files in `setup.cfg`), report written {time.strftime('%Y-%m-%d')} by "
+        "`python -m tests.mutate report`. A timeout counts as caught. Score = caught / checked; "
+        "the second score leaves out the survivors explained below as equivalent or unobservable.",
+        "",
+        f"- mutants: {sum(total.values())}, checked: {checked}, not yet run: {total['not run']}",
+        f"- caught: {caught} (killed {total['killed']}, timeout {total['timeout']}, crashed {total['crashed']})",
+        f"- survived: {total['survived']}, no tests: {total['no tests']}, explained: {equivalent}, "
+        f"unexplained: {len(unexplained)}",
+        f"- **score: {caught / max(checked, 1):.1%}**; without the explained survivors: "
+        f"**{caught / max(checked - equivalent, 1):.1%}**",
+        "",
+        "| file | mutants | caught | survived | no tests | not run | score |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for source, counts in sorted(by_file.items()):
+        done = sum(v for k, v in counts.items() if k != "not run")
+        hit = counts["killed"] + counts["timeout"] + counts["crashed"]
+        lines.append(f"| `{source}` | {sum(counts.values())} | {hit} | {counts['survived']} | {counts['no tests']} "
+                     f"| {counts['not run']} | {hit / max(done, 1):.1%} |")
+    for title, group in (("Unexplained survivors", unexplained),
+                         ("Explained survivors", [s for s in survivors if s[0] in explained])):
+        lines += ["", f"## {title} ({len(group)})", ""]
+        for name, source, verdict in sorted(group, key=lambda s: (s[1], s[0])):
+            lines += [f"### `{name}` ({verdict})", ""]
+            if name in explained:
+                lines += [explained[name]["why"].strip(), ""]
+            lines += ["```diff", diff(name, source), "```", ""]
+    REPORT.write_text("\n".join(lines))
+    print("\n".join(lines[4:9]))
+    print(f"written: {REPORT}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutate", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("run", help="run mutmut, time-boxed")
+    start.add_argument("--minutes", type=float, default=75.0, help="stop after this long (default: 75)")
+    start.add_argument("--workers", type=int, default=2, help="mutants tested at once (default: 2)")
+    start.add_argument("--survivors", action="store_true",
+                       help="test again only the mutants that survived or had no test (after writing new tests)")
+    commands.add_parser("report", help=f"write {REPORT.relative_to(ROOT)}")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(args.minutes, args.workers, args.survivors)
+    return report()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
