@@ -124,3 +124,22 @@ def test_project_errors(models):
         project(torch.nn.Module(), torch.randn(3, 3))
     with pytest.raises(ValueError, match="NaN or infinite logits"):
         project(model, torch.full((2, 48), float("nan")), impl="cpu")
+
+
+def test_reference_norms_follow_their_formulas_with_a_large_eps():
+    """The torch reference's norms written out (biased variance, eps inside the root), with an eps large enough to
+    matter on small rows; no unit normalisation unless asked."""
+    from blens_fast.ops.reference import normalize_rows
+
+    g = torch.Generator().manual_seed(2)
+    h = 0.3 * torch.randn(5, 12, generator=g, dtype=torch.float64)
+    weight, bias = torch.randn(12, generator=g), torch.randn(12, generator=g)
+    centred = h - h.mean(-1, keepdim=True)
+    layer = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 0.25)
+    rms = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 0.25)
+    torch.testing.assert_close(normalize_rows(h, "layernorm", 0.25), layer.float())
+    torch.testing.assert_close(normalize_rows(h, "rmsnorm", 0.25, norm_weight=weight, norm_bias=bias),
+                               (rms * weight.double() + bias.double()).float())
+    unit = h / h.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(normalize_rows(h, None, 0.25), h.float())
+    torch.testing.assert_close(normalize_rows(h, None, 0.25, unit=True), unit.float())

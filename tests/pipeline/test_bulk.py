@@ -1,6 +1,7 @@
 """project_dataset: rows against an independent lens, exactly-once resume (gaps included), verified shards, safe
 segments, the folder lock, refusals, bad records, inputs, and an output folder that pandas and pyarrow read."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -542,3 +543,27 @@ def test_damaged_merged_statistics_of_a_finished_run_are_written_again(tmp_path,
             "(truncated or replaced): writing it again") in messages, messages
     assert not any("already complete" in m for m in messages)
     assert merged[0].read_bytes() == before
+
+
+def test_a_segment_without_statistics_says_so(tmp_path):
+    from blens_fast.bulk.shards import Segment
+
+    assert Segment("seg-1.json", "session", 0).stats_problem(tmp_path) == "names no statistics file"
+
+
+def test_manifest_outputs_are_checked_and_may_be_absent(tmp_path, tiny):
+    """A malformed output digest in manifest.json is an error naming that file; a manifest without the outputs
+    entry (no merged statistics) reads as one with none."""
+    data = write_jsonl(tmp_path / "in.jsonl", 2)
+    out = project_dataset(tiny, data, tmp_path / "out", k=2, layers=[0], progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["outputs"] == {}
+    del manifest["outputs"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    messages = []
+    project_dataset(tiny, data, out, k=2, layers=[0], progress=False, log=messages.append)
+    assert any("already complete" in m for m in messages), messages
+    manifest["outputs"] = {"stats/state.safetensors": {"size": "big"}}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out / 'manifest.json'))}: expected a file digest"):
+        project_dataset(tiny, data, out, k=2, layers=[0], progress=False)

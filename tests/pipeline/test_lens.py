@@ -165,3 +165,25 @@ def test_tokens_are_read_from_the_vocabulary_or_shown_as_ids(tokenizer):
     token_id = int(report.indices["ff1_top"][0, -1, 0])
     assert report.token(token_id) == tokenizer.convert_ids_to_tokens(token_id) == report.vocabulary[token_id]
     assert dataclasses.replace(report, vocabulary=()).token(token_id) == str(token_id)
+
+
+def test_tables_hold_each_cells_own_position_token_and_flag(tokenizer):
+    """Row by row, the long tables carry the cell they describe: its position, input token, degenerate flag and
+    target rank (the last layer's FF2 rows are degenerate before the last position, so flags vary)."""
+    import pandas as pd
+
+    report = lens(make_tiny_model("gpt2"), tokenizer, PROMPT, TARGET, layers=[0, -1], k=3)
+    frame, ranks = report.to_pandas(), report.target_rank_table()
+    assert frame.index.equals(pd.RangeIndex(len(frame))) and ranks.index.equals(pd.RangeIndex(len(ranks)))
+    assert bool(report.degenerate["ff2_bottom"].any()) and not bool(report.degenerate["ff2_bottom"].all())
+    for name in LISTS:
+        for li, layer in enumerate(report.layers):
+            for position in range(report.num_positions):
+                cell = frame[(frame.list == name) & (frame.layer == layer) & (frame.position == position)]
+                flag = bool(report.degenerate[name][li, position])
+                assert len(cell) == 3 and set(cell.input_token) == {report.tokens[position]}
+                assert set(cell.degenerate) == {flag}
+                row = ranks[(ranks.list == name) & (ranks.layer == layer) & (ranks.position == position)]
+                assert len(row) == 1 and row.input_token.item() == report.tokens[position]
+                assert row.target_rank.item() == int(report.target_rank[name][li, position])
+                assert row.degenerate.item() == flag

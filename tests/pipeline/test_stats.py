@@ -169,3 +169,33 @@ def test_argument_errors(tokenizer):
     with pytest.raises(ValueError, match="layer 5 is out of range"):
         gradient_stats(model, tokenizer, [("a b", "c")], layers=[5])
     assert sketch_sizes(8) == (17, 35, 8)
+
+
+def test_a_state_keeps_explicit_sizes_layouts_and_defaults(tokenizer, tmp_path):
+    """Non-default sketch sizes and an out_in module survive save/load; a state read back merges with a live one
+    (same settings and layouts); from_state defaults to the CPU and the automatic kernel choice."""
+    model = make_tiny_model("gpt2")
+    keys = {(0, "mlp.in"): (32, 128, "out_in")}
+    acc = StatsAccumulator(keys, rank=2, sketch_size=5, cosketch_size=7, residual_size=3, impl="torch", seed=1)
+    acc.update(capture(model, tokenizer, PROMPTS[:2], TARGETS[:2], layers=[0], modules=["mlp.in"]), ["a", "b"])
+    back = StatsAccumulator.load(acc.save(tmp_path / "state.safetensors"), impl="torch")
+    assert back.sizes == acc.sizes == (5, 7, 3) and back.impl == "torch"
+    assert back.sketches[(0, "mlp.in")].layout == "out_in"
+    restored = StatsAccumulator.from_state(*acc.state())
+    assert restored.device == torch.device("cpu") and restored.impl == "auto" and restored.sizes == (5, 7, 3)
+    back.merge(acc)
+    assert back.ids == ["a", "b", "a", "b"] and back.sketches[(0, "mlp.in")].tokens == 2 * acc.sketches[
+        (0, "mlp.in")].tokens
+
+
+def test_state_of_an_empty_accumulator_and_files_without_statistics(tmp_path):
+    from safetensors.torch import save_file
+
+    keys = {(0, "mlp.in"): (32, 128, "in_out")}
+    tensors, metadata = StatsAccumulator(keys, rank=2).state()
+    assert tensors["m0.norms_sq"].dtype == torch.float64 and tensors["m0.norms_sq"].numel() == 0
+    path = StatsAccumulator(keys, rank=2).save(tmp_path / "empty.safetensors")
+    assert StatsAccumulator.load(path).impl == "auto" and StatsAccumulator.load(path).ids == []
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match=r"plain.safetensors' is not a readable .* \(no statistics metadata\)"):
+        StatsAccumulator.load(tmp_path / "plain.safetensors")
