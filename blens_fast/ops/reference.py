@@ -67,7 +67,7 @@ def normalize_rows(hidden: torch.Tensor, norm_kind, eps: float, unit: bool = Fal
     return h
 
 
-def select_topk(logits: torch.Tensor, k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def select_topk(logits: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of float32 ``logits`` (rows x V) with the lower-index-wins tie rule.
 
     ``torch.topk`` picks the values; rows where the k-th value also occurs outside the selection
@@ -127,7 +127,7 @@ def target_counts(logits: torch.Tensor, target_ids: torch.Tensor, target_logits:
     return torch.stack([greater, less, equal_lower], dim=1)
 
 
-def select_lists(logits: torch.Tensor, k: int, *, top: bool = True, bottom: bool = False, target_ids=None,
+def select_lists(logits: torch.Tensor, k: int, *, top: bool, bottom: bool, target_ids=None,
                  target_logits=None) -> Lists:
     """The requested selections, log-sum-exp and target counts of float32 ``logits`` (rows x V)."""
     tv, ti = select_topk(logits, k, True) if top else (None, None)
@@ -136,7 +136,7 @@ def select_lists(logits: torch.Tensor, k: int, *, top: bool = True, bottom: bool
     return Lists(tv, ti, bv, bi, torch.logsumexp(logits, dim=-1), counts)
 
 
-def naive_lists(hidden, weight, bias=None, *, k=10, top=True, bottom=False, target_ids=None,
+def naive_lists(hidden, weight, bias, *, k: int, top: bool, bottom: bool, target_ids=None,
                 target_logits=None) -> Lists:
     """Full ``N x V`` logits, then :func:`select_lists`."""
     return select_lists(logits_block(hidden, weight, bias), k, top=top, bottom=bottom, target_ids=target_ids,
@@ -148,7 +148,7 @@ def cat_lists(parts: list[Lists]) -> Lists:
     return Lists(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*parts)))
 
 
-def chunked_lists(hidden, weight, bias=None, *, k=10, top=True, bottom=False, target_ids=None, target_logits=None,
+def chunked_lists(hidden, weight, bias, *, k: int, top: bool, bottom: bool, target_ids=None, target_logits=None,
                   chunk_rows: int | None = None, normalize=None) -> Lists:
     """:func:`naive_lists` ``chunk_rows`` rows at a time (memory bounded by one chunk of logits); ``normalize``
     (a callable on a chunk of rows) is applied to each chunk first."""
