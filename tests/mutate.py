@@ -7,7 +7,8 @@ resumable, then a report of every surviving mutant.
 
 mutmut keeps each mutant's verdict under ``mutants/``, so a run that hits its deadline loses nothing: the next run
 starts where it stopped. A survivor is either killed by a new test or explained in ``tests/mutation_explained.toml``
-(an equivalent mutant, or a change no test can or should observe); the report lists the unexplained ones first.
+(an equivalent mutant, or a change no test can or should observe: an entry names the function and the line before
+and after, so it survives renumbering); the report lists the unexplained ones first.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import configparser
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,27 +94,39 @@ def diff(name: str, source: str) -> str:
         os.chdir(cwd)
 
 
+def explanation(name: str, change: str, explained: list[dict]) -> str | None:
+    """The reason recorded for a survivor: an entry of its function whose lines match the mutant's diff."""
+    function = re.sub(r"__mutmut_\d+$", "", name)
+    original = next((line[1:].strip() for line in change.splitlines() if line.startswith("-")), "")
+    mutant = next((line[1:].strip() for line in change.splitlines() if line.startswith("+")), "")
+    for entry in explained:
+        if (entry["function"], entry["original"], entry["mutant"]) == (function, original, mutant):
+            return entry["why"].strip()
+    return None
+
+
 def report() -> int:
     found = verdicts()
     if not found:
         print("mutate: no results under mutants/; run `make mutate` first", file=sys.stderr)
         return 2
-    explained = tomllib.loads(EXPLAINED.read_text()) if EXPLAINED.exists() else {}
+    explained = tomllib.loads(EXPLAINED.read_text())["explained"] if EXPLAINED.exists() else []
     by_file: dict[str, Counter] = {}
-    survivors = []
+    survivors = []  # (name, source, verdict, diff, why)
     for name, (source, code) in found.items():
         verdict = status(code)
         counts = by_file.setdefault(source, Counter())
         counts[verdict] += 1
         if code in MISSED:
-            survivors.append((name, source, verdict))
+            change = diff(name, source)
+            survivors.append((name, source, verdict, change, explanation(name, change, explained)))
     total = Counter()
     for counts in by_file.values():
         total.update(counts)
     checked = sum(v for k, v in total.items() if k != "not run")
     caught = total["killed"] + total["timeout"] + total["crashed"]
-    equivalent = sum(1 for name, _, _ in survivors if name in explained)
-    unexplained = [s for s in survivors if s[0] not in explained]
+    equivalent = sum(1 for survivor in survivors if survivor[4])
+    unexplained = [survivor for survivor in survivors if not survivor[4]]
 
     lines = [
         "# Mutation testing of the core",
@@ -137,13 +151,13 @@ def report() -> int:
         lines.append(f"| `{source}` | {sum(counts.values())} | {hit} | {counts['survived']} | {counts['no tests']} "
                      f"| {counts['not run']} | {hit / max(done, 1):.1%} |")
     for title, group in (("Unexplained survivors", unexplained),
-                         ("Explained survivors", [s for s in survivors if s[0] in explained])):
+                         ("Explained survivors", [survivor for survivor in survivors if survivor[4]])):
         lines += ["", f"## {title} ({len(group)})", ""]
-        for name, source, verdict in sorted(group, key=lambda s: (s[1], s[0])):
+        for name, source, verdict, change, why in sorted(group, key=lambda survivor: (survivor[1], survivor[0])):
             lines += [f"### `{name}` ({verdict})", ""]
-            if name in explained:
-                lines += [explained[name]["why"].strip(), ""]
-            lines += ["```diff", diff(name, source), "```", ""]
+            if why:
+                lines += [why, ""]
+            lines += ["```diff", change, "```", ""]
     REPORT.write_text("\n".join(lines))
     print("\n".join(lines[4:9]))
     print(f"written: {REPORT}")

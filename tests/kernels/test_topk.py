@@ -461,3 +461,16 @@ def test_cpu_tensors_reach_the_gpu_kernel_language_only_when_interpreted(monkeyp
     assert (reason is None) is interpreting
     assert interpreting or "TRITON_INTERPRET=1" in reason
     assert triton_unavailable(torch.device("cuda")) is None  # importable: CUDA tensors are Triton's own
+
+
+def test_reference_logits_of_16_bit_weights_over_several_upcast_blocks():
+    """The torch reference upcasts a 16-bit weight UPCAST_ROWS vocabulary rows at a time: every block is written."""
+    g = torch.Generator().manual_seed(4)
+    vocab = 2 * reference.UPCAST_ROWS + 5
+    h = torch.randn(3, 4, generator=g).to(torch.bfloat16)
+    w = torch.randn(vocab, 4, generator=g).to(torch.bfloat16)
+    b = torch.randn(vocab, generator=g)
+    truth = h.double() @ w.double().T + b.double()
+    logits = reference.logits_block(h, w, b)
+    assert logits.dtype == torch.float32 and logits.shape == (3, vocab)
+    torch.testing.assert_close(logits.double(), truth, rtol=1e-6, atol=1e-6)

@@ -567,3 +567,22 @@ def test_manifest_outputs_are_checked_and_may_be_absent(tmp_path, tiny):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(out / 'manifest.json'))}: expected a file digest"):
         project_dataset(tiny, data, out, k=2, layers=[0], progress=False)
+
+
+def test_run_differences_name_each_changed_setting():
+    from blens_fast.bulk.run import _differences
+
+    old = {"a": 1, "b": {"c": 2, "d": 0}, "x": 1}
+    assert _differences(old, json.loads(json.dumps(old))) == []
+    assert _differences(old, {"a": 1, "b": {"c": 3, "d": 0}, "y": 2}) == [
+        "b.c was 2, now 3", "x was 1, now '<absent>'", "y was '<absent>', now 2"]
+    assert _differences(1, 2) == ["run was 1, now 2"]
+    assert _differences([1], [1]) == []
+
+
+def test_a_damaged_run_file_is_named_as_such(tmp_path, tiny):
+    data = write_jsonl(tmp_path / "in.jsonl", 2)
+    out = project_dataset(tiny, data, tmp_path / "out", k=2, layers=[0], progress=False)
+    damage(out / "run.json", "truncated")
+    with pytest.raises(ValueError, match=r"^run file '.*run\.json' is damaged"):
+        project_dataset(tiny, data, out, k=2, layers=[0], progress=False)
