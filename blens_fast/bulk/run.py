@@ -121,8 +121,9 @@ class RunSpec:
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return [] if old == new else [f"{prefix.rstrip('.') or 'run'} was {old!r}, now {new!r}"]
+    """``'<setting> was <old>, now <new>'`` per differing entry of two run settings (nested dicts by dotted name)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):  # only the whole file (recursion is on dicts)
+        return [] if old == new else [f"run was {old!r}, now {new!r}"]
     found = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")

@@ -145,15 +145,14 @@ class Edit:
         reverted first: a ``ValueError`` names the one on top."""
         if self._ctx is None:
             return
-        stack = _STACKS.get(self._ctx.model, [])
-        if stack and stack[-1] is not self:
+        stack = _STACKS[self._ctx.model]  # an applied edit is on its model's stack
+        if stack[-1] is not self:
             raise ValueError(f"cannot revert {self!r}: {stack[-1]!r} was applied after it and is still applied; "
                              "revert that one first (edits revert in the reverse order of application)")
         with torch.no_grad():
             for (layer, module), original in self._originals.items():
                 self._ctx.weight(layer, module).copy_(original)
-        if stack:
-            stack.pop()
+        stack.pop()
         self._ctx = None
         self._originals = {}
 

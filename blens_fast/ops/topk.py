@@ -430,11 +430,9 @@ def _(hidden, weight, bias, row_a, row_c, norm_weight, norm_bias, norm_kind, eps
 # Each takes (hidden N x d, weight, bias, k, top, bottom, targets (N) or None, target logits (N) or None,
 # prologue or None, CpuTuning) and returns a reference.Lists.
 def _impl_torch(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning, naive=False):
-    n, v = hidden.shape[0], weight.shape[0]
-    rows = n if naive else max(1, reference.DEFAULT_CHUNK_ELEMENTS // max(v, 1))
     # with a prologue: the reference norm per chunk, rounded to the weight dtype like the model's own norm output
     return reference.chunked_lists(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
-                                   target_logits=tau, chunk_rows=rows,
+                                   target_logits=tau, chunk_rows=hidden.shape[0] if naive else None,
                                    normalize=None if prologue is None else prologue.reference)
 
 

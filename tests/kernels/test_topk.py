@@ -474,3 +474,18 @@ def test_reference_logits_of_16_bit_weights_over_several_upcast_blocks():
     logits = reference.logits_block(h, w, b)
     assert logits.dtype == torch.float32 and logits.shape == (3, vocab)
     torch.testing.assert_close(logits.double(), truth, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_in_chunks_equals_one_block():
+    """The torch reference cut into row chunks (the last one short) gives exactly what one block gives (integer
+    inputs: exact logits), for more rows than the hidden size."""
+    g = torch.Generator().manual_seed(8)
+    h = torch.randint(-3, 4, (40, 8), generator=g).float()
+    w = torch.randint(-3, 4, (300, 8), generator=g).float()
+    targets = torch.randint(0, 300, (40,), generator=g)
+    tau = reference.logits_block(h, w).gather(1, targets[:, None])[:, 0]
+    whole = reference.naive_lists(h, w, None, k=5, top=True, bottom=True, target_ids=targets, target_logits=tau)
+    chunks = reference.chunked_lists(h, w, None, k=5, top=True, bottom=True, target_ids=targets, target_logits=tau,
+                                     chunk_rows=16)
+    for field, value in zip(reference.Lists._fields, whole):
+        assert torch.equal(getattr(chunks, field), value), field

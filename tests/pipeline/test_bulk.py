@@ -576,7 +576,9 @@ def test_run_differences_name_each_changed_setting():
     assert _differences(old, json.loads(json.dumps(old))) == []
     assert _differences(old, {"a": 1, "b": {"c": 3, "d": 0}, "y": 2}) == [
         "b.c was 2, now 3", "x was 1, now '<absent>'", "y was '<absent>', now 2"]
+    assert _differences({"b": {"c": 1}}, {"b": 5}) == ["b was {'c': 1}, now 5"]
     assert _differences(1, 2) == ["run was 1, now 2"]
+    assert _differences([1], {"a": 1}) == ["run was [1], now {'a': 1}"]
     assert _differences([1], [1]) == []
 
 
@@ -586,3 +588,13 @@ def test_a_damaged_run_file_is_named_as_such(tmp_path, tiny):
     damage(out / "run.json", "truncated")
     with pytest.raises(ValueError, match=r"^run file '.*run\.json' is damaged"):
         project_dataset(tiny, data, out, k=2, layers=[0], progress=False)
+
+
+def test_a_malformed_shard_entry_names_the_manifest(tmp_path, tiny):
+    data = write_jsonl(tmp_path / "in.jsonl", 2)
+    out = project_dataset(tiny, data, tmp_path / "out", k=2, layers=[0], progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0] = {"shard": 0}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(out / 'manifest.json'))}: a shard entry is malformed"):
+        read_results(out)

@@ -410,6 +410,7 @@ def test_whitening_cache_lives_under_the_cache_folder(tokenizer, tmp_path, monke
 def test_repr_and_the_edit_stack_of_a_context(tokenizer):
     model = tiny("gpt2")
     ctx = bind(model, tokenizer)
+    assert applied_edits(model) == applied_edits(ctx) == ()  # never edited
     made = edit(ctx, PROMPT, TARGET, layer=1, scale=1.0, skip_if_argmax=False)
     assert applied_edits(ctx) == applied_edits(model) == (made,)
     assert repr(made) == (f"Edit(method='forward_shift', fact={PROMPT!r} -> {TARGET!r}, touched=[(1, 'mlp.out')], "

@@ -283,3 +283,14 @@ def test_a_sum_leaves_out_the_padding_rows_of_a_single_gradient():
     total = padded + other
     assert total.num_tokens == 5 and total.lengths is None
     torch.testing.assert_close(total.dense(), x[:3].T @ d[:3] + other.dense())
+
+
+def test_a_batch_without_lengths_and_a_padded_single_gradient():
+    x, d = factors(5, 7, 11, seed=6)
+    batch = LowRankGradient(torch.stack([x, 2 * x]), torch.stack([d, d]), "in_out")  # no padding, no lengths
+    assert batch.lengths is None and batch[1].num_tokens == 5
+    torch.testing.assert_close(batch[1].dense(), 2 * x.T @ d)
+    padded = LowRankGradient(x, d, "in_out", torch.tensor(3))  # rows 3 and 4 are padding
+    s = padded.svdvals()
+    assert s.shape == (3,)
+    torch.testing.assert_close(s, torch.linalg.svdvals(x[:3].T @ d[:3])[:3])

@@ -176,13 +176,13 @@ def test_a_state_keeps_explicit_sizes_layouts_and_defaults(tokenizer, tmp_path):
     (same settings and layouts); from_state defaults to the CPU and the automatic kernel choice."""
     model = make_tiny_model("gpt2")
     keys = {(0, "mlp.in"): (32, 128, "out_in")}
-    acc = StatsAccumulator(keys, rank=2, sketch_size=5, cosketch_size=7, residual_size=3, impl="torch", seed=1)
+    acc = StatsAccumulator(keys, rank=2, sketch_size=6, cosketch_size=7, residual_size=3, impl="torch", seed=1)
     acc.update(capture(model, tokenizer, PROMPTS[:2], TARGETS[:2], layers=[0], modules=["mlp.in"]), ["a", "b"])
     back = StatsAccumulator.load(acc.save(tmp_path / "state.safetensors"), impl="torch")
-    assert back.sizes == acc.sizes == (5, 7, 3) and back.impl == "torch"
+    assert back.sizes == acc.sizes == (6, 7, 3) and back.impl == "torch"  # the default for rank 2: (5, 11, 8)
     assert back.sketches[(0, "mlp.in")].layout == "out_in"
     restored = StatsAccumulator.from_state(*acc.state())
-    assert restored.device == torch.device("cpu") and restored.impl == "auto" and restored.sizes == (5, 7, 3)
+    assert restored.device == torch.device("cpu") and restored.impl == "auto" and restored.sizes == (6, 7, 3)
     back.merge(acc)
     assert back.ids == ["a", "b", "a", "b"] and back.sketches[(0, "mlp.in")].tokens == 2 * acc.sketches[
         (0, "mlp.in")].tokens
