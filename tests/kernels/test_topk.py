@@ -489,3 +489,13 @@ def test_reference_in_chunks_equals_one_block():
                                      chunk_rows=16)
     for field, value in zip(reference.Lists._fields, whole):
         assert torch.equal(getattr(chunks, field), value), field
+
+
+def test_reference_computes_only_the_lists_asked_for():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(9))
+    top_only = reference.select_lists(logits, 4, top=True, bottom=False)
+    bottom_only = reference.select_lists(logits, 4, top=False, bottom=True)
+    assert top_only.bottom_values is None and top_only.bottom_indices is None and top_only.target_counts is None
+    assert bottom_only.top_values is None and bottom_only.top_indices is None
+    assert torch.equal(top_only.top_indices, logits.topk(4).indices)
+    assert torch.equal(bottom_only.bottom_indices, logits.topk(4, largest=False).indices)
