@@ -271,6 +271,8 @@ def damage(path: Path, how: str, other: Path | None = None) -> None:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif how == "emptied":
         path.write_bytes(b"")
+    elif how == "deleted":
+        path.unlink()
     elif how == "corrupted":  # one byte changed, the size kept
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -279,7 +281,8 @@ def damage(path: Path, how: str, other: Path | None = None) -> None:
         path.write_bytes(other.read_bytes())
 
 
-@pytest.mark.parametrize("how, why", [("truncated", "bytes"), ("emptied", "has 0 bytes"), ("swapped", ""),
+@pytest.mark.parametrize("how, why", [("truncated", "bytes"), ("emptied", "has 0 bytes"), ("deleted", "is missing"),
+                                      ("swapped", ""),
                                       ("corrupted", "sha256 mismatch")])
 def test_damaged_shard_is_named_by_read_results_and_recomputed_on_resume(tmp_path, tiny, how, why):
     data = write_jsonl(tmp_path / "in.jsonl", 6)
@@ -296,6 +299,9 @@ def test_damaged_shard_is_named_by_read_results_and_recomputed_on_resume(tmp_pat
     for table, frame in before.items():
         pd.testing.assert_frame_equal(read_results(out, table), frame)  # statistics not counted twice
     assert list(read_results(out, "records").id) == [f"r{i}" for i in range(6)]
+    messages.clear()  # shard 1 is now committed twice (the damaged entry and the new one): still complete
+    project_dataset(tiny, data, out, log=messages.append, **STATS_RUN)
+    assert any("already complete" in m for m in messages), messages
 
 
 def test_damaged_statistics_segment_is_recomputed(tmp_path, tiny):
@@ -598,3 +604,43 @@ def test_a_malformed_shard_entry_names_the_manifest(tmp_path, tiny):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(out / 'manifest.json'))}: a shard entry is malformed"):
         read_results(out)
+
+
+def test_shard_arithmetic():
+    from blens_fast.bulk.run import shard_count
+
+    assert [shard_count(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [1, 1, 1, 2, 2, 3]
+
+
+def test_a_finished_run_is_left_as_it_is_and_a_resume_drops_orphan_states(tmp_path, tiny):
+    """A rerun of a finished run writes nothing (run.json names its format); a resumed one deletes statistics states
+    no segment names (a kill between a state's write and its commit leaves one)."""
+    from blens_fast.bulk.run import FORMAT
+
+    data = write_jsonl(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "out"
+    injected("after_commit", 2, lambda: project_dataset(tiny, data, out, **STATS_RUN))
+    orphan = out / "segments" / "stats-orphan.safetensors"
+    orphan.write_bytes(b"left by a kill")
+    project_dataset(tiny, data, out, **STATS_RUN)
+    assert not orphan.exists()
+    assert json.loads((out / "run.json").read_text())["format"] == FORMAT
+    def stamps():  # the lock file aside, which every run takes
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and not p.name.startswith(".lock")}
+
+    before = stamps()
+    project_dataset(tiny, data, out, **STATS_RUN)
+    assert stamps() == before
+
+
+def test_a_damaged_segment_is_logged_and_its_shards_recomputed(tmp_path, tiny):
+    data = write_jsonl(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "out"
+    injected("after_commit", 2, lambda: project_dataset(tiny, data, out, **STATS_RUN))
+    segment = next((out / "segments").glob("seg-*.json"))
+    damage(segment, "truncated")
+    messages = []
+    project_dataset(tiny, data, out, log=messages.append, **STATS_RUN)
+    assert any(f"segment {str(segment)!r} is damaged" in m and "its shards will be recomputed" in m
+               for m in messages), messages
+    assert list(read_results(out, "records").id) == [f"r{i}" for i in range(6)]
