@@ -569,7 +569,7 @@ def test_manifest_outputs_are_checked_and_may_be_absent(tmp_path, tiny):
     messages = []
     project_dataset(tiny, data, out, k=2, layers=[0], progress=False, log=messages.append)
     assert any("already complete" in m for m in messages), messages
-    manifest["outputs"] = {"stats/state.safetensors": {"size": "big"}}
+    manifest["outputs"] = {"stats/state.safetensors": {"size": "big", "sha256": "00"}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(out / 'manifest.json'))}: expected a file digest"):
         project_dataset(tiny, data, out, k=2, layers=[0], progress=False)
@@ -644,3 +644,32 @@ def test_a_damaged_segment_is_logged_and_its_shards_recomputed(tmp_path, tiny):
     assert any(f"segment {str(segment)!r} is damaged" in m and "its shards will be recomputed" in m
                for m in messages), messages
     assert list(read_results(out, "records").id) == [f"r{i}" for i in range(6)]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda seg: seg.update(rank="0"), "is not a project-dataset segment"),
+    (lambda seg: seg.update(shards="none"), "is not a project-dataset segment"),
+    (lambda seg: seg["shards"][0].pop("rows"), "a shard entry is malformed"),
+    (lambda seg: seg["stats"].update(size="big"), "expected a file digest"),
+    (lambda seg: seg["stats"].update(file="../x.safetensors"), "x.safetensors"),
+])
+def test_a_malformed_segment_is_an_error_naming_it(tmp_path, tiny, change, message):
+    """Valid JSON but not a segment (wrong types, a malformed shard entry or statistics digest, a file name
+    outside the run's folder): an error naming the segment file, not a half-read plan."""
+    data = write_jsonl(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "out"
+    injected("after_commit", 2, lambda: project_dataset(tiny, data, out, **STATS_RUN))
+    path = next((out / "segments").glob("seg-*.json"))
+    segment = json.loads(path.read_text())
+    change(segment)
+    path.write_text(json.dumps(segment))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}.*{re.escape(message)}"):
+        project_dataset(tiny, data, out, **STATS_RUN)
+
+
+def test_each_segment_keeps_one_statistics_state(tmp_path, tiny):
+    """A commit replaces its segment's previous statistics state: one state file per segment at the end."""
+    data = write_jsonl(tmp_path / "in.jsonl", 6)
+    out = project_dataset(tiny, data, tmp_path / "out", **STATS_RUN)  # 3 shards, one segment
+    assert len(list((out / "segments").glob("seg-*.json"))) == 1
+    assert len(list((out / "segments").glob("stats-*.safetensors"))) == 1
