@@ -322,7 +322,8 @@ def test_truncated_run_files_are_named(tmp_path, tiny, name):
     out = project_dataset(tiny, data, tmp_path / "out", k=2, layers=[0], progress=False)
     damage(out / name, "truncated")
     pattern = rf"{name}' is damaged"
-    with pytest.raises(ValueError, match=pattern):
+    label = {"manifest.json": "manifest", "run.json": "run file"}[name]
+    with pytest.raises(ValueError, match=rf"^{label} '.*{pattern}"):
         read_results(out)
     with pytest.raises(ValueError, match=pattern):
         project_dataset(tiny, data, out, k=2, layers=[0], progress=False)
@@ -372,7 +373,8 @@ def test_a_second_process_is_refused_and_a_killed_one_never_blocks(tmp_path, tin
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ValueError, match=rf"in use by another project-dataset run \(pid {holder.pid} on host "):
+        with pytest.raises(ValueError, match=rf"^output folder {re.escape(repr(str(out)))} is in use by another "
+                                             rf"project-dataset run \(pid {holder.pid} on host "):
             project_dataset(tiny, data, out, k=2, layers=[0], progress=False)
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -673,3 +675,15 @@ def test_each_segment_keeps_one_statistics_state(tmp_path, tiny):
     out = project_dataset(tiny, data, tmp_path / "out", **STATS_RUN)  # 3 shards, one segment
     assert len(list((out / "segments").glob("seg-*.json"))) == 1
     assert len(list((out / "segments").glob("stats-*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("change", [lambda m: m.update(format="other"), lambda m: m.update(shards={}),
+                                    lambda m: m.clear()])
+def test_a_manifest_of_another_format_is_refused(tmp_path, tiny, change):
+    data = write_jsonl(tmp_path / "in.jsonl", 2)
+    out = project_dataset(tiny, data, tmp_path / "out", k=2, layers=[0], progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    change(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"^manifest '.*manifest\.json' is not a project-dataset manifest of format"):
+        read_results(out)

@@ -279,3 +279,9 @@ def test_repr_names_architecture_examples_layers_and_modules(tokenizer):
     cap = blens_fast.capture(make_tiny_model("gpt2"), tokenizer, PROMPTS[:2], TARGETS[:2], layers=[1, 0],
                              modules=("mlp.out",))
     assert repr(cap) == f"Capture({cap.architecture}, examples=2, layers=[1, 0], modules=['mlp.out'])"
+
+
+def test_ranks_and_norms_checks_the_modules_it_is_given(tokenizer):
+    cap = blens_fast.capture(make_tiny_model("gpt2"), tokenizer, PROMPTS[:1], TARGETS[:1], layers=[0])
+    with pytest.raises(TypeError, match="^modules must be a string or a list of strings, got int"):
+        cap.ranks_and_norms(5)
