@@ -93,3 +93,33 @@ def test_projection_beyond_2_to_the_31_logits():
     rows = torch.tensor([0, 1, n // 2, n - 2, n - 1])
     expected = (h[rows].double() @ w.double().T).sort(dim=-1, descending=True, stable=True).indices[:, :3]
     assert torch.equal(res.indices[rows], expected)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "torch"])
+def test_16_bit_projection_at_real_vocabulary_size(impl):
+    """bfloat16 at GPT-2 dims: on a CPU with AMX the C++ path packs the 50,257-row weight in 64-column slices
+    (a narrow last one); exact top/bottom lists against float64 logits of the same 16-bit inputs."""
+    from blens_fast.ops.topk import topk_bottomk_logits
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 768, generator=g).bfloat16()
+    w = (0.05 * torch.randn(50257, 768, generator=g)).bfloat16()
+    res = topk_bottomk_logits(h, w, k=10, impl=impl)
+    truth = h.double() @ w.double().T
+    for part, largest in ((res.top, True), (res.bottom, False)):
+        wanted = truth.topk(10, largest=largest)
+        assert torch.equal(part.indices, wanted.indices), (impl, largest)
+        assert (part.values.double() - wanted.values).abs().max().item() < 1e-4
+
+
+def test_batched_products_with_a_vector_at_real_width():
+    g = torch.Generator().manual_seed(1)
+    grads = [bl.LowRankGradient(torch.randn(t, 768, generator=g), torch.randn(t, 3072, generator=g))
+             for t in (5, 16, 9)]
+    batch = bl.LowRankGradient.stack(grads)
+    v, u = torch.randn(batch.shape[1], generator=g), torch.randn(batch.shape[0], generator=g)
+    out_v, out_u = batch.matvec(v), batch.rmatvec(u)
+    for i, grad in enumerate(grads):
+        dense = grad.dense().double()
+        torch.testing.assert_close(out_v[i].double(), dense @ v.double(), rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(out_u[i].double(), dense.T @ u.double(), rtol=1e-4, atol=1e-2)
