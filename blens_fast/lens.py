@@ -215,8 +215,8 @@ def lists_by_factor() -> dict[tuple[str, str], list[str]]:
     return groups
 
 
-def factor_lists(ctx: ModelContext, rows: torch.Tensor, targets: torch.Tensor, names, *, k: int = 10,
-                 unit_norm: bool = False, impl: str = "auto") -> dict[str, tuple]:
+def factor_lists(ctx: ModelContext, rows: torch.Tensor, targets: torch.Tensor, names, *, k: int, unit_norm: bool,
+                 impl: str) -> dict[str, tuple]:
     """The lists ``names`` (of one factor) of ``rows`` in one pass over the vocabulary: per name, the
     :class:`~blens_fast.ops.topk.TopK`, the targets' ranks in that list's order and each row's ``degenerate`` flag
     (a zero vector, or all logits equal when both directions are read)."""
@@ -230,8 +230,8 @@ def factor_lists(ctx: ModelContext, rows: torch.Tensor, targets: torch.Tensor, n
             else (found.bottom, found.target_rank_bottom, flat) for name in names}
 
 
-def lens_lists(ctx: ModelContext, cap: Capture, *, k: int = 10, unit_norm: bool = False,
-               impl: str = "auto") -> dict[str, tuple[torch.Tensor, ...]]:
+def lens_lists(ctx: ModelContext, cap: Capture, *, k: int, unit_norm: bool, impl: str
+               ) -> dict[str, tuple[torch.Tensor, ...]]:
     """The lens lists of every captured example, layer and position (rows ordered example, layer, position): per
     list name in :data:`LISTS`, ``(indices, logits, probs, target_rank, degenerate)`` on the CPU.
 

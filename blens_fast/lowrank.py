@@ -229,9 +229,10 @@ class LowRankGradient:
         kept = torch.as_tensor(self.max_rank, dtype=torch.long).reshape(-1).to(a.device)
         per_item = max(1, a.shape[-2] * (a.shape[-1] + b.shape[-1]) * 8)
         size = max(1, _BATCH_BYTES.get(a.device.type, _DEFAULT_BATCH_BYTES) // per_item)
+        # an empty batch still runs once, on no items: its result has the per-item shape, with 0 items
         parts = [compute(a[i:i + size].double(), b[i:i + size].double(), kept[i:i + size])
-                 for i in range(0, a.shape[0], size)]
-        out = torch.cat(parts) if parts else a.new_zeros((0,), dtype=torch.float64)
+                 for i in range(0, max(items, 1), size)]
+        out = torch.cat(parts)
         return out.reshape(*batch, *out.shape[1:])
 
     def to(self, *args, **kwargs) -> "LowRankGradient":

@@ -529,7 +529,7 @@ def _finish(out: Path, spec: RunSpec, plan: Plan, session: str, log, counters: d
             world: int) -> None:
     """Rank 0 once every rank is done: check every shard is committed once, merge the statistics, write the
     rejected records, the manifest and the summary."""
-    segments = read_segments(out, log)
+    segments = read_segments(out)  # a damaged segment was reported when the run started
     entries = dict(plan.done)
     for segment in segments:
         if segment.session == session:

@@ -143,7 +143,7 @@ class ShardEntry:
     def from_json(cls, value: dict, where: str) -> "ShardEntry":
         try:
             return cls(int(value["shard"]), tuple(str(i) for i in value["ids"]), tuple(value["rejected"]),
-                       int(value["rows"]), {t: Digest.from_json(value["files"][t], where) for t in SHARD_TABLES},
+                       int(value["rows"]), {t: Digest.from_json(value["files"][t], f"its {t} file") for t in SHARD_TABLES},
                        bool(value["stats"]))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{where}: a shard entry is malformed ({error})") from None

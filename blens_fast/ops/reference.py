@@ -176,7 +176,7 @@ def row_norm_coefficients(hidden: torch.Tensor, norm_kind, eps: float, unit: boo
     """
     n = hidden.shape[0]
     a = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    c = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    c = torch.zeros(n, dtype=torch.float32, device=hidden.device)  # only LayerNorm subtracts a mean
     for start in range(0, n, chunk_rows):
         h = hidden[start:start + chunk_rows].float()
         scale = torch.ones(h.shape[0], dtype=torch.float32, device=h.device)
@@ -192,8 +192,6 @@ def row_norm_coefficients(hidden: torch.Tensor, norm_kind, eps: float, unit: boo
             hs = h * scale[:, None]
             rstd = torch.rsqrt(hs.pow(2).mean(-1) + eps)
             a[start:start + h.shape[0]] = scale * rstd
-            c[start:start + h.shape[0]] = 0.0
         else:
             a[start:start + h.shape[0]] = scale
-            c[start:start + h.shape[0]] = 0.0
     return a, c

@@ -143,3 +143,29 @@ def test_reference_norms_follow_their_formulas_with_a_large_eps():
     unit = h / h.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(normalize_rows(h, None, 0.25), h.float())
     torch.testing.assert_close(normalize_rows(h, None, 0.25, unit=True), unit.float())
+
+
+@pytest.mark.parametrize("norm_kind", ["layernorm", "rmsnorm", None])
+@pytest.mark.parametrize("unit", [False, True])
+def test_prologue_coefficients_normalise_every_row_in_chunks(norm_kind, unit):
+    """The fused paths' prologue, ``norm(h) = (h * a - c) * w + b`` per row: against ``F.layer_norm`` / the RMSNorm
+    formula of ``F.normalize``-d or raw rows, in bfloat16 input, rows cut into chunks of 3 (10 rows: a short last
+    chunk) and in one chunk."""
+    from blens_fast.ops.reference import row_norm_coefficients
+
+    g = torch.Generator().manual_seed(5)
+    h = (torch.randn(10, 24, generator=g) * torch.logspace(-3, 2, 10)[:, None] + 0.3).to(torch.bfloat16)
+    h[4] = 0.0
+    eps = 1e-5
+    x = h.double()
+    scaled = F.normalize(x, dim=-1) if unit else x
+    if norm_kind == "layernorm":
+        want = F.layer_norm(scaled, (24,), eps=eps)
+    elif norm_kind == "rmsnorm":
+        want = scaled / torch.sqrt(scaled.square().mean(-1, keepdim=True) + eps)
+    else:
+        want = scaled
+    for chunk_rows in (3, 4096):
+        a, c = row_norm_coefficients(h, norm_kind, eps, unit, chunk_rows=chunk_rows)
+        assert a.dtype == c.dtype == torch.float32 and a.shape == c.shape == (10,)
+        torch.testing.assert_close(x * a.double()[:, None] - c.double()[:, None], want, rtol=1e-4, atol=1e-5)

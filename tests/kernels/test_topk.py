@@ -447,6 +447,48 @@ def test_available_implementations_default_to_the_cpu():
     assert {"torch", "naive"} <= set(TOPK.available())
 
 
+def test_auto_puts_the_measured_implementation_first_on_gpus_only(monkeypatch):
+    """On a CUDA device the table's fastest implementation (asked with the operation, the GPU's name and the facts)
+    goes before AUTO_ORDER; CPUs never ask; an unknown device type gets the reference. No GPU needed: the device
+    name is stubbed."""
+    from blens_fast.ops.registry import AUTO_ORDER, Implementation, Operation
+
+    asked = []
+
+    def measured(op, device_name, **facts):
+        asked.append((op, device_name, facts))
+        return facts.get("best")
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU at {device}")
+    implementations = [Implementation("torch", None, ("cpu", "cuda")), Implementation("cuda", None, ("cuda",))]
+    op = Operation("demo", implementations, measured=measured)
+    gpu = torch.device("cuda", 1)
+    assert op.auto_order(gpu, best="torch", n=3) == ("torch", *AUTO_ORDER["cuda"])
+    assert asked == [("demo", "GPU at cuda:1", {"best": "torch", "n": 3})]
+    assert op.auto_order(gpu, best=None) == AUTO_ORDER["cuda"]  # no table entry
+    assert op.auto_order(torch.device("cpu"), best="torch") == AUTO_ORDER["cpu"]
+    assert len(asked) == 2
+    assert op.auto_order(torch.device("meta")) == ("torch",)
+    assert Operation("demo", implementations).auto_order(gpu) == AUTO_ORDER["cuda"]  # no table hook
+    # resolve: the facts reach the table; names without an implementation here (triton) are passed over
+    assert AUTO_ORDER["cuda"][0] not in op.implementations
+    assert op.resolve("auto", "cuda:1", best="torch").name == "torch"
+    assert op.resolve("auto", "cuda:1").name == "cuda"
+    # nothing in the order usable for the device: the reference, which says why it cannot when asked by name
+    assert op.resolve("auto", "meta").name == "torch"
+    with pytest.raises(ValueError, match=r"^impl='torch' cannot run demo here: it takes cpu or cuda tensors, got "
+                                         r"tensors on meta$"):
+        op.resolve("torch", "meta")
+
+
+def test_extension_checks_ask_for_their_own_extension():
+    from blens_fast.ops.registry import extension_unavailable
+
+    assert extension_unavailable("cpu")(torch.device("cpu")) is None  # built by the install (or JIT-built)
+    if not torch.cuda.is_available():
+        assert extension_unavailable("cuda")(torch.device("cuda")) == "no CUDA device is available"
+
+
 @pytest.mark.parametrize(("value", "interpreting"), [(None, False), ("0", False), ("", False), ("1", True)])
 def test_cpu_tensors_reach_the_gpu_kernel_language_only_when_interpreted(monkeypatch, value, interpreting):
     from blens_fast.ops.registry import triton_interpreting, triton_unavailable

@@ -316,6 +316,24 @@ def test_damaged_statistics_segment_is_recomputed(tmp_path, tiny):
     assert_stats_equal_one_pass(out, tiny, read_jsonl(data), [0], 2)
 
 
+def test_a_shard_recomputed_without_statistics_counts_again_when_its_counting_segment_is_dropped(tmp_path, tiny):
+    """Segment A commits shards 0 and 1 with statistics; shard 0's files are damaged, so segment B recomputes it
+    without statistics (A counted it); then A's statistics file is damaged: A is dropped, and shard 0 must be computed
+    again with statistics (B's entry never counted it), or the merged statistics would lack its tokens."""
+    data = write_jsonl(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "out"
+    injected("after_commit", 2, lambda: project_dataset(tiny, data, out, **STATS_RUN))
+    (first,) = (out / "segments").glob("seg-*.json")
+    damage(out / "records" / "part-000000.parquet", "truncated")
+    injected("after_commit", 1, lambda: project_dataset(tiny, data, out, **STATS_RUN))
+    (second,) = set((out / "segments").glob("seg-*.json")) - {first}
+    assert [(e["shard"], e["stats"]) for e in json.loads(second.read_text())["shards"]] == [(0, False)]
+    damage(out / "segments" / json.loads(first.read_text())["stats"]["file"], "truncated")
+    project_dataset(tiny, data, out, **STATS_RUN)
+    assert_stats_equal_one_pass(out, tiny, read_jsonl(data), [0], 2)
+    assert list(read_results(out, "records").id) == [f"r{i}" for i in range(6)]
+
+
 @pytest.mark.parametrize("name", ["manifest.json", "run.json"])
 def test_truncated_run_files_are_named(tmp_path, tiny, name):
     data = write_jsonl(tmp_path / "in.jsonl", 2)
@@ -516,9 +534,11 @@ def test_default_shard_size_depends_on_the_record_count_only():
 
 
 def test_progress_bar_on_stderr_unless_turned_off(tmp_path, tiny, capsys):
-    data = write_jsonl(tmp_path / "in.jsonl", 3)
-    project_dataset(tiny, data, tmp_path / "on", k=2, layers=[0], log=lambda m: None)
-    assert "project-dataset" in capsys.readouterr().err
+    """The bar's total counts records (5 in shards of 2: the last shard holds one); silent when turned off."""
+    data = write_jsonl(tmp_path / "in.jsonl", 5)
+    project_dataset(tiny, data, tmp_path / "on", k=2, layers=[0], shard_size=2, log=lambda m: None)
+    err = capsys.readouterr().err
+    assert "project-dataset" in err and re.search(r"\b0/5\b", err) and "/6" not in err, err
     project_dataset(tiny, data, tmp_path / "off", k=2, layers=[0], log=lambda m: None, progress=False)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
@@ -614,6 +634,31 @@ def test_shard_arithmetic():
     assert [shard_count(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [1, 1, 1, 2, 2, 3]
 
 
+def test_the_fault_hook_fires_at_the_named_occurrence():
+    """The crash tests rely on ``BLENS_FAULT=point:count[:raise]`` stopping at exactly the count-th time a point is
+    reached (the first when no count is given), and by default killing the process outright."""
+    from blens_fast.bulk.shards import fault, reset_faults
+
+    reset_faults()
+    os.environ["BLENS_FAULT"] = "somewhere:3:raise"
+    try:
+        fault("elsewhere")
+        fault("somewhere")
+        fault("somewhere")
+        with pytest.raises(InjectedFault, match=r"^injected fault at somewhere \(#3\)$"):
+            fault("somewhere")
+        reset_faults()
+        os.environ["BLENS_FAULT"] = "somewhere::raise"
+        with pytest.raises(InjectedFault, match=r"\(#1\)$"):
+            fault("somewhere")
+    finally:
+        del os.environ["BLENS_FAULT"]
+        reset_faults()
+    killed = subprocess.run([sys.executable, "-c", "from blens_fast.bulk.shards import fault; fault('here')"],
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "BLENS_FAULT": "here"}, cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL
+
+
 def test_a_finished_run_is_left_as_it_is_and_a_resume_drops_orphan_states(tmp_path, tiny):
     """A rerun of a finished run writes nothing (run.json names its format); a resumed one deletes statistics states
     no segment names (a kill between a state's write and its commit leaves one)."""
@@ -643,9 +688,23 @@ def test_a_damaged_segment_is_logged_and_its_shards_recomputed(tmp_path, tiny):
     damage(segment, "truncated")
     messages = []
     project_dataset(tiny, data, out, log=messages.append, **STATS_RUN)
-    assert any(f"segment {str(segment)!r} is damaged" in m and "its shards will be recomputed" in m
-               for m in messages), messages
+    damaged = [i for i, m in enumerate(messages)
+               if f"segment {str(segment)!r} is damaged" in m and "its shards will be recomputed" in m]
+    assert damaged == [0], messages  # said once, before any work
     assert list(read_results(out, "records").id) == [f"r{i}" for i in range(6)]
+
+
+def test_segments_read_back_as_written(tmp_path, tiny):
+    from blens_fast.bulk.shards import read_segments
+
+    data = write_jsonl(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "out"
+    injected("after_commit", 2, lambda: project_dataset(tiny, data, out, **STATS_RUN))
+    project_dataset(tiny, data, out, **STATS_RUN)
+    segments = read_segments(out)
+    assert len(segments) == 2
+    for segment in segments:
+        assert segment.to_json() == json.loads((out / "segments" / segment.name).read_text())
 
 
 @pytest.mark.parametrize("change, message", [
@@ -653,6 +712,8 @@ def test_a_damaged_segment_is_logged_and_its_shards_recomputed(tmp_path, tiny):
     (lambda seg: seg.update(shards="none"), "is not a project-dataset segment"),
     (lambda seg: seg["shards"][0].pop("rows"), "a shard entry is malformed"),
     (lambda seg: seg["stats"].update(size="big"), "expected a file digest"),
+    (lambda seg: seg["shards"][0]["files"]["records"].update(sha256=None),
+     "a shard entry is malformed (its records file: expected a file digest"),
     (lambda seg: seg["stats"].update(file="../x.safetensors"), "x.safetensors"),
 ])
 def test_a_malformed_segment_is_an_error_naming_it(tmp_path, tiny, change, message):

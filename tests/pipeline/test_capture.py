@@ -254,6 +254,72 @@ def test_ranks_and_norms_per_layer_and_example(tokenizer):
     assert list(only_out) == ["mlp.out"] and (only_out["mlp.out"][0] == 0).all()
 
 
+def test_ranks_and_norms_count_with_the_eps_of_the_dtype_given(tokenizer):
+    """Two x rows 1e-9 apart (relative) give a singular value float64's eps counts and float32's does not: the
+    batched ranks follow ``dtype`` as each gradient's own rank does. The batch also keeps each example's length."""
+    model = make_tiny_model("gpt2", torch.float64)
+    cap = blens_fast.capture(model, tokenizer, PROMPTS[:2], TARGETS[:2], layers=[0], modules=("mlp.in",))
+    x = cap.x[(0, "mlp.in")][1]
+    x[1] = x[0] + 1e-9 * x[1]
+    grad = cap.gradient(0, "mlp.in", 1)
+    assert grad.rank(dtype=torch.float32) == grad.rank() - 1
+    for dtype in (None, torch.float32):
+        ranks, _ = cap.ranks_and_norms(dtype=dtype)["mlp.in"]
+        assert ranks[0].tolist() == [cap.gradient(0, "mlp.in", i).rank(dtype=dtype) for i in range(2)]
+    lengths = [e.num_tokens for e in cap.examples]
+    assert len(set(lengths)) == 2 and cap.gradients("mlp.in").num_tokens.tolist() == [lengths]
+
+
+class WithoutLogitsToKeep(torch.nn.Module):
+    """A model whose forward has no ``logits_to_keep`` (older transformers, custom models)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+def test_the_unembedding_runs_at_the_loss_positions_only_where_the_model_allows(tokenizer):
+    """With ``logits_to_keep`` the logits are computed at the loss positions only; without it at every position;
+    the losses are the same."""
+    from blens_fast.batching import target_log_probs
+    from blens_fast.capture import loss_logits
+
+    model = make_tiny_model("gpt2", torch.float64)
+    ctx = blens_fast.bind(model, tokenizer)
+    examples = blens_fast.capture(ctx, PROMPTS[:2], TARGETS[:2], layers=[0], modules=("mlp.out",)).examples
+    ids, mask = ctx.pad([e.input_ids for e in examples])
+    with torch.no_grad():
+        kept, positions = loss_logits(model, ids, mask, examples)
+        full, no_positions = loss_logits(WithoutLogitsToKeep(model), ids, mask, examples)
+    assert no_positions is None and full.shape[:2] == ids.shape
+    assert positions is not None and kept.shape[1] == len(positions) < ids.shape[1]
+    torch.testing.assert_close(target_log_probs(kept, examples, positions), target_log_probs(full, examples),
+                               rtol=1e-12, atol=0)
+
+
+def test_a_module_that_does_not_run_is_named(tokenizer):
+    model = make_tiny_model("gpt2")
+    model.transformer.h[1].mlp.forward = lambda hidden: hidden  # this block skips its MLP
+    with pytest.raises(RuntimeError, match=r"^modules \[\(1, 'mlp.out'\)\] did not run in the forward pass"):
+        blens_fast.capture(model, tokenizer, PROMPTS[:1], TARGETS[:1], modules=("mlp.out",))
+
+
+def test_a_module_whose_output_does_not_reach_the_loss_has_zero_vjps(tokenizer):
+    """The module runs (its input is kept) but its output is thrown away: no gradient flows to it, so its VJPs are
+    zeros rather than an error."""
+    model = make_tiny_model("gpt2")
+    mlp = model.transformer.h[1].mlp
+    mlp.forward = lambda hidden: (mlp.c_fc(hidden), torch.zeros_like(hidden))[1]
+    cap = blens_fast.capture(model, tokenizer, PROMPTS[:2], TARGETS[:2], layers=[0, 1], modules=("mlp.in",))
+    for i, example in enumerate(cap.examples):
+        delta = cap.delta[(1, "mlp.in")][i]
+        assert delta.shape == (example.num_tokens, 4 * model.config.n_embd) and not delta.any()
+        assert cap.x[(1, "mlp.in")][i].abs().amax() > 0 and cap.delta[(0, "mlp.in")][i].abs().amax() > 0
+
+
 def test_non_finite_factors_name_the_example_the_factor_and_the_module():
     """The check behind capture's error: the example counted across batches (batch start + row) and the first
     non-finite factor (x before delta)."""
@@ -278,7 +344,16 @@ def test_non_finite_factors_name_the_example_the_factor_and_the_module():
 def test_repr_names_architecture_examples_layers_and_modules(tokenizer):
     cap = blens_fast.capture(make_tiny_model("gpt2"), tokenizer, PROMPTS[:2], TARGETS[:2], layers=[1, 0],
                              modules=("mlp.out",))
-    assert repr(cap) == f"Capture({cap.architecture}, examples=2, layers=[1, 0], modules=['mlp.out'])"
+    assert repr(cap) == "Capture(GPT-2, examples=2, layers=[1, 0], modules=['mlp.out'])"
+
+
+def test_an_example_is_indexed_from_either_end_and_checked(tokenizer):
+    cap = blens_fast.capture(make_tiny_model("gpt2"), tokenizer, PROMPTS[:2], TARGETS[:2], layers=[0])
+    assert cap.gradient(0, "mlp.out", -2).x is cap.gradient(0, "mlp.out", 0).x
+    assert cap.gradient(0, "mlp.out", -1).x is cap.gradient(0, "mlp.out", 1).x
+    for example in (2, -3):
+        with pytest.raises(ValueError, match=rf"^example {example} is out of range: captured 2 examples"):
+            cap.gradient(0, "mlp.out", example)
 
 
 def test_ranks_and_norms_checks_the_modules_it_is_given(tokenizer):

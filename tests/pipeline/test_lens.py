@@ -85,6 +85,43 @@ def test_zero_vectors_are_flagged_not_listed(tokenizer, tmp_path):
     assert "(zero or all-tied vector)" in report.format(positions="all")
 
 
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+def test_degenerate_means_a_zero_vector_or_all_logits_tied(impl):
+    """An unembedding that reads one coordinate into one token (all other logits 0): a row with that token's logit
+    above or below the rest is live, whatever ties the rest hold; a constant row (zero after the final LayerNorm:
+    every logit tied) and a zero row are degenerate."""
+    from blens_fast.lens import factor_lists
+
+    model = make_tiny_model("gpt2", torch.float64)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[7, 0] = 1.0
+    ctx = blens_fast.bind(model)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(4, model.config.n_embd, generator=g, dtype=torch.float64)
+    rows[0, 0], rows[1, 0] = 50.0, -50.0  # token 7 on top / at the bottom, the other V - 1 logits tied at 0
+    rows[2], rows[3] = 2.0, 0.0
+    found = factor_lists(ctx, rows, torch.zeros(4, dtype=torch.long), ["ff2_top", "ff2_bottom"], k=3,
+                         unit_norm=False, impl=impl)
+    (top, _, flat), (bottom, _, same_flat) = found["ff2_top"], found["ff2_bottom"]
+    assert top.indices[0, 0] == 7 and bottom.indices[1, 0] == 7
+    assert flat.tolist() == same_flat.tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("call", ["lens", "analyze"])
+def test_the_impl_asked_for_is_the_one_that_runs(tokenizer, call):
+    """``impl`` reaches the projection: CUDA kernels asked for CPU tensors are refused with the reason."""
+    model = make_tiny_model("gpt2")
+    if call == "lens":
+        run = lambda impl: lens(model, tokenizer, PROMPT, TARGET, k=3, impl=impl)  # noqa: E731
+    else:
+        cap = blens_fast.capture(model, tokenizer, PROMPT, TARGET)
+        run = lambda impl: blens_fast.analyze(model, tokenizer, cap, k=3, impl=impl)  # noqa: E731
+    with pytest.raises(ValueError, match="impl='cuda' cannot run .* it takes cuda tensors"):
+        run("cuda")
+    run("torch")
+
+
 def test_tables_plots_html_and_notebook(tokenizer, tmp_path):
     model = make_tiny_model("gpt2")
     report = lens(model, tokenizer, PROMPT, TARGET, layers=[0, -1], k=3)

@@ -91,6 +91,9 @@ def test_constructor_checks():
         LowRankGradient(torch.zeros(3, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="layout='rows'"):
         LowRankGradient(torch.zeros(3, 4), torch.zeros(3, 4), "rows")
+    for x, delta in ((torch.zeros(4), torch.zeros(4)), (torch.zeros(3, 4), torch.zeros(1, 3, 4))):
+        with pytest.raises(ValueError, match=r"^x and delta must be \(\.\.\., T, d\) with the same batch dimensions"):
+            LowRankGradient(x, delta)
 
 
 def test_half_precision_factors_use_float32_tolerance():
@@ -151,6 +154,31 @@ def test_a_batch_equals_dense_linear_algebra_per_gradient(layout):
     torch.testing.assert_close(batch.matvec(v), batch.dense() @ v)
     with pytest.raises(ValueError, match="one module at a time"):
         LowRankGradient.stack([grads[0], LowRankGradient(torch.ones(2, 3), torch.ones(2, 4), layout)])
+
+
+@pytest.mark.parametrize("batch_shape", [(0,), (2, 0), (0, 3)])
+def test_an_empty_batch_answers_with_empty_results_of_the_batch_shape(batch_shape):
+    """No gradients (an empty selection of a batch): ranks, norms and singular values of shape ``batch_shape``
+    (the singular values with their ``min(T, d_in, d_out)`` axis), not an error."""
+    batch = LowRankGradient(torch.zeros(*batch_shape, 3, 4, dtype=torch.float64),
+                            torch.zeros(*batch_shape, 3, 5, dtype=torch.float64))
+    ranks, norms = batch.ranks_and_norms()
+    assert ranks.shape == norms.shape == batch.rank().shape == batch.norm().shape == batch_shape
+    assert ranks.dtype == torch.long and norms.dtype == torch.float64
+    assert batch.svdvals().shape == (*batch_shape, 3) and batch.svdvals().dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_batch_on_the_gpu_answers_as_on_the_cpu():
+    """Factors, lengths and each gradient's kept count meet on the factors' device: CUDA ranks and norms equal the
+    CPU's (and come back on the CPU)."""
+    batch = LowRankGradient.stack(mixed_gradients("in_out"))
+    on_gpu = LowRankGradient(batch.x.cuda(), batch.delta.cuda(), batch.layout, batch.lengths.cuda())
+    (ranks, norms), (gpu_ranks, gpu_norms) = batch.ranks_and_norms(), on_gpu.ranks_and_norms()
+    assert gpu_ranks.device.type == gpu_norms.device.type == "cpu"
+    assert torch.equal(gpu_ranks, ranks)
+    torch.testing.assert_close(gpu_norms, norms, rtol=1e-10, atol=0)
+    torch.testing.assert_close(on_gpu.svdvals().cpu(), batch.svdvals(), rtol=1e-10, atol=1e-12)
 
 
 def test_rank_tolerance_scales_with_the_larger_dimension():
