@@ -2,7 +2,7 @@
 resumable, then a report of every surviving mutant.
 
     python -m tests.mutate run --minutes 75   # mutmut run, stopped cleanly at the deadline; rerun to go on
-    python -m tests.mutate run --survivors    # test again the survivors only (after writing tests for them)
+    python -m tests.mutate run --survivors    # test again the unexplained survivors (after writing tests for them)
     python -m tests.mutate report             # tests/MUTATION.md from mutants/**/*.meta
     python -m tests.mutate planted            # issue 18's five bugs planted one at a time (MUTATION_PLANTED.md)
 
@@ -39,9 +39,10 @@ MISSED = {0: "survived", 5: "no tests", 33: "no tests"}
 
 def run(minutes: float, workers: int, survivors: bool = False) -> int:
     """``mutmut run`` until it finishes or ``minutes`` pass; then an interrupt, which mutmut answers by saving.
-    ``survivors``: test again only the mutants that survived or had no test (after new tests were written)."""
+    ``survivors``: test again only the mutants that survived or had no test and are not explained (after new tests
+    were written for them)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    names = [name for name, (_, code) in verdicts().items() if code in MISSED] if survivors else []
+    names = unexplained_survivors() if survivors else []
     if survivors and not names:
         print("mutate: no survivors to test again")
         return 0
@@ -96,11 +97,27 @@ def diff(name: str, source: str) -> str:
         os.chdir(cwd)
 
 
+def load_explained() -> list[dict]:
+    return tomllib.loads(EXPLAINED.read_text())["explained"] if EXPLAINED.exists() else []
+
+
+def unexplained_survivors() -> list[str]:
+    explained = load_explained()
+    return [name for name, (source, code) in verdicts().items()
+            if code in MISSED and not explanation(name, diff(name, source), explained)]
+
+
+def changed_lines(change: str) -> tuple[str, str]:
+    """The first line a mutant's diff removes and the first it adds, stripped."""
+    original = next((line[1:].strip() for line in change.splitlines() if line.startswith("-")), "")
+    mutant = next((line[1:].strip() for line in change.splitlines() if line.startswith("+")), "")
+    return original, mutant
+
+
 def explanation(name: str, change: str, explained: list[dict]) -> str | None:
     """The reason recorded for a survivor: an entry of its function whose lines match the mutant's diff."""
     function = re.sub(r"__mutmut_\d+$", "", name)
-    original = next((line[1:].strip() for line in change.splitlines() if line.startswith("-")), "")
-    mutant = next((line[1:].strip() for line in change.splitlines() if line.startswith("+")), "")
+    original, mutant = changed_lines(change)
     for entry in explained:
         if (entry["function"], entry["original"], entry["mutant"]) == (function, original, mutant):
             return entry["why"].strip()
@@ -112,7 +129,7 @@ def report() -> int:
     if not found:
         print("mutate: no results under mutants/; run `make mutate` first", file=sys.stderr)
         return 2
-    explained = tomllib.loads(EXPLAINED.read_text())["explained"] if EXPLAINED.exists() else []
+    explained = load_explained()
     by_file: dict[str, Counter] = {}
     survivors = []  # (name, source, verdict, diff, why)
     for name, (source, code) in found.items():
@@ -167,6 +184,11 @@ def report() -> int:
             if why:
                 lines += [why, ""]
             lines += ["```diff", change, "```", ""]
+    used = {(re.sub(r"__mutmut_\d+$", "", name), *changed_lines(change)) for name, _, _, change, why in survivors if why}
+    stale = [e for e in explained if (e["function"], e["original"], e["mutant"]) not in used]
+    if stale:  # the code changed under them, or a test now kills the mutant: delete them from the file
+        lines += ["", f"## Explanations that match no survivor ({len(stale)})", ""]
+        lines += [f"- `{e['function']}`: `{e['original']}` -> `{e['mutant']}`" for e in stale]
     REPORT.write_text("\n".join(lines))
     print("\n".join(lines[4:9]))
     print(f"written: {REPORT}")
@@ -226,7 +248,7 @@ def main(argv=None) -> int:
     start.add_argument("--minutes", type=float, default=75.0, help="stop after this long (default: 75)")
     start.add_argument("--workers", type=int, default=2, help="mutants tested at once (default: 2)")
     start.add_argument("--survivors", action="store_true",
-                       help="test again only the mutants that survived or had no test (after writing new tests)")
+                       help="test again only the unexplained survivors (after writing new tests for them)")
     commands.add_parser("report", help=f"write {REPORT.relative_to(ROOT)}")
     commands.add_parser("planted", help=f"plant issue 18's five bugs one at a time; write {PLANTED_REPORT.name}")
     args = parser.parse_args(argv)
