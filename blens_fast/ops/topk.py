@@ -39,6 +39,7 @@ import torch
 
 from . import reference
 from .registry import Implementation, Operation, extension_unavailable, triton_unavailable
+from .tuning import measured_impl
 
 IMPLS = ("auto", "torch", "naive", "cpu", "triton", "cuda")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -480,21 +481,13 @@ def _cuda_check(device, **facts):
     return extension_unavailable("cuda")(device) or _gpu_k_limit(device, **facts)
 
 
-def _measured(op, device_name, **facts):
-    try:
-        from .tuning import measured_impl
-    except ImportError:
-        return None
-    return measured_impl(op, device_name, **facts)
-
-
 TOPK = Operation("topk", [
     Implementation("torch", _impl_torch, ("cpu", "cuda")),
     Implementation("naive", _impl_naive, ("cpu", "cuda")),
     Implementation("cpu", _impl_cpu, ("cpu",), lambda device, **facts: extension_unavailable("cpu")(device)),
     Implementation("triton", _impl_triton, ("cuda", "cpu"), _triton_check),
     Implementation("cuda", _impl_cuda, ("cuda",), _cuda_check),
-], measured=_measured)
+], measured=measured_impl)
 
 
 def available_impls(device: torch.device | str = "cpu") -> list[str]:

@@ -108,13 +108,14 @@ def test_write_merges_and_replaces(tables):
     assert len(json.loads(path.read_text())["entries"]) == 1
 
 
-def test_registry_uses_the_table(tables):
-    """The dispatcher's auto order puts the measured implementation first (when its registry is wired)."""
-    registry = pytest.importorskip("blens_fast.ops.registry")
+def test_the_projection_dispatch_reads_the_table(tables, monkeypatch):
+    """On a GPU, topk's auto order starts with the table's fastest implementation for the facts ``topk_logits``
+    passes (no GPU needed: the device's name is stubbed)."""
+    from blens_fast.ops.registry import AUTO_ORDER
     from blens_fast.ops.topk import TOPK
 
-    if not hasattr(TOPK, "auto_order"):
-        pytest.skip("this dispatcher has no measured auto order")
-    # the registry asks only for CUDA devices; call the measured hook the way auto_order does
-    assert TOPK._measured("topk", DEVICE, **facts()) == "cuda"
-    assert registry.AUTO_ORDER["cuda"][0] in ("triton", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: DEVICE)
+    gpu = torch.device("cuda")
+    assert TOPK.auto_order(gpu, **facts()) == ("cuda", *AUTO_ORDER["cuda"])
+    assert TOPK.auto_order(gpu, **facts(d=768, v=50257)) == ("triton", *AUTO_ORDER["cuda"])
+    assert TOPK.auto_order(gpu, **facts(dtype=torch.float16)) == AUTO_ORDER["cuda"]  # no entry for float16
