@@ -37,13 +37,13 @@ CAUGHT = {1: "killed", 3: "killed", 36: "timeout", -24: "timeout", 24: "timeout"
 MISSED = {0: "survived", 5: "no tests", 33: "no tests"}
 
 
-def run(minutes: float, workers: int, survivors: bool = False) -> int:
+def run(minutes: float, workers: int, only_survivors: bool = False) -> int:
     """``mutmut run`` until it finishes or ``minutes`` pass; then an interrupt, which mutmut answers by saving.
-    ``survivors``: test again only the mutants that survived or had no test and are not explained (after new tests
+    ``only_survivors``: test again only the mutants that survived or had no test and are not explained (after new tests
     were written for them)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    names = unexplained_survivors() if survivors else []
-    if survivors and not names:
+    names = unexplained_survivors() if only_survivors else []
+    if only_survivors and not names:
         print("mutate: no survivors to test again")
         return 0
     process = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", str(workers), *names],
@@ -101,27 +101,36 @@ def load_explained() -> list[dict]:
     return tomllib.loads(EXPLAINED.read_text())["explained"] if EXPLAINED.exists() else []
 
 
-def unexplained_survivors() -> list[str]:
+def survivors() -> list[tuple[str, str, str, str, str | None]]:
+    """Every survivor (or mutant without tests) as ``(name, source, verdict, diff, reason or None)``."""
     explained = load_explained()
-    return [name for name, (source, code) in verdicts().items()
-            if code in MISSED and not explanation(name, diff(name, source), explained)]
+    found = []
+    for name, (source, code) in verdicts().items():
+        if code in MISSED:
+            change = diff(name, source)
+            found.append((name, source, status(code), change, explanation(key(name, change), explained)))
+    return found
 
 
-def changed_lines(change: str) -> tuple[str, str]:
-    """The first line a mutant's diff removes and the first it adds, stripped."""
+def unexplained_survivors() -> list[str]:
+    return [name for name, _, _, _, why in survivors() if not why]
+
+
+def key(name: str, change: str) -> tuple[str, str, str]:
+    """``(function, original line, mutant line)`` of a mutant: its function without mutmut's number (which shifts
+    when the function changes) and the first line its diff removes and adds, stripped."""
     original = next((line[1:].strip() for line in change.splitlines() if line.startswith("-")), "")
     mutant = next((line[1:].strip() for line in change.splitlines() if line.startswith("+")), "")
-    return original, mutant
+    return re.sub(r"__mutmut_\d+$", "", name), original, mutant
 
 
-def explanation(name: str, change: str, explained: list[dict]) -> str | None:
-    """The reason recorded for a survivor: an entry of its function whose lines match the mutant's diff."""
-    function = re.sub(r"__mutmut_\d+$", "", name)
-    original, mutant = changed_lines(change)
-    for entry in explained:
-        if (entry["function"], entry["original"], entry["mutant"]) == (function, original, mutant):
-            return entry["why"].strip()
-    return None
+def entry_key(entry: dict) -> tuple[str, str, str]:
+    return entry["function"], entry["original"], entry["mutant"]
+
+
+def explanation(mutant_key: tuple[str, str, str], explained: list[dict]) -> str | None:
+    """The reason recorded for a survivor: the entry of its function whose lines match the mutant's diff."""
+    return next((entry["why"].strip() for entry in explained if entry_key(entry) == mutant_key), None)
 
 
 def report() -> int:
@@ -131,21 +140,16 @@ def report() -> int:
         return 2
     explained = load_explained()
     by_file: dict[str, Counter] = {}
-    survivors = []  # (name, source, verdict, diff, why)
-    for name, (source, code) in found.items():
-        verdict = status(code)
-        counts = by_file.setdefault(source, Counter())
-        counts[verdict] += 1
-        if code in MISSED:
-            change = diff(name, source)
-            survivors.append((name, source, verdict, change, explanation(name, change, explained)))
+    for source, code in found.values():
+        by_file.setdefault(source, Counter())[status(code)] += 1
+    missed = survivors()  # (name, source, verdict, diff, why)
     total = Counter()
     for counts in by_file.values():
         total.update(counts)
     checked = sum(v for k, v in total.items() if k != "not run")
     caught = total["killed"] + total["timeout"] + total["crashed"]
-    equivalent = sum(1 for survivor in survivors if survivor[4])
-    unexplained = [survivor for survivor in survivors if not survivor[4]]
+    equivalent = sum(1 for survivor in missed if survivor[4])
+    unexplained = [survivor for survivor in missed if not survivor[4]]
 
     lines = [
         "# Mutation testing of the core",
@@ -177,15 +181,15 @@ def report() -> int:
         lines.append(f"| `{source}` | {sum(counts.values())} | {hit} | {counts['survived']} | {counts['no tests']} "
                      f"| {counts['not run']} | {hit / max(done, 1):.1%} |")
     for title, group in (("Unexplained survivors", unexplained),
-                         ("Explained survivors", [survivor for survivor in survivors if survivor[4]])):
+                         ("Explained survivors", [survivor for survivor in missed if survivor[4]])):
         lines += ["", f"## {title} ({len(group)})", ""]
         for name, source, verdict, change, why in sorted(group, key=lambda survivor: (survivor[1], survivor[0])):
             lines += [f"### `{name}` ({verdict})", ""]
             if why:
                 lines += [why, ""]
             lines += ["```diff", change, "```", ""]
-    used = {(re.sub(r"__mutmut_\d+$", "", name), *changed_lines(change)) for name, _, _, change, why in survivors if why}
-    stale = [e for e in explained if (e["function"], e["original"], e["mutant"]) not in used]
+    used = {key(name, change) for name, _, _, change, why in missed if why}
+    stale = [e for e in explained if entry_key(e) not in used]
     if stale:  # the code changed under them, or a test now kills the mutant: delete them from the file
         lines += ["", f"## Explanations that match no survivor ({len(stale)})", ""]
         lines += [f"- `{e['function']}`: `{e['original']}` -> `{e['mutant']}`" for e in stale]

@@ -142,9 +142,9 @@ class ShardEntry:
     @classmethod
     def from_json(cls, value: dict, where: str) -> "ShardEntry":
         try:
+            files = {t: Digest.from_json(value["files"][t], f"its {t} file") for t in SHARD_TABLES}
             return cls(int(value["shard"]), tuple(str(i) for i in value["ids"]), tuple(value["rejected"]),
-                       int(value["rows"]), {t: Digest.from_json(value["files"][t], f"its {t} file") for t in SHARD_TABLES},
-                       bool(value["stats"]))
+                       int(value["rows"]), files, bool(value["stats"]))
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{where}: a shard entry is malformed ({error})") from None
 
