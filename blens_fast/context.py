@@ -258,66 +258,54 @@ def load_default_model(*, device=None, dtype: torch.dtype | None = None) -> Mode
 def load_model(path_or_name="default", *, device=None, dtype: torch.dtype | None = None) -> ModelContext:
     """A :class:`ModelContext` (unpacks as ``model, tokenizer``) in eval mode for ``"default"`` (the shipped model)
     or a local Hugging Face folder: ``config.json``, ``*.safetensors`` weights and the tokenizer files. Remote code
-    is never run and nothing is downloaded. ``device``: default ``"cpu"``; ``dtype``: default float32."""
-    import transformers
-    from safetensors import SafetensorError
-
+    is never run and nothing is downloaded. The weights must match the config exactly (every parameter read, every
+    tensor used: see :mod:`blens_fast.checkpoint`), else a ``ValueError`` names what differs. ``device``: default
+    ``"cpu"``; ``dtype``: default float32."""
+    from . import checkpoint
     from ._checks import check_device, check_dtype
 
     device = check_device("cpu" if device is None else device)
     dtype = check_dtype(torch.float32 if dtype is None else dtype)
-    transformers.utils.logging.disable_progress_bar()
     if str(path_or_name) == "default":
         from .default_model import MODEL_DIR
 
         folder = Path(MODEL_DIR)
     else:
         folder = Path(path_or_name)
-        _check_model_folder(folder, path_or_name)
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, SafetensorError) as error:
-        raise ValueError(f"model folder {str(folder)!r} could not be loaded: {_first_line(error)}") from None
-    tokenizer = _load_tokenizer(folder)
+    files, weight_map = checkpoint.weight_files(folder, path_or_name)
+    default = _is_default(folder)
+    if not default:
+        checkpoint.check_tokenizer_files(folder)
+    config = checkpoint.read_config(folder)
+    model = checkpoint.load_checkpoint(folder, files, weight_map, config, dtype)
+    tokenizer = _load_tokenizer(folder, default)
     return bind(model.to(device).eval(), tokenizer)
 
 
-def _check_model_folder(folder: Path, spec) -> None:
-    if not folder.is_dir():
-        raise ValueError(f"model {str(spec)!r}: no such folder (expected 'default' or a local Hugging Face folder)")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"model folder {str(folder)!r} has no config.json: expected a transformers checkpoint")
-    try:
-        import json
+def _is_default(folder: Path) -> bool:
+    from .default_model import MODEL_DIR
 
-        json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{str(folder / 'config.json')!r} is not valid JSON ({error})") from None
-    if not any(folder.glob("*.safetensors")):
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        raise ValueError(f"model folder {str(folder)!r} has no *.safetensors weights"
-                         + (f" (found {', '.join(found)}; only safetensors checkpoints are loaded)" if found else ""))
+    return folder.resolve() == Path(MODEL_DIR).resolve()
 
 
-def _load_tokenizer(folder: Path):
+def _load_tokenizer(folder: Path, default: bool):
     import transformers
 
-    from .default_model import MODEL_DIR, load_default_tokenizer
+    from ._checks import first_line
+    from .checkpoint import tokenizer_files_text
+    from .default_model import load_default_tokenizer
 
-    if folder.resolve() == Path(MODEL_DIR).resolve():
+    if default:
         return load_default_tokenizer()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                                trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"model folder {str(folder)!r} has no usable tokenizer ({_first_line(error)}): save it "
+        raise ValueError(f"model folder {str(folder)!r} has no usable tokenizer ({first_line(error)}): save it "
                          "beside the weights with tokenizer.save_pretrained(folder)") from None
+    if len(tokenizer) == 0:
+        raise ValueError(f"model folder {str(folder)!r}: its tokenizer files give an empty vocabulary (expected "
+                         f"{tokenizer_files_text()}): save them with tokenizer.save_pretrained(folder)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
