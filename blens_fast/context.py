@@ -39,6 +39,10 @@ class ModelContext:
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, adapter: Adapter | None = None):
+        unloaded = next((name for name, p in model.named_parameters() if p.is_meta), None)
+        if unloaded is not None:
+            raise ValueError(f"the model's parameters are on the meta device ({unloaded!r} and others hold no values): "
+                             "load its weights first, e.g. bl.load_model(folder)")
         self.model = model
         self.adapter = get_adapter(model, adapter)
         self.tokenizer = tokenizer

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._io import atomic_write_json, atomic_write_text
-from .._report import markdown_table
+from .._io import atomic_write_json, atomic_write_text, make_folder
+from .._report import figure_png, markdown_table, write_file
 from ..reference import RANK_TOLERANCE
 from .meter import STAGES
 
@@ -25,8 +25,7 @@ def partial_path(directory, device, model_name: str) -> Path:
 
 def write_report(report: dict, directory) -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_folder(directory)
     stem = output_stem(report)
     paths = {kind: directory / f"{stem}.{kind}" for kind in ("json", "md", "png")}
     atomic_write_json(paths["json"], report)
@@ -184,10 +183,7 @@ def plot_report(report: dict, path) -> Path:
         _scaling_panel(ax, main, sweep, key, label)
     fig.suptitle(f"{report['model']['about']} | {report['dtype']} | {report['machine']}", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return write_file(path, figure_png(fig, dpi=110))
 
 
 def _stage_bars(ax, main: dict, field: str, scale: float) -> None:

@@ -17,6 +17,10 @@ class Canary:
             (self.root / name).write_text(f"precious {name}\n")
         self.before = self._state()
 
+    def refresh(self) -> None:
+        """Take the files now under ``root`` (after a test moved some there) as the state to keep."""
+        self.before = self._state()
+
     def path(self, name: str = "victim.txt") -> Path:
         return self.root / name
 

@@ -67,7 +67,7 @@ def test_an_index_entry_outside_the_folder_is_refused(folder, tmp_path, canary, 
     model = copy_without_weights(folder, tmp_path)
     tensors = load_file(folder / "model.safetensors")
     save_file(tensors, canary.root / "stolen.safetensors")
-    canary.before = canary._state()
+    canary.refresh()
     write_index(model, {name: entry.replace("/outside", str(canary.root)) for name in tensors})
     refused(model, "expected the plain name of a *.safetensors file inside the folder")
     canary.check()
@@ -92,7 +92,7 @@ def test_an_index_naming_a_missing_file_or_lying_about_a_tensor_is_refused(folde
 def test_a_weights_file_linked_from_outside_is_refused(folder, tmp_path, canary):
     model = copy_without_weights(folder, tmp_path)
     shutil.copy(folder / "model.safetensors", canary.root / "real.safetensors")
-    canary.before = canary._state()
+    canary.refresh()
     (model / "model.safetensors").symlink_to(canary.root / "real.safetensors")
     refused(model, "symbolic links leading out of it", "'model.safetensors'")
     canary.check()
