@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import weakref
+import zlib
 from collections.abc import Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -25,6 +27,8 @@ from .batching import Example, pad_right, tokenize_examples
 
 #: values sampled per tensor by the fingerprints
 FINGERPRINT_SAMPLES = 4096
+#: bytes per CRC-32 in :meth:`ModelContext.tensors_fingerprint`
+FINGERPRINT_BLOCK = 1 << 16
 
 _VOCABULARIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -166,13 +170,30 @@ class ModelContext:
 
     # -- identity --------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """A cheap identity of the model: config sizes + samples of its embedding and of layer 0's ``mlp.in``.
-
-        Edits of ``mlp.out`` leave it unchanged, so calibrated settings and saved edits still apply to an edited
-        model."""
+        """A cheap identity of the model for its calibrated settings: config sizes + samples of its embedding and of
+        layer 0's ``mlp.in``. Edits of ``mlp.out`` leave it unchanged, so calibrated settings still apply to an
+        edited model. (Saved edits check :meth:`tensors_fingerprint` of the weights they touch.)"""
         tensors = {"embedding": self.embedding_matrix}
         tensors.update({f"0.{m}": self.weight(0, m) for m in self.resolve_modules("mlp.in")})
         return _digest(self.model, tensors)[:16]
+
+    def tensors_fingerprint(self, tensors: Mapping[str, torch.Tensor]) -> str:
+        """A sha256 (hex) of the architecture (:func:`architecture`), the model's sampled identity
+        (:meth:`fingerprint`) and every value of ``tensors`` with its name and shape: the identity of the weights an
+        edit touches. Every value is read, through the CRC-32 of each block of :data:`FINGERPRINT_BLOCK` bytes (at
+        GPT-2-small dimensions half the time of a sha256 of the values: benchmarks/results/fingerprint_cost.md): a
+        change within 4 bytes of a block is always seen, any other with probability 1 - 2^-32. 16-bit values are read
+        as float32, so a bfloat16 and a float32 copy of the same weights agree."""
+        digest = hashlib.sha256(f"{architecture(self.model)};{self.fingerprint()}".encode())
+        for name, tensor in sorted(tensors.items()):
+            values = tensor.detach()
+            if values.dtype not in (torch.float32, torch.float64):
+                values = values.float()
+            data = memoryview(values.contiguous().cpu().numpy()).cast("B")
+            digest.update(f";{name}:{values.dtype}{tuple(values.shape)}:".encode())
+            for start in range(0, len(data), FINGERPRINT_BLOCK):
+                digest.update(zlib.crc32(data[start:start + FINGERPRINT_BLOCK]).to_bytes(4, "little"))
+        return digest.hexdigest()
 
     def weights_fingerprint(self) -> str:
         """Samples of every parameter: changes when any weight does (almost surely), cheap for any model size."""
@@ -188,6 +209,22 @@ def _digest(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}:{tuple(tensor.shape)};".encode())
         h.update(sample_values(tensor).numpy().tobytes())
     return h.hexdigest()
+
+
+#: config entries that say how a model is run or stored, not what it computes
+_RUNTIME_CONFIG = frozenset({"name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                             "output_attentions", "output_hidden_states", "return_dict", "architectures",
+                             "attn_implementation", "tokenizer_class"})
+
+
+def architecture(model: nn.Module) -> str:
+    """The model's class and its config's entries (JSON, sorted), without those that say how it is run or stored
+    (dtype, caching, attention implementation, names, token ids, private entries)."""
+    config = getattr(model, "config", None)
+    entries = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+    kept = {key: value for key, value in entries.items()
+            if not key.startswith("_") and key not in _RUNTIME_CONFIG and not key.endswith("token_id")}
+    return json.dumps({"class": type(model).__name__, "config": kept}, sort_keys=True, default=str)
 
 
 def sample_values(tensor: torch.Tensor, samples: int = FINGERPRINT_SAMPLES) -> torch.Tensor:
