@@ -171,8 +171,8 @@ def _load_weights(model: nn.Module, folder: Path, files: list[Path], weight_map:
         differ = sorted(k for k in set(weight_map) | set(located) if weight_map.get(k) != located.get(k))
         twice += [f"{k} (the index says {weight_map.get(k)}, the files say {located.get(k)})" for k in differ]
     problems = [f"{len(found)} {what} ({_listed(found)})" for what, found in (
-        ("missing from the weights", missing), ("unexpected in the weights", unexpected), ("of another shape or kind", misshaped),
-        ("found twice or misplaced", twice)) if found]
+        ("missing from the weights", missing), ("unexpected in the weights", unexpected),
+        ("of another shape or kind", misshaped), ("found twice or misplaced", twice)) if found]
     if problems:
         config = model.config
         raise ValueError(f"model folder {str(folder)!r} does not match its config.json ({config.model_type}: "

@@ -177,14 +177,20 @@ class ModelContext:
         tensors.update({f"0.{m}": self.weight(0, m) for m in self.resolve_modules("mlp.in")})
         return _digest(self.model, tensors)[:16]
 
+    @functools.cached_property
+    def architecture(self) -> str:
+        """The model's class and its config's entries as JSON (:func:`architecture`), resolved once."""
+        return architecture(self.model)
+
     def tensors_fingerprint(self, tensors: Mapping[str, torch.Tensor]) -> str:
-        """A sha256 (hex) of the architecture (:func:`architecture`), the model's sampled identity
-        (:meth:`fingerprint`) and every value of ``tensors`` with its name and shape: the identity of the weights an
-        edit touches. Every value is read, through the CRC-32 of each block of :data:`FINGERPRINT_BLOCK` bytes (at
-        GPT-2-small dimensions half the time of a sha256 of the values: benchmarks/results/fingerprint_cost.md): a
+        """A sha256 (hex) of the architecture (:attr:`architecture`), samples of the input embedding (upstream of
+        every layer) and every value of ``tensors`` with its name and shape: the identity of the weights an edit
+        touches. Every value is read, through the CRC-32 of each block of :data:`FINGERPRINT_BLOCK` bytes (at
+        GPT-2-small dimensions about half the time of a sha256 of the values: benchmarks/results/fingerprint_cost.md): a
         change within 4 bytes of a block is always seen, any other with probability 1 - 2^-32. 16-bit values are read
         as float32, so a bfloat16 and a float32 copy of the same weights agree."""
-        digest = hashlib.sha256(f"{architecture(self.model)};{self.fingerprint()}".encode())
+        digest = hashlib.sha256(self.architecture.encode())
+        digest.update(sample_values(self.embedding_matrix).numpy().tobytes())
         for name, tensor in sorted(tensors.items()):
             values = tensor.detach()
             if values.dtype not in (torch.float32, torch.float64):

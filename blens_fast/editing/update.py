@@ -2,8 +2,9 @@
 
 Every model has a stack of the edits applied to it. Edits are reverted in the reverse order of application (each
 restores the weights it found); reverting one that another edit sits on is refused with an error naming that edit,
-so no revert can silently leave a previous edit in the weights. An edit records the fingerprint of the weights it
-touches as it found them, with the architecture (:meth:`~blens_fast.context.ModelContext.tensors_fingerprint`), and
+so no revert can silently leave a previous edit in the weights. A saved edit records the fingerprint of the weights it
+touches as it found them, with the architecture (:meth:`~blens_fast.context.ModelContext.tensors_fingerprint`;
+taken when it is saved, from the weights it keeps while applied, so edits that are never saved never pay for it), and
 is applied to other weights only when forced. Every update is checked before any weight is written: finite
 floating-point factors of matching rank, at a layer and module the model has, of the weight's shape; a file names
 itself in every refusal.
@@ -86,6 +87,7 @@ class Edit:
         self.source = source
         self._ctx: ModelContext | None = None
         self._originals: dict[tuple[int, str], torch.Tensor] = {}
+        self._unrecorded = False  # reverted before its fingerprint was taken
 
     # -- description ---------------------------------------------------------------------
     @property
@@ -134,16 +136,17 @@ class Edit:
             raise ValueError(f"{self!r} is already applied to a model: revert() it first")
         ctx = bind(model)
         weights = self._touched_weights(ctx)
-        current = fingerprint(ctx, weights)
         saved = self.info.get("fingerprint")
         if saved is None and self.source is not None and not force:
             raise ValueError(f"{self._what()} records no fingerprint of the weights it was made on: pass force=True "
                              "to apply it anyway")
-        if saved is not None and not force and saved != current:
-            raise ValueError(f"{self._what()} was made on another model (the fingerprint of the architecture and of "
-                             f"the weights it touches was {saved}, this model's is {current}): pass force=True to "
-                             "apply it anyway")
-        self._attach(ctx, {key: w.detach().clone() for key, w in weights.items()}, current)
+        if saved is not None and not force:
+            current = fingerprint(ctx, weights)
+            if saved != current:
+                raise ValueError(f"{self._what()} was made on another model (the fingerprint of the architecture and "
+                                 f"of the weights it touches was {saved}, this model's is {current}): pass force=True "
+                                 "to apply it anyway")
+        self._attach(ctx, {key: w.detach().clone() for key, w in weights.items()})
         try:
             with torch.no_grad():
                 for u in self.updates:
@@ -178,13 +181,10 @@ class Edit:
                 raise ValueError(f"{self._what()}: step {i} cannot be applied: {why}")
         return weights
 
-    def _attach(self, ctx: ModelContext, originals: dict, current: str | None = None) -> None:
-        """Record this edit as applied to ``ctx``'s model with the weights it found (the top of its stack);
-        ``current``: their fingerprint, when known."""
+    def _attach(self, ctx: ModelContext, originals: dict) -> None:
+        """Record this edit as applied to ``ctx``'s model with the weights it found (the top of its stack)."""
         self._ctx = ctx
         self._originals = originals
-        if "fingerprint" not in self.info:
-            self.info["fingerprint"] = current or fingerprint(ctx, originals)
         _STACKS.setdefault(ctx.model, []).append(self)
 
     def revert(self) -> None:
@@ -200,6 +200,7 @@ class Edit:
             for (layer, module), original in self._originals.items():
                 self._ctx.weight(layer, module).copy_(original)
         stack.pop()
+        self._unrecorded = "fingerprint" not in self.info
         self._ctx = None
         self._originals = {}
 
@@ -212,8 +213,15 @@ class Edit:
 
     # -- storage -------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Store the update steps as safetensors (metadata: the ``info`` record as JSON, with the model's
-        fingerprint)."""
+        """Store the update steps as safetensors (metadata: the ``info`` record as JSON, with the fingerprint of the
+        weights the edit was made on). An edit that was applied is saved while it is applied (then it holds those
+        weights) or after being applied again."""
+        if "fingerprint" not in self.info:
+            if self._ctx is not None:
+                self.info["fingerprint"] = fingerprint(self._ctx, self._originals)
+            elif self._unrecorded:
+                raise ValueError(f"{self!r} was reverted before it was saved: save it while it is applied (its file "
+                                 "records the fingerprint of the weights it was made on, which it holds only then)")
         tensors, steps = {}, []
         for i, u in enumerate(self.updates):
             tensors[f"update.{i}.left"] = u.left

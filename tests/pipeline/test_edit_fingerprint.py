@@ -79,3 +79,22 @@ def test_the_fingerprint_reads_every_value_of_the_touched_weights(tokenizer):
         seen.add(ctx.tensors_fingerprint({"1.mlp.out": changed}))
     assert len(seen) == 1 + len(range(0, weight.numel(), 97))
     assert ctx.tensors_fingerprint({"1.mlp.out": weight}) == first
+
+
+def test_an_edit_saved_after_its_revert_is_refused_and_unsaved_edits_never_pay(tokenizer, tmp_path, monkeypatch):
+    """The fingerprint is taken from the weights an edit keeps while applied: after a revert they are gone."""
+    ctx = bind(make_tiny_model("gpt2"), tokenizer)
+    made = edit(ctx, PROMPT, TARGET, layer=1, scale=1.0, skip_if_argmax=False)
+    made.revert()
+    with pytest.raises(ValueError, match="was reverted before it was saved: save it while it is applied"):
+        made.save(tmp_path / "edit.safetensors")
+    with made.apply(ctx):
+        made.save(tmp_path / "edit.safetensors")
+    Edit.load(tmp_path / "edit.safetensors").apply(ctx).revert()
+
+    def unwanted(*args):
+        raise AssertionError("an edit that is not saved computed a fingerprint")
+
+    monkeypatch.setattr(type(ctx), "tensors_fingerprint", unwanted)
+    edit(ctx, PROMPT, TARGET, layer=1, scale=1.0, skip_if_argmax=False).revert()
+    edit(ctx, PROMPT, TARGET, method="gradient", layer=1, lr=0.1, steps=1).revert()

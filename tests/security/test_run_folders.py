@@ -155,11 +155,10 @@ def test_bench_out_does_not_write_through_a_link(tmp_path, canary, capsys):
 
 
 def test_an_edit_is_not_saved_through_a_link(tiny, tmp_path, canary):
-    made = edit(tiny, PROMPT, TARGET, layer=1, scale=1.0, skip_if_argmax=False)
-    made.revert()
     target = link(tmp_path / "edit.safetensors", canary.path())
-    with pytest.raises(ValueError, match="edit.safetensors' is a symbolic link"):
-        made.save(target)
+    with edit(tiny, PROMPT, TARGET, layer=1, scale=1.0, skip_if_argmax=False) as made:
+        with pytest.raises(ValueError, match="edit.safetensors' is a symbolic link"):
+            made.save(target)
     canary.check()
 
 
