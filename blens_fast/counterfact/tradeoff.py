@@ -73,23 +73,22 @@ def last_layer_sweep(ctx: ModelContext, records, variants: Mapping[str, Sweep], 
     At the last layer the edit moves the residual stream entering the final norm, at every position p of every query,
     by ``scale * (key . a_p) * e_target`` and changes nothing else, so the edited logits follow from the unedited
     pre-norm residuals and FF2 inputs by :class:`LogitCurve`. ``variants`` maps a name to a :class:`Sweep` at the
-    last layer (the default of its ``layer``). Rows as :func:`sweep` (no fluency, no revert check: nothing is written). Tests check
-    it against the real edit + forward path.
+    last layer (the default of its ``layer``). Rows as :func:`sweep` (no fluency, no revert check: nothing is
+    written). Tests check it against the real edit + forward path.
     """
     records, n = check_records(records, n)
     last = ctx.num_layers - 1
-    points = {}
+    resolved = {}  # name -> the settings of each value, in order
     for name, plan in variants.items():
         if (plan.key == "margin") != (plan.options.get("scale") == "auto"):
             raise ValueError(f"variant {name!r}: sweep 'margin' with scale='auto', 'scale' otherwise")
-        plan = Sweep({"layer": last, **plan.options}, plan.key, plan.values)
-        for value, point in zip(plan.values, plan.resolved(ctx, progress=progress)):
+        resolved[name] = Sweep({"layer": last, **plan.options}, plan.key, plan.values).resolved(ctx, progress=progress)
+        for point in resolved[name]:
             if point.layer != last:
                 raise ValueError(f"last_layer_sweep: variant {name!r} is at layer {point.layer}, not the last layer "
                                  f"({last})")
-            points[(name, value)] = point
-    counts = {point: {"memit": dict.fromkeys(METRICS, 0), "rome": dict.fromkeys(METRICS, 0), "skipped": 0}
-              for point in points}
+    counts = {(name, value): {"memit": dict.fromkeys(METRICS, 0), "rome": dict.fromkeys(METRICS, 0), "skipped": 0}
+              for name, plan in variants.items() for value in plan.values}
     scorer = Scorer(ctx)
     started = time.perf_counter()
     for record in progress_bar(records[:n], desc="last-layer sweep", unit="rec", enabled=progress):
@@ -99,25 +98,25 @@ def last_layer_sweep(ctx: ModelContext, records, variants: Mapping[str, Sweep], 
         target = batch.examples[0].target_ids[0]
         curve = LogitCurve(ctx, found.pre_norm[batch.rows, batch.positions], ctx.embedding_matrix[target])
         first = torch.zeros(1, dtype=torch.long, device=a.device)
-        already = curve.logits(torch.zeros(1, device=a.device), rows=first)[0].argmax() == target
-        wanted = {}  # per variant, the auto scale's shift for each margin (one search per variant)
-        for (name, value), settings in points.items():
-            key = edit_keys(a[:1], torch.ones(1, dtype=torch.bool, device=a.device),
-                            settings.whiten or None, settings.normalize_key)
-            shifts = None
-            if settings.auto:
-                if name not in wanted:
-                    plan = variants[name]
-                    wanted[name] = dict(zip(plan.values, curve.smallest_shifts(0, target, list(plan.values))))
-                shifts = torch.tensor([wanted[name][value]], dtype=a.dtype, device=a.device)
-            scales, keep = shift_scales(settings, key, a[:1], already[None], shifts)
-            result, _ = metrics(curve.logits((scales[0] * (a @ key[0])).float()), batch.examples, batch.rows,
-                                batch.tokens, batch.n_scored)
-            total = counts[(name, value)]
-            total["skipped"] += int(not keep[0])
-            for family in ("memit", "rome"):
-                for metric in METRICS:
-                    total[family][metric] += result[family][metric]
+        already = curve.logits(torch.zeros(1, device=a.device), rows=first).argmax(-1) == target  # (1,)
+        for name, points in resolved.items():
+            if not points:
+                continue
+            # the points of a variant share its key; for scale="auto" one search gives every margin's shift
+            key = edit_keys(a[:1], torch.ones(1, dtype=torch.bool, device=a.device), points[0].whiten or None,
+                            points[0].normalize_key)
+            response = a @ key[0]
+            shifts = curve.smallest_shifts(0, target, list(variants[name].values)) if points[0].auto else None
+            for i, (value, settings) in enumerate(zip(variants[name].values, points)):
+                wanted = None if shifts is None else torch.tensor([shifts[i]], dtype=a.dtype, device=a.device)
+                scales, keep = shift_scales(settings, key, a[:1], already, wanted)
+                result, _ = metrics(curve.logits((scales[0] * response).float()), batch.examples, batch.rows,
+                                    batch.tokens, batch.n_scored)
+                total = counts[(name, value)]
+                total["skipped"] += int(not keep[0])
+                for family in ("memit", "rome"):
+                    for metric in METRICS:
+                        total[family][metric] += result[family][metric]
     seconds = round(time.perf_counter() - started, 1)
     return [{"variant": name, "key": variants[name].key, "value": value, "n": n, "layer": last,
              "exact_last_layer": True,
@@ -169,8 +168,8 @@ def plot_tradeoff(points: list[dict], path, *, rows: Sequence[dict] = (), title:
 
 
 #: the columns of :func:`results_table` (the ROME-style family repeats the metric names)
-RESULT_COLUMNS = ("", "MEMIT-style argmax: Efficacy", "Paraphrase", "Neighborhood", "ROME-style P(new)>P(true): Efficacy",
-                  "Paraphrase", "Neighborhood", "Fluency ppl (unedited)", "Skipped", "Revert failures", "ms / edit",
+RESULT_COLUMNS = ("", "MEMIT-style argmax: Efficacy", "Paraphrase", "Neighborhood",
+                  "ROME-style P(new)>P(true): Efficacy", "Paraphrase", "Neighborhood", "Fluency ppl (unedited)", "Skipped", "Revert failures", "ms / edit",
                   "Settings")
 
 

@@ -508,8 +508,8 @@ def _cuda_check(variant: str):
         with torch.cuda.device(device):
             usable = _extension.extension("cuda").topk_variants()
         if variant not in usable:
-            return (f"the {variant!r} variant cannot run on this GPU or build (usable: {', '.join(usable)}; wgmma needs "
-                    "compute capability 9.0 and an sm_90a build, mma sm_80+)")
+            return (f"the {variant!r} variant cannot run on this GPU or build (usable: {', '.join(usable)}; wgmma "
+                    "needs compute capability 9.0 and an sm_90a build, mma sm_80+)")
         return None
     return check
 

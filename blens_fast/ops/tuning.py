@@ -13,8 +13,9 @@ Table format (``format`` 1)::
                   "best": "cuda", "extra_ms": {"triton:fixed": 9.0, "gemm": 1.5}}]}
 
 ``times_ms`` holds only implementations the dispatcher can run by name (``impl=``, the CUDA kernel's variants
-included); ``extra_ms`` anything else that was timed (fixed launch configurations, the GEMM alone), for the record. The nearest shape is the one with the smallest sum of
-squared log-ratios of ``d``, ``V``, ``N`` and ``k``; entries of another operation or dtype never match.
+included); ``extra_ms`` anything else that was timed (fixed launch configurations, the GEMM alone), for the record.
+The nearest shape is the one with the smallest sum of squared log-ratios of ``d``, ``V``, ``N`` and ``k``; entries
+of another operation or dtype never match.
 ``BLENS_FAST_TUNING_TABLES=DIR`` reads the tables from ``DIR`` instead (an empty or missing directory: no tables).
 """
 from __future__ import annotations

@@ -35,7 +35,8 @@ def reaches(path: Path, targets) -> list[str]:
 
 
 def test_the_import_reader_sees_imports_inside_functions():
-    source = "import os\nfrom . import sibling\ndef f():\n    from ..records import load\n    from ..ops.topk import TOPK\n"
+    source = ("import os\nfrom . import sibling\n"
+              "def f():\n    from ..records import load\n    from ..ops.topk import TOPK\n")
     assert imports_of(source, "blens_fast.editing") == {
         "os", "blens_fast.editing", "blens_fast.editing.sibling", "blens_fast.records", "blens_fast.records.load",
         "blens_fast.ops.topk", "blens_fast.ops.topk.TOPK"}
