@@ -156,9 +156,11 @@ def evaluate_counterfact(ctx: ModelContext, records, *, method: str = "forward_s
         settings = edit_options(ctx, method, edit_kwargs, calibration=calibration, progress=progress)
     elif not isinstance(settings, EditSettings):
         raise TypeError(f"settings must be an EditSettings (from resolve_settings), got {type(settings).__name__}")
-    elif edit_kwargs or calibration is not None or settings.method != method:
-        raise ValueError(f"settings= holds every setting of a {settings.method!r} edit: pass method="
-                         f"{settings.method!r} and leave out {', '.join(sorted(edit_kwargs)) or 'calibration'}")
+    elif edit_kwargs or calibration is not None:
+        raise ValueError("settings= already holds every setting: leave out "
+                         f"{', '.join(sorted(edit_kwargs) or ['calibration'])}")
+    elif settings.method != method:
+        raise ValueError(f"settings= are for method={settings.method!r}: pass that method, got method={method!r}")
     else:
         settings = settings.with_whitening(ctx, progress=progress)
     if fluency_texts is None:
