@@ -146,12 +146,9 @@ def run(args) -> int:
     runs = [(label, method, edit_options(ctx, method, options, calibration=args.calibration,
                                          progress=not args.quiet)) for label, method, options in runs]
     rows = []
-    for label, method, options in runs:
+    for label, method, settings in runs:
         row = evaluate_counterfact(ctx, records, method=method, n=args.n, label=label, fluency=not args.no_fluency,
-                                   progress=not args.quiet, **{k: v for k, v in options.items()
-                                                               if not k.startswith("_")})
-        if method != "none":
-            row["settings"].update(variant=options["_variant"], source=options["_source"])
+                                   progress=not args.quiet, settings=settings)
         rows.append(row)
         m, p = row["memit_argmax"], row["rome_probability"]
         print(f"{label}: argmax {m['efficacy']:.1f}/{m['paraphrase']:.1f}/{m['neighborhood']:.1f}  "
