@@ -86,3 +86,10 @@ def check_device(value, name: str = "device") -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"{name}={value!r}: expected 'cpu', 'cuda' or 'cuda:N'")
     return device
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): for one-line errors that quote
+    a library's."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1,10 +1,14 @@
-"""Files: atomic writes (a reader sees the old file or the new one, never half of one), digests, and the one
-cache folder of the package."""
+"""Files: atomic writes (a reader sees the old file or the new one, never half of one), digests, the one cache
+folder of the package, and the rules that keep a folder from being turned against its user: files are opened
+without following symbolic links, a folder holding links is refused (naming them), and nothing outside a folder is
+deleted on its behalf."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,18 +24,116 @@ def cache_dir() -> Path:
     return Path(base) / "blens_fast"
 
 
+# -- opening files safely ---------------------------------------------------------------------------------
+_NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # O_NONBLOCK: a planted FIFO cannot block the open
+
+
+def open_regular(path, flags: int = os.O_RDONLY, *, follow: bool = False, mode: int = 0o644) -> int:
+    """A file descriptor of the regular file ``path``: never through a symbolic link (unless ``follow``), never a
+    FIFO or device. With ``os.O_CREAT`` in ``flags`` a missing file is created with ``O_EXCL`` (so the file opened
+    is the one created) and an existing one is opened as it is; a file opened for writing must have no other hard
+    link (writing it would change a file elsewhere). Anything else is a ``ValueError`` naming the path."""
+    path = str(path)
+    extra = (os.O_CLOEXEC | os.O_NONBLOCK) if follow else _NO_FOLLOW
+    try:
+        if flags & os.O_CREAT:
+            try:
+                fd = os.open(path, flags | os.O_EXCL | extra, mode)
+            except FileExistsError:
+                fd = os.open(path, flags & ~os.O_CREAT | extra)
+        else:
+            fd = os.open(path, flags | extra)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ValueError(f"{path!r} is a symbolic link (to {os.readlink(path)!r}): refusing to follow it; "
+                             "remove it") from None
+        raise
+    info = os.fstat(fd)
+    writing = flags & (os.O_WRONLY | os.O_RDWR)
+    why = ("is not a regular file" if not stat.S_ISREG(info.st_mode) else
+           f"has {info.st_nlink - 1} other hard link(s), which writing it would change" if writing and info.st_nlink > 1
+           else None)
+    if why:
+        os.close(fd)
+        raise ValueError(f"{path!r} {why}: refusing to open it; remove it")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_bytes(path, *, follow: bool = False) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`)."""
+    with os.fdopen(open_regular(path, follow=follow), "rb") as f:
+        return f.read()
+
+
+def symlinks_below(folder) -> list[Path]:
+    """Every symbolic link inside ``folder``, at any depth (links are not followed), sorted."""
+    found, pending = [], [Path(folder)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    found.append(Path(entry.path))
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+    return sorted(found)
+
+
+def refuse_symlinks(folder, what: str = "output folder") -> None:
+    """A ``ValueError`` naming the symbolic links inside ``folder``: reads and writes through them would reach
+    files outside it."""
+    links = symlinks_below(folder)
+    if links:
+        named = ", ".join(f"{str(p.relative_to(folder))!r} -> {os.readlink(p)!r}" for p in links[:5])
+        more = f" and {len(links) - 5} more" if len(links) > 5 else ""
+        raise ValueError(f"{what} {str(folder)!r} holds symbolic links ({named}{more}): refusing to read or write "
+                         "through them; remove them or choose another folder")
+
+
+def make_folder(path, what: str = "output folder") -> Path:
+    """``path`` as an existing folder (created with its parents if needed); a ``ValueError`` naming it when it is a
+    file or cannot be created."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{what} {str(path)!r} is a file (or lies under one): expected a folder") from None
+    except OSError as error:
+        raise ValueError(f"{what} {str(path)!r} cannot be created: {error.strerror or error}") from None
+    return folder
+
+
+def remove_inside(folder, path) -> None:
+    """Delete the file ``path`` (a link itself, never what it points to) when its folder lies inside ``folder``; a
+    ``ValueError`` when it resolves outside."""
+    root = os.path.realpath(folder)
+    parent = os.path.realpath(Path(path).parent)
+    if os.path.commonpath([root, parent]) != root:
+        raise ValueError(f"refusing to delete {str(path)!r}: it resolves to {parent!r}, outside {str(folder)!r}")
+    Path(path).unlink(missing_ok=True)
+
+
+# -- atomic writes -----------------------------------------------------------------------------------------
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def atomic_write(path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    """Run ``write(tmp)`` on a temporary file beside ``path`` (created here, exclusively), flush it to disk, then
+    rename it over ``path``. A symbolic link at ``path`` is refused, never written through or replaced."""
     path = Path(path)
+    if path.is_symlink():
+        raise ValueError(f"{str(path)!r} is a symbolic link (to {os.readlink(path)!r}): refusing to write through or "
+                         "replace it; remove it or choose another path")
     tmp = _temporary(path)
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NO_FOLLOW, 0o644))
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fd = open_regular(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -65,11 +167,12 @@ def atomic_save_tensors(path, tensors: dict, metadata: dict[str, str] | None = N
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def read_json(path, what: str = "file"):
-    """JSON from ``path``; a ``ValueError`` naming the file when it is missing, truncated or not JSON."""
+def read_json(path, what: str = "file", *, follow: bool = True):
+    """JSON from the regular file ``path`` (through a symbolic link only when ``follow``); a ``ValueError`` naming
+    the file when it is missing, truncated or not JSON."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_bytes(path, follow=follow).decode("utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{what} {str(path)!r} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -79,7 +182,7 @@ def read_json(path, what: str = "file"):
 
 def file_sha256(path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, follow=True), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -88,4 +191,4 @@ def file_sha256(path) -> str:
 def remove_stale_temporaries(folder) -> None:
     """Delete the temporary files a killed writer left in ``folder`` (never a finished file)."""
     for stray in Path(folder).glob(".*.tmp"):
-        stray.unlink(missing_ok=True)
+        remove_inside(folder, stray)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import weakref
+import zlib
 from collections.abc import Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -25,6 +27,8 @@ from .batching import Example, pad_right, tokenize_examples
 
 #: values sampled per tensor by the fingerprints
 FINGERPRINT_SAMPLES = 4096
+#: bytes per CRC-32 in :meth:`ModelContext.tensors_fingerprint`
+FINGERPRINT_BLOCK = 1 << 16
 
 _VOCABULARIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -39,6 +43,10 @@ class ModelContext:
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, adapter: Adapter | None = None):
+        unloaded = next((name for name, p in model.named_parameters() if p.is_meta), None)
+        if unloaded is not None:
+            raise ValueError(f"the model's parameters are on the meta device ({unloaded!r} and others hold no values): "
+                             "load its weights first, e.g. bl.load_model(folder)")
         self.model = model
         self.adapter = get_adapter(model, adapter)
         self.tokenizer = tokenizer
@@ -162,13 +170,36 @@ class ModelContext:
 
     # -- identity --------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """A cheap identity of the model: config sizes + samples of its embedding and of layer 0's ``mlp.in``.
-
-        Edits of ``mlp.out`` leave it unchanged, so calibrated settings and saved edits still apply to an edited
-        model."""
+        """A cheap identity of the model for its calibrated settings: config sizes + samples of its embedding and of
+        layer 0's ``mlp.in``. Edits of ``mlp.out`` leave it unchanged, so calibrated settings still apply to an
+        edited model. (Saved edits check :meth:`tensors_fingerprint` of the weights they touch.)"""
         tensors = {"embedding": self.embedding_matrix}
         tensors.update({f"0.{m}": self.weight(0, m) for m in self.resolve_modules("mlp.in")})
         return _digest(self.model, tensors)[:16]
+
+    @functools.cached_property
+    def architecture(self) -> str:
+        """The model's class and its config's entries as JSON (:func:`architecture`), resolved once."""
+        return architecture(self.model)
+
+    def tensors_fingerprint(self, tensors: Mapping[str, torch.Tensor]) -> str:
+        """A sha256 (hex) of the architecture (:attr:`architecture`), samples of the input embedding (upstream of
+        every layer) and every value of ``tensors`` with its name and shape: the identity of the weights an edit
+        touches. Every value is read, through the CRC-32 of each block of :data:`FINGERPRINT_BLOCK` bytes (at
+        GPT-2-small dimensions about half the time of a sha256 of the values: benchmarks/results/fingerprint_cost.md): a
+        change within 4 bytes of a block is always seen, any other with probability 1 - 2^-32. 16-bit values are read
+        as float32, so a bfloat16 and a float32 copy of the same weights agree."""
+        digest = hashlib.sha256(self.architecture.encode())
+        digest.update(sample_values(self.embedding_matrix).numpy().tobytes())
+        for name, tensor in sorted(tensors.items()):
+            values = tensor.detach()
+            if values.dtype not in (torch.float32, torch.float64):
+                values = values.float()
+            data = memoryview(values.contiguous().cpu().numpy()).cast("B")
+            digest.update(f";{name}:{values.dtype}{tuple(values.shape)}:".encode())
+            for start in range(0, len(data), FINGERPRINT_BLOCK):
+                digest.update(zlib.crc32(data[start:start + FINGERPRINT_BLOCK]).to_bytes(4, "little"))
+        return digest.hexdigest()
 
     def weights_fingerprint(self) -> str:
         """Samples of every parameter: changes when any weight does (almost surely), cheap for any model size."""
@@ -184,6 +215,22 @@ def _digest(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}:{tuple(tensor.shape)};".encode())
         h.update(sample_values(tensor).numpy().tobytes())
     return h.hexdigest()
+
+
+#: config entries that say how a model is run or stored, not what it computes
+_RUNTIME_CONFIG = frozenset({"name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                             "output_attentions", "output_hidden_states", "return_dict", "architectures",
+                             "attn_implementation", "tokenizer_class"})
+
+
+def architecture(model: nn.Module) -> str:
+    """The model's class and its config's entries (JSON, sorted), without those that say how it is run or stored
+    (dtype, caching, attention implementation, names, token ids, private entries)."""
+    config = getattr(model, "config", None)
+    entries = config.to_dict() if config is not None and hasattr(config, "to_dict") else {}
+    kept = {key: value for key, value in entries.items()
+            if not key.startswith("_") and key not in _RUNTIME_CONFIG and not key.endswith("token_id")}
+    return json.dumps({"class": type(model).__name__, "config": kept}, sort_keys=True, default=str)
 
 
 def sample_values(tensor: torch.Tensor, samples: int = FINGERPRINT_SAMPLES) -> torch.Tensor:
@@ -258,66 +305,54 @@ def load_default_model(*, device=None, dtype: torch.dtype | None = None) -> Mode
 def load_model(path_or_name="default", *, device=None, dtype: torch.dtype | None = None) -> ModelContext:
     """A :class:`ModelContext` (unpacks as ``model, tokenizer``) in eval mode for ``"default"`` (the shipped model)
     or a local Hugging Face folder: ``config.json``, ``*.safetensors`` weights and the tokenizer files. Remote code
-    is never run and nothing is downloaded. ``device``: default ``"cpu"``; ``dtype``: default float32."""
-    import transformers
-    from safetensors import SafetensorError
-
+    is never run and nothing is downloaded. The weights must match the config exactly (every parameter read, every
+    tensor used: see :mod:`blens_fast.checkpoint`), else a ``ValueError`` names what differs. ``device``: default
+    ``"cpu"``; ``dtype``: default float32."""
+    from . import checkpoint
     from ._checks import check_device, check_dtype
 
     device = check_device("cpu" if device is None else device)
     dtype = check_dtype(torch.float32 if dtype is None else dtype)
-    transformers.utils.logging.disable_progress_bar()
     if str(path_or_name) == "default":
         from .default_model import MODEL_DIR
 
         folder = Path(MODEL_DIR)
     else:
         folder = Path(path_or_name)
-        _check_model_folder(folder, path_or_name)
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, use_safetensors=True, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, SafetensorError) as error:
-        raise ValueError(f"model folder {str(folder)!r} could not be loaded: {_first_line(error)}") from None
-    tokenizer = _load_tokenizer(folder)
+    files, weight_map = checkpoint.weight_files(folder, path_or_name)
+    default = _is_default(folder)
+    if not default:
+        checkpoint.check_tokenizer_files(folder)
+    config = checkpoint.read_config(folder)
+    model = checkpoint.load_checkpoint(folder, files, weight_map, config, dtype)
+    tokenizer = _load_tokenizer(folder, default)
     return bind(model.to(device).eval(), tokenizer)
 
 
-def _check_model_folder(folder: Path, spec) -> None:
-    if not folder.is_dir():
-        raise ValueError(f"model {str(spec)!r}: no such folder (expected 'default' or a local Hugging Face folder)")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"model folder {str(folder)!r} has no config.json: expected a transformers checkpoint")
-    try:
-        import json
+def _is_default(folder: Path) -> bool:
+    from .default_model import MODEL_DIR
 
-        json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{str(folder / 'config.json')!r} is not valid JSON ({error})") from None
-    if not any(folder.glob("*.safetensors")):
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        raise ValueError(f"model folder {str(folder)!r} has no *.safetensors weights"
-                         + (f" (found {', '.join(found)}; only safetensors checkpoints are loaded)" if found else ""))
+    return folder.resolve() == Path(MODEL_DIR).resolve()
 
 
-def _load_tokenizer(folder: Path):
+def _load_tokenizer(folder: Path, default: bool):
     import transformers
 
-    from .default_model import MODEL_DIR, load_default_tokenizer
+    from ._checks import first_line
+    from .checkpoint import tokenizer_files_text
+    from .default_model import load_default_tokenizer
 
-    if folder.resolve() == Path(MODEL_DIR).resolve():
+    if default:
         return load_default_tokenizer()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                                trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"model folder {str(folder)!r} has no usable tokenizer ({_first_line(error)}): save it "
+        raise ValueError(f"model folder {str(folder)!r} has no usable tokenizer ({first_line(error)}): save it "
                          "beside the weights with tokenizer.save_pretrained(folder)") from None
+    if len(tokenizer) == 0:
+        raise ValueError(f"model folder {str(folder)!r}: its tokenizer files give an empty vocabulary (expected "
+                         f"{tokenizer_files_text()}): save them with tokenizer.save_pretrained(folder)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

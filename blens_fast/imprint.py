@@ -176,15 +176,12 @@ class ImprintShiftReport:
     def save(self, directory) -> dict[str, Path]:
         """Write ``imprint_shift.png``, ``imprint_shift.html``, ``imprint_shift.csv`` and ``imprint_shift_lens.csv``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        written = {"png": self.plot(directory / "imprint_shift.png"), "html": directory / "imprint_shift.html",
-                   "csv": directory / "imprint_shift.csv", "lens": directory / "imprint_shift_lens.csv"}
-        written["html"].write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Imprint and shift</title>"
-                                   f"</head><body><h1>Imprint and shift</h1>{self._html_body()}</body></html>",
-                                   encoding="utf-8")
-        self.to_pandas().to_csv(written["csv"], index=False)
-        self.lens_ranks().to_csv(written["lens"], index=False)
-        return written
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Imprint and shift</title></head><body>"
+                f"<h1>Imprint and shift</h1>{self._html_body()}</body></html>")
+        return {"png": self.plot(directory / "imprint_shift.png"),
+                "html": write_file(directory / "imprint_shift.html", page),
+                "csv": write_file(directory / "imprint_shift.csv", self.to_pandas().to_csv(index=False)),
+                "lens": write_file(directory / "imprint_shift_lens.csv", self.lens_ranks().to_csv(index=False))}
 
 
 def imprint_fraction(x: torch.Tensor, update_io: torch.Tensor) -> float:

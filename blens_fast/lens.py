@@ -189,26 +189,21 @@ class LensReport:
 
     def to_html(self, path) -> Path:
         """One self-contained page with the heatmaps and the tables."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Backward Lens</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
 <h1>Backward Lens</h1>{self._html_body()}
 </body></html>"""
-        path.write_text(page, encoding="utf-8")
-        return path
+        return write_file(path, page)
 
     def save(self, directory) -> dict[str, Path]:
         """Write ``lens.png``, ``lens.html``, ``lens_tokens.csv``, ``lens_target_ranks.csv`` and
         ``lens_gradients.csv`` into ``directory``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         written = {"png": self.plot(directory / "lens.png"), "html": self.to_html(directory / "lens.html")}
         for name, frame in (("tokens", self.to_pandas()), ("target_ranks", self.target_rank_table()),
                             ("gradients", self.gradients)):
-            written[name] = directory / f"lens_{name}.csv"
-            frame.to_csv(written[name], index=False)
+            written[name] = write_file(directory / f"lens_{name}.csv", frame.to_csv(index=False))
         return written
 
     # pragma: no mutate end

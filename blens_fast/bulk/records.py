@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._checks import first_line
 from .._io import file_sha256
 from ..records import load_counterfact
 
@@ -140,34 +141,53 @@ def _memory(records: list, label: str, fields: Fields) -> RecordSource:
 
 def _read_file(path: Path) -> Iterator[tuple[int, object, str | None]]:
     """``(line, value, parse_error)`` per record of a JSON Lines, JSON-list or Parquet file, streaming where the
-    format allows."""
+    format allows. A line that is not UTF-8 is a bad record naming its line; a file that is not Parquet or not a
+    JSON list as a whole is a ``ValueError`` naming it."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                number += 1
-                yield number, row, None
+        yield from _read_parquet(path)
         return
     if suffix == ".json":
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             head = f.read(4096).lstrip()
-        if head.startswith("["):
-            with open(path, encoding="utf-8") as f:
-                try:
-                    values = json.load(f)
-                except json.JSONDecodeError as error:
-                    yield error.lineno, None, f"malformed JSON ({error.msg})"
-                    return
+        if head.startswith(b"["):
+            try:
+                values = json.loads(path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise ValueError(f"input file {str(path)!r} is not UTF-8 text (byte {error.object[error.start]:#04x} "
+                                 f"at offset {error.start}): expected a JSON list of records") from None
+            except json.JSONDecodeError as error:
+                yield error.lineno, None, f"malformed JSON ({error.msg})"
+                return
             yield from ((number, value, None) for number, value in enumerate(values, 1))
             return
-    with open(path, encoding="utf-8") as f:
-        for number, text in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                yield number, None, (f"not UTF-8 text (byte {error.object[error.start]:#04x} at column "
+                                     f"{error.start + 1})")
+                continue
             if not text.strip():
                 continue
             try:
                 yield number, json.loads(text), None
             except json.JSONDecodeError as error:
                 yield number, text.rstrip("\n"), f"malformed JSON ({error.msg} at column {error.colno})"
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, object, None]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row, None
+    except (pa.ArrowException, OSError) as error:
+        where = f" after record {number}" if number else ""
+        raise ValueError(f"input file {str(path)!r} is not a readable Parquet file{where} ({first_line(error)})") \
+            from None

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .._checks import check_choice
-from .._io import read_json
+from .._io import read_json, refuse_symlinks
 from .rows import SCHEMAS
 from .shards import (STATS_TABLES, ShardEntry, manifest_entries, manifest_outputs, plan_shards, read_manifest,
                      read_segments, shard_count, shard_file)
@@ -26,16 +26,18 @@ def read_results(directory, table: str = "rows", *, columns: Sequence[str] | Non
     ``"stats_summary"`` / ``"stats_spectrum"`` / ``"stats_norms"`` (runs with ``stats=True``). ``columns`` limits
     what is read. Every file is checked against the size and sha256 it was committed with: a damaged one raises a
     ``ValueError`` naming it. An unfinished run raises unless ``partial=True`` (then the shards committed so far are
-    read).
+    read). A run folder holding symbolic links is refused (naming them): nothing outside it is read.
     """
     out = Path(directory)
     check_choice(table, "table", TABLES)
     if not (out / "run.json").is_file():
         raise FileNotFoundError(f"{str(out)!r} holds no project-dataset results (no run.json)")
+    refuse_symlinks(out, "run folder")
     run = read_json(out / "run.json", "run file")
     manifest = read_manifest(out)
     if table.startswith("stats_"):
         return _stats_table(out, manifest, table, columns)
+    columns = _check_columns(columns, _REJECTED_COLUMNS if table == "rejected" else SCHEMAS[table].names, table)
     if manifest is not None:
         entries = manifest_entries(manifest, out)
     elif partial:
@@ -44,7 +46,8 @@ def read_results(directory, table: str = "rows", *, columns: Sequence[str] | Non
         raise ValueError(f"the run in {str(out)!r} is not finished (no manifest.json): run it again with the same "
                          "arguments to resume, or pass partial=True to read the shards done so far")
     if table == "rejected":
-        return pd.DataFrame([r for entry in entries for r in entry.rejected], columns=_REJECTED_COLUMNS)
+        return pd.DataFrame([r for entry in entries for r in entry.rejected], columns=_REJECTED_COLUMNS)[
+            columns or _REJECTED_COLUMNS]
     tables = []
     for entry in entries:
         why = entry.problem(out, (table,))
@@ -54,7 +57,7 @@ def read_results(directory, table: str = "rows", *, columns: Sequence[str] | Non
         tables.append(pq.read_table(shard_file(out, table, entry.shard), columns=columns))
     if not tables:
         empty = SCHEMAS[table].empty_table()
-        tables = [empty if columns is None else empty.select(list(columns))]
+        tables = [empty if columns is None else empty.select(columns)]
     return pa.concat_tables(tables).to_pandas()
 
 
@@ -75,4 +78,17 @@ def _stats_table(out: Path, manifest: dict | None, table: str, columns) -> pd.Da
     if why:
         raise ValueError(f"{str(out / name)!r} {why}: run project-dataset again with the same arguments to write it "
                          "again")
+    columns = _check_columns(columns, pq.read_schema(out / name).names, table)
     return pq.read_table(out / name, columns=columns).to_pandas()
+
+
+def _check_columns(columns, available: Sequence[str], table: str) -> list[str] | None:
+    """``columns`` as a list of names the table has (None: all); a ``ValueError`` naming the unknown ones."""
+    if columns is None:
+        return None
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    unknown = [c for c in columns if c not in available]
+    if unknown or not columns:
+        raise ValueError(f"columns={unknown or columns!r}: the {table!r} table has the columns "
+                         f"{', '.join(available)}")
+    return columns

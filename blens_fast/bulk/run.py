@@ -36,7 +36,8 @@ import pyarrow as pa
 import torch
 
 from .._checks import check_positive_int
-from .._io import atomic_write_json, atomic_write_table, atomic_write_text, read_json, remove_stale_temporaries
+from .._io import (atomic_write_json, atomic_write_table, atomic_write_text, make_folder, read_json, refuse_symlinks,
+                   remove_inside, remove_stale_temporaries)
 from .._ui import progress_bar
 from ..batching import token_batches
 from ..capture import capture_examples
@@ -369,8 +370,9 @@ def _project_dataset(ctx: ModelContext, input, out, *, ranks: Ranks, layers=None
 def execute(ctx: ModelContext, spec: RunSpec, source: RecordSource, out: Path, ranks: Ranks = Ranks(), *,
             progress: bool = True, log=log_to_stderr) -> Path:
     """Run ``spec`` into ``out`` as one rank of ``ranks``: lock, plan (rank 0), compute this rank's shards,
-    finish (rank 0)."""
-    out.mkdir(parents=True, exist_ok=True)
+    finish (rank 0). A folder holding symbolic links is refused before anything is read or written."""
+    make_folder(out)
+    refuse_symlinks(out)
     with FolderLock(out, ranks.rank):
         plan = None
         if ranks.rank == 0:
@@ -410,8 +412,7 @@ def _prepare(out: Path, spec: RunSpec, log) -> tuple[Plan, Work]:
     else:
         atomic_write_json(out / "run.json", spec.fingerprint(), sort_keys=True)
     for folder in (out / name for name in (*SHARD_TABLES, SEGMENTS, "stats")):
-        folder.mkdir(exist_ok=True)
-        remove_stale_temporaries(folder)
+        remove_stale_temporaries(make_folder(folder, "the run's folder"))
     manifest = read_manifest(out)
     plan = plan_shards(out, read_segments(out, log), spec.shard_count, spec.stats is not None)
     for note in plan.notes:
@@ -423,9 +424,9 @@ def _prepare(out: Path, spec: RunSpec, log) -> tuple[Plan, Work]:
             return plan, Work(complete=True)
         for note in damaged:
             log(f"blens project-dataset: {note}: writing it again")
-        (out / "manifest.json").unlink()
+        remove_inside(out, out / "manifest.json")
     for segment in plan.void:
-        (out / SEGMENTS / segment.name).unlink()
+        remove_inside(out, out / SEGMENTS / segment.name)
     _remove_unused_states(out)
     if plan.done:
         log(f"blens project-dataset: resuming: {len(plan.done)} of {spec.shard_count} shards done, "
@@ -440,7 +441,7 @@ def _remove_unused_states(out: Path) -> None:
     live = {s.stats_file for s in read_segments(out)}
     for path in (out / SEGMENTS).glob("stats-*.safetensors"):
         if path.name not in live:
-            path.unlink()
+            remove_inside(out, path)
 
 
 def _output_problems(out: Path, manifest: dict) -> list[str]:

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._io import atomic_write_json, atomic_write_table, file_sha256, read_json
+from .._io import atomic_write_json, atomic_write_table, file_sha256, open_regular, read_json, remove_inside
 
 FORMAT = 2
 SHARD_TABLES = ("rows", "records")
@@ -233,7 +233,7 @@ class ShardCommitter:
         self.segment = segment
         fault("after_commit")
         if stats and old_stats:
-            (self.out / SEGMENTS / old_stats).unlink(missing_ok=True)
+            remove_inside(self.out, self.out / SEGMENTS / old_stats)
         return entry
 
 
@@ -244,7 +244,8 @@ LOCK_PREFIX = ".lock-r"
 class FolderLock:
     """An exclusive lock on the output folder for one process (one lock file per rank under torchrun): ``flock`` on
     a file that names its holder. The kernel releases it when the process ends, however it ends, so a killed run
-    never blocks a restart."""
+    never blocks a restart. The lock file is opened without following a symbolic link (created with ``O_EXCL``), so
+    a link planted in its place is refused instead of written through."""
 
     def __init__(self, out: Path, rank: int):
         self.out = out
@@ -252,7 +253,7 @@ class FolderLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "FolderLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -108,6 +108,7 @@ def _variant_runs(args) -> list[tuple[str, str, dict]]:
 
 
 def run(args) -> int:
+    from .._io import atomic_write_json, make_folder
     from ..counterfact import calibrate, evaluate_counterfact, load as load_records, run_tradeoff, write_results
     from ..counterfact.harness import edit_options
     from ..editing import calibrated_defaults, variant_name
@@ -124,8 +125,8 @@ def run(args) -> int:
     out = Path(args.out)
     if args.calibrate is not None:
         record = calibrate(ctx, records, n=args.n, start=args.start, progress=not args.quiet)
-        Path(args.calibrate).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.calibrate).write_text(json.dumps(record, indent=1) + "\n")
+        make_folder(Path(args.calibrate).parent)
+        atomic_write_json(args.calibrate, record)
         print(f"wrote {args.calibrate}")
         for name, settings in record["variants"].items():
             print(f"  {name}: {settings}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text, make_folder, read_bytes, read_json
 from .._report import figure_png, markdown_table, pyplot
 from .._ui import progress_bar
 from ..context import ModelContext
@@ -192,12 +192,11 @@ def write_results(rows: Sequence[dict], out_dir, *, name: str = "counterfact_eva
                   merge: bool = True) -> tuple[Path, Path]:
     """Write ``<name>.json`` and ``<name>.md`` under ``out_dir``. With ``merge``, rows already in the JSON with other
     labels (same ``n``) are kept, so separate runs build one table."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     rows = list(rows)
-    if merge and json_path.is_file():
-        old = json.loads(json_path.read_text())
+    if merge and (json_path.exists() or json_path.is_symlink()):
+        old = read_json(json_path, "earlier results file", follow=False)
         labels = {r["label"] for r in rows}
         same_n = {r["n"] for r in rows}
         rows = [r for r in old.get("rows", []) if r["label"] not in labels and r["n"] in same_n] + rows
@@ -253,8 +252,7 @@ def run_tradeoff(ctx: ModelContext, records, *, n, out_dir, progress=True, refer
                                   "neighborhood_at_that_efficacy": {
                                       name: neighborhood_at_efficacy([p for p in points if p["variant"] == name],
                                                                      eff, family=family) for name in variants}}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir)
     json_path, png_path = out_dir / "counterfact_tradeoff.json", out_dir / "counterfact_tradeoff.png"
     slim = [{k: v for k, v in p.items() if k in ("variant", "key", "value", "settings", "memit_argmax",
                                                  "rome_probability", "skipped", "revert_failures", "n")}
@@ -288,5 +286,5 @@ def _append_comparison(md: Path, comparison: dict, variants: dict) -> None:
              "on the same records; see `counterfact_tradeoff.png`).", "",
              markdown_table([dict(zip(("variant", "MEMIT-style neighborhood", "ROME-style neighborhood"), row))
                              for row in table])]
-    text = md.read_text().split("\n## Trade-off at the paper shift's efficacy")[0].rstrip("\n") + "\n"
+    text = read_bytes(md).decode("utf-8").split("\n## Trade-off at the paper shift's efficacy")[0].rstrip("\n") + "\n"
     atomic_write_text(md, text + "\n".join(lines) + "\n")

@@ -2,8 +2,12 @@
 
 Every model has a stack of the edits applied to it. Edits are reverted in the reverse order of application (each
 restores the weights it found); reverting one that another edit sits on is refused with an error naming that edit,
-so no revert can silently leave a previous edit in the weights. A saved edit records the model's fingerprint
-(:meth:`~blens_fast.context.ModelContext.fingerprint`) and is applied to another model only when forced.
+so no revert can silently leave a previous edit in the weights. A saved edit records the fingerprint of the weights it
+touches as it found them, with the architecture (:meth:`~blens_fast.context.ModelContext.tensors_fingerprint`;
+taken when it is saved, from the weights it keeps while applied, so edits that are never saved never pay for it), and
+is applied to other weights only when forced. Every update is checked before any weight is written: finite
+floating-point factors of matching rank, at a layer and module the model has, of the weight's shape; a file names
+itself in every refusal.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from torch import nn
 from .._io import atomic_save_tensors
 from ..context import ModelContext, bind
 
-FORMAT = "blens_fast.edit/2"
+FORMAT = "blens_fast.edit/3"
+_FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 #: model -> the edits applied to it, oldest first
 _STACKS: "weakref.WeakKeyDictionary[nn.Module, list[Edit]]" = weakref.WeakKeyDictionary()
@@ -43,6 +48,23 @@ class Update:
     def apply_to(self, weight: torch.Tensor) -> None:
         weight.addmm_(self.left.to(weight.device, weight.dtype).T, self.right.to(weight.device, weight.dtype))
 
+    def problem(self) -> str | None:
+        """Why this step cannot be applied to any model (None when it can)."""
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            return f"its layer is {self.layer!r}, expected a layer index (an int from 0)"
+        if not isinstance(self.module, str):
+            return f"its module is {self.module!r}, expected a module name"
+        for name, factor in (("left", self.left), ("right", self.right)):
+            if not isinstance(factor, torch.Tensor) or factor.dtype not in _FLOATING or factor.dim() != 2:
+                kind = f"{factor.dtype} {tuple(factor.shape)}" if isinstance(factor, torch.Tensor) else type(factor)
+                return f"its {name} factor is {kind}, expected a 2-D floating-point tensor"
+        if self.left.shape[0] != self.right.shape[0]:
+            return (f"its factors have ranks {self.left.shape[0]} and {self.right.shape[0]}: expected r x d_in and "
+                    "r x d_out")
+        if not (bool(torch.isfinite(self.left).all()) and bool(torch.isfinite(self.right).all())):
+            return "its factors hold NaN or Inf"
+        return None
+
 
 def applied_edits(model) -> tuple["Edit", ...]:
     """The edits applied to ``model`` (a model or a context), oldest first."""
@@ -58,11 +80,14 @@ class Edit:
     builds the dense sum of the steps (for inspection only). ``with edit(...):`` reverts on exit.
     """
 
-    def __init__(self, updates, info: dict | None = None):
+    def __init__(self, updates, info: dict | None = None, *, source: str | None = None):
         self.updates: tuple[Update, ...] = tuple(updates)
         self.info: dict = dict(info or {})
+        #: the file the edit was loaded from (named in its errors)
+        self.source = source
         self._ctx: ModelContext | None = None
         self._originals: dict[tuple[int, str], torch.Tensor] = {}
+        self._unrecorded = False  # reverted before its fingerprint was taken
 
     # -- description ---------------------------------------------------------------------
     @property
@@ -105,24 +130,22 @@ class Edit:
     # -- applying and reverting ----------------------------------------------------------
     def apply(self, model, *, force: bool = False) -> "Edit":
         """Write the update into ``model`` (a model or a context; clones of the touched weights are kept); returns
-        ``self``. An edit made on (or saved from) another model is refused unless ``force``."""
+        ``self``. Every step is checked first (:meth:`Update.problem`, the layer, the module, the weight's shape);
+        an edit made on (or saved from) other weights is refused unless ``force``."""
         if self.applied:
             raise ValueError(f"{self!r} is already applied to a model: revert() it first")
         ctx = bind(model)
+        weights = self._touched_weights(ctx)
         saved = self.info.get("fingerprint")
-        if saved is not None and not force and saved != ctx.fingerprint():
-            raise ValueError(f"this edit was made on another model (fingerprint {saved}, this model's is "
-                             f"{ctx.fingerprint()}): pass force=True to apply it anyway")
-        weights = {}
-        for layer, module in self.touched:
-            (layer,) = ctx.check_layers([layer])
-            ctx.resolve_modules([module])
-            weight = ctx.weight(layer, module)
-            expected = next(u.shape for u in self.updates if (u.layer, u.module) == (layer, module))
-            if tuple(weight.shape) != expected:
-                raise ValueError(f"the edit's update of {module!r} at layer {layer} has shape {expected} but the "
-                                 f"model's weight has shape {tuple(weight.shape)}")
-            weights[(layer, module)] = weight
+        if saved is None and self.source is not None and not force:
+            raise ValueError(f"{self._what()} records no fingerprint of the weights it was made on: pass force=True "
+                             "to apply it anyway")
+        if saved is not None and not force:
+            current = fingerprint(ctx, weights)
+            if saved != current:
+                raise ValueError(f"{self._what()} was made on another model (the fingerprint of the architecture and "
+                                 f"of the weights it touches was {saved}, this model's is {current}): pass force=True "
+                                 "to apply it anyway")
         self._attach(ctx, {key: w.detach().clone() for key, w in weights.items()})
         try:
             with torch.no_grad():
@@ -133,11 +156,35 @@ class Edit:
             raise
         return self
 
+    def _what(self) -> str:
+        return f"edit file {self.source!r}" if self.source else "this edit"
+
+    def _touched_weights(self, ctx: ModelContext) -> dict[tuple[int, str], torch.Tensor]:
+        """The weight of every step, each step checked against the model (a ``ValueError`` naming the step)."""
+        weights = {}
+        for i, u in enumerate(self.updates):
+            why = u.problem()
+            if why is None:
+                try:
+                    (layer,) = ctx.check_layers([u.layer])
+                    ctx.resolve_modules([u.module])
+                except ValueError as error:
+                    why = str(error)
+                else:
+                    weight = weights.get((u.layer, u.module))
+                    weight = ctx.weight(layer, u.module) if weight is None else weight
+                    if tuple(weight.shape) != u.shape:
+                        why = (f"its update of {u.module!r} at layer {u.layer} has shape {u.shape} but the model's "
+                               f"weight has shape {tuple(weight.shape)}")
+                    weights[(u.layer, u.module)] = weight
+            if why is not None:
+                raise ValueError(f"{self._what()}: step {i} cannot be applied: {why}")
+        return weights
+
     def _attach(self, ctx: ModelContext, originals: dict) -> None:
         """Record this edit as applied to ``ctx``'s model with the weights it found (the top of its stack)."""
         self._ctx = ctx
         self._originals = originals
-        self.info.setdefault("fingerprint", ctx.fingerprint())
         _STACKS.setdefault(ctx.model, []).append(self)
 
     def revert(self) -> None:
@@ -153,6 +200,7 @@ class Edit:
             for (layer, module), original in self._originals.items():
                 self._ctx.weight(layer, module).copy_(original)
         stack.pop()
+        self._unrecorded = "fingerprint" not in self.info
         self._ctx = None
         self._originals = {}
 
@@ -165,8 +213,15 @@ class Edit:
 
     # -- storage -------------------------------------------------------------------------
     def save(self, path) -> Path:
-        """Store the update steps as safetensors (metadata: the ``info`` record as JSON, with the model's
-        fingerprint)."""
+        """Store the update steps as safetensors (metadata: the ``info`` record as JSON, with the fingerprint of the
+        weights the edit was made on). An edit that was applied is saved while it is applied (then it holds those
+        weights) or after being applied again."""
+        if "fingerprint" not in self.info:
+            if self._ctx is not None:
+                self.info["fingerprint"] = fingerprint(self._ctx, self._originals)
+            elif self._unrecorded:
+                raise ValueError(f"{self!r} was reverted before it was saved: save it while it is applied (its file "
+                                 "records the fingerprint of the weights it was made on, which it holds only then)")
         tensors, steps = {}, []
         for i, u in enumerate(self.updates):
             tensors[f"update.{i}.left"] = u.left
@@ -179,7 +234,9 @@ class Edit:
     @classmethod
     def load(cls, path) -> "Edit":
         """An edit saved by :meth:`save`, not applied to any model (call ``apply(model)``). A missing file raises
-        ``FileNotFoundError``; a damaged or foreign one a ``ValueError`` naming it."""
+        ``FileNotFoundError``; a damaged or foreign one, or one whose steps cannot be applied to any model (NaN or
+        Inf, factors of other ranks, dimensions or dtypes, tensors the steps do not name), a ``ValueError`` naming
+        it."""
         from safetensors import SafetensorError, safe_open
 
         path = Path(path)
@@ -191,9 +248,26 @@ class Edit:
                 if metadata.get("format") != FORMAT:
                     raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
                 steps = json.loads(metadata["steps"])
-                updates = [Update(int(s["layer"]), str(s["module"]), f.get_tensor(f"update.{i}.left"),
-                                  f.get_tensor(f"update.{i}.right")) for i, s in enumerate(steps)]
                 info = json.loads(metadata.get("info", "{}"))
+                if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+                    raise ValueError(f"'steps' is {type(steps).__name__}, expected a list of {{layer, module}}")
+                if not isinstance(info, dict) or not isinstance(info.get("fingerprint", ""), str):
+                    raise ValueError("'info' is not a record with a string fingerprint")
+                names = {f"update.{i}.{side}" for i in range(len(steps)) for side in ("left", "right")}
+                unexpected = sorted(set(f.keys()) - names)
+                if unexpected:
+                    raise ValueError(f"tensors no step names: {', '.join(unexpected[:5])}")
+                updates = [Update(s["layer"], s["module"], f.get_tensor(f"update.{i}.left"),
+                                  f.get_tensor(f"update.{i}.right")) for i, s in enumerate(steps)]
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{str(path)!r} is not a readable blens_fast edit file ({error})") from None
-        return cls(updates, info)
+        for i, update in enumerate(updates):
+            why = update.problem()
+            if why is not None:
+                raise ValueError(f"edit file {str(path)!r}: step {i} cannot be applied: {why}")
+        return cls(updates, info, source=str(path))
+
+
+def fingerprint(ctx: ModelContext, weights: dict[tuple[int, str], torch.Tensor]) -> str:
+    """The fingerprint of the touched ``weights`` (``(layer, module) -> tensor``) and the model's architecture."""
+    return ctx.tensors_fingerprint({f"{layer}.{module}": w for (layer, module), w in weights.items()})

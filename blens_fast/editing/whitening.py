@@ -3,17 +3,22 @@ of FF2 inputs at the edited layer, estimated from forward passes over a text set
 
 The estimate takes one pass over the texts (every layer's ``C`` at once, with a progress bar) and is cached in
 memory and on disk under ``<cache>/ff2_whitening`` (:func:`blens_fast._io.cache_dir`: ``$BLENS_FAST_CACHE``, else
-``$XDG_CACHE_HOME/blens_fast``), keyed by the model's weights fingerprint, the texts and the ridge.
+``$XDG_CACHE_HOME/blens_fast``), keyed by the model's weights fingerprint, the texts and the ridge. A cache entry
+that is damaged, of the wrong shape, not finite or a symbolic link is recomputed (with a warning); a cache folder that
+is a symbolic link is not used.
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .._checks import as_str_list
-from .._io import atomic_save_tensors, cache_dir
+from .._io import atomic_save_tensors, cache_dir, open_regular, remove_inside
 from .._ui import progress_bar
 from ..context import ModelContext, with_context
 from ..forward import eval_mode
@@ -60,29 +65,65 @@ def ff2_whitening(ctx: ModelContext, layer: int, texts=None, *, ridge: float = 1
     keys = {l: f"{base}-layer{l}" for l in range(ctx.num_layers)}
     if keys[layer] in _CACHE:
         return _CACHE[keys[layer]]
-    folder = cache_dir() / "ff2_whitening"
-    path = folder / f"{keys[layer]}.safetensors"
-    if file_cache and path.is_file():
-        from safetensors.torch import load_file
+    folder = _cache_folder() if file_cache else None
+    if folder is not None:
+        from ..stats import module_shapes
 
-        data = load_file(str(path))
-        found = Whitening(layer, data["inverse"].to(ctx.device), ridge, int(data["num_tokens"].item()), keys[layer])
-        _CACHE[keys[layer]] = found
-        return found
+        width = module_shapes(ctx, [layer], ["mlp.out"])[(layer, "mlp.out")][0]
+        found = _read_entry(folder, folder / f"{keys[layer]}.safetensors", width)
+        if found is not None:
+            inverse, count = found
+            _CACHE[keys[layer]] = Whitening(layer, inverse.to(ctx.device), ridge, count, keys[layer])
+            return _CACHE[keys[layer]]
     moments, count = _ff2_moments(ctx, texts, batch_size, progress)
     for l, moment in moments.items():
         moment /= count
         moment.diagonal().add_(ridge * moment.diagonal().sum() / moment.shape[0])
         inverse = torch.linalg.inv(moment).float()
         _CACHE[keys[l]] = Whitening(l, inverse, ridge, count, keys[l])
-        if file_cache:
+        if folder is not None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 atomic_save_tensors(folder / f"{keys[l]}.safetensors",
                                     {"inverse": inverse, "num_tokens": torch.tensor(count)})
-            except OSError:
-                pass  # the cache is an optimisation only
+            except (OSError, ValueError) as error:  # the cache is an optimisation only
+                warnings.warn(f"whitening statistics not cached ({error})", stacklevel=3)
     return _CACHE[keys[layer]]
+
+
+def _cache_folder() -> Path | None:
+    """``<cache>/ff2_whitening``, or None (with a warning) when a symbolic link or a file stands in its place."""
+    folder = cache_dir() / "ff2_whitening"
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        warnings.warn(f"whitening cache folder {str(folder)!r} is a symbolic link or not a folder: the statistics "
+                      "are not read from or written to it; remove it to use the cache", stacklevel=3)
+        return None
+    return folder
+
+
+def _read_entry(folder: Path, path: Path, width: int) -> tuple[torch.Tensor, int] | None:
+    """The cached ``(inverse, token count)`` at ``path``, or None when there is none. A damaged entry (not a
+    safetensors file, not a regular file, another shape, not finite) is deleted with a warning: it is recomputed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        os.close(open_regular(path))
+        data = load_file(str(path))
+        inverse, count = data["inverse"], data["num_tokens"]
+        if inverse.dtype != torch.float32 or tuple(inverse.shape) != (width, width):
+            raise ValueError(f"inverse is {inverse.dtype} {tuple(inverse.shape)}, expected float32 ({width}, {width})")
+        if not bool(torch.isfinite(inverse).all()):
+            raise ValueError("inverse holds NaN or Inf")
+        if count.dtype != torch.int64 or count.numel() != 1 or int(count) < 1:
+            raise ValueError(f"num_tokens is {count.dtype} {tuple(count.shape)}, expected a positive int64")
+    except (SafetensorError, ValueError, KeyError, OSError) as error:
+        warnings.warn(f"whitening cache entry {str(path)!r} is damaged ({error}): recomputing it", stacklevel=4)
+        remove_inside(folder, path)
+        return None
+    return inverse, int(count)
 
 
 @torch.no_grad()

@@ -63,7 +63,7 @@ def test_command_model_errors(tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
     (tmp_path / "config.json").write_text("{")
     assert main(["lens", "--prompt", "a", "--target", "b", "--model", str(tmp_path)]) == 2
-    assert "config.json' is not valid JSON" in capsys.readouterr().err
+    assert "config.json' is damaged (not valid JSON" in capsys.readouterr().err
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     assert main(["lens", "--prompt", "a", "--target", "b", "--model", str(tmp_path)]) == 2
@@ -78,7 +78,7 @@ def test_broken_weights_file_is_a_clear_error(tiny_checkpoint, tmp_path, capsys)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     assert main(["lens", "--prompt", "a", "--target", "b", "--model", str(broken)]) == 2
     err = capsys.readouterr().err
-    assert "could not be loaded" in err and "Traceback" not in err
+    assert "is not a readable safetensors file" in err and "Traceback" not in err
 
 
 def test_version_and_module_entry_point():
