@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .ops.reference import logits_block, normalize_rows
+from .ops.topk_reference import logits_block, normalize_rows
 
 Layout = Literal["in_out", "out_in"]
 NormKind = Literal["layernorm", "rmsnorm"]

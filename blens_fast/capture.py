@@ -17,6 +17,7 @@ from ._checks import as_str_list, check_positive_int
 from .batching import Example, loss_positions, target_log_probs
 from .context import ModelContext, with_context
 from .forward import eval_mode
+from .lists import LENS_MODULES
 from .lowrank import LowRankGradient
 
 
@@ -86,7 +87,7 @@ class Capture:
 
 
 @with_context
-def capture(ctx: ModelContext, prompts, targets, *, layers=None, modules=("mlp.in", "mlp.out"),
+def capture(ctx: ModelContext, prompts, targets, *, layers=None, modules=LENS_MODULES,
             batch_size: int | None = None, loss: str = "teacher_forced") -> Capture:
     """Keep X and Delta of ``modules`` at ``layers`` for each (prompt, target) in one forward + backward.
 

@@ -7,10 +7,11 @@ from ._checks import check_positive_int
 from ._ui import progress_bar
 from .capture import capture_examples
 from .context import ModelContext, with_context
+from .lists import LENS_MODULES
 
 
 @with_context
-def rank(ctx: ModelContext, prompts, targets, *, layers=None, modules=("mlp.in", "mlp.out"), tol: float | None = None,
+def rank(ctx: ModelContext, prompts, targets, *, layers=None, modules=LENS_MODULES, tol: float | None = None,
          batch_size: int = 8, progress: bool = True, loss: str = "teacher_forced") -> pd.DataFrame:
     """A table with one row per example, layer and module: token count, gradient rank, Frobenius norm.
 

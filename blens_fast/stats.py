@@ -48,8 +48,9 @@ from ._io import atomic_save_tensors
 from ._ui import progress_bar
 from .capture import Capture, capture_examples
 from .context import ModelContext, with_context
+from .lists import LENS_MODULES
 from .ops.lowrank import sketch_update
-from .records import batched, record_pairs
+from .records import batched, id_prompt_target
 
 __all__ = ["GradientStats", "ModuleSketch", "ModuleStats", "StatsAccumulator", "gradient_stats", "sketch_sizes"]
 
@@ -436,7 +437,7 @@ def module_shapes(ctx: ModelContext, layers, modules) -> dict:
 
 
 @with_context
-def gradient_stats(ctx: ModelContext, records, *, layers=None, modules=("mlp.in", "mlp.out"), rank: int = 8,
+def gradient_stats(ctx: ModelContext, records, *, layers=None, modules=LENS_MODULES, rank: int = 8,
                    batch_size: int = 8, sketch_size: int | None = None, cosketch_size: int | None = None,
                    residual_size: int | None = None, seed: int = 0, impl: str = "auto", progress: bool = True,
                    prompt_field: str = "prompt", target_field: str = "target", id_field: str = "id") -> GradientStats:
@@ -454,10 +455,10 @@ def gradient_stats(ctx: ModelContext, records, *, layers=None, modules=("mlp.in"
                            residual_size=residual_size, seed=seed, device=ctx.device, impl=impl)
     layer_ids = tuple(dict.fromkeys(key[0] for key in shapes))
     names = tuple(dict.fromkeys(key[1] for key in shapes))
-    pairs = record_pairs(records, prompt_field=prompt_field, target_field=target_field, id_field=id_field)
+    facts = id_prompt_target(records, prompt_field=prompt_field, target_field=target_field, id_field=id_field)
     seen = 0
     with progress_bar(desc="gradient_stats", unit="rec", enabled=progress) as bar:
-        for batch in batched(pairs, batch_size):
+        for batch in batched(facts, batch_size):
             examples = ctx.tokenize([b[1] for b in batch], [b[2] for b in batch])
             acc.update(capture_examples(ctx, examples, layer_ids, names), [b[0] for b in batch])
             seen += len(batch)

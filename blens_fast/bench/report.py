@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .._io import atomic_write_json, atomic_write_text
 from .._report import markdown_table
-from ..reference import RANK_TOLERANCE
+from ..lens_reference import RANK_TOLERANCE
 from .meter import STAGES
 
 _KEYS = STAGES + ("end_to_end",)

@@ -15,13 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..batching import Example
-from ..lens import LISTS, LensReport
-
-#: the modules whose lens lists a run writes: FF1's forward input and FF2's VJP
-LENS_MODULES = ("mlp.in", "mlp.out")
-LIST_NAMES = tuple(LISTS)
-#: list name -> the module it reads
-LIST_MODULE = {name: f"mlp.{part}" for name, (part, _, _) in LISTS.items()}
+from ..lens import LensReport
+from ..lists import LENS_MODULES, LIST_NAMES, LISTS
 
 _CATEGORY = pa.dictionary(pa.int32(), pa.string())
 ROWS_SCHEMA = pa.schema([
@@ -45,8 +40,8 @@ def report_columns(example: Example, report: LensReport, modules: Sequence[str],
     grads = {(int(g.layer), g.module): g for g in report.gradients.itertuples(index=False)}
     input_ids = np.asarray(example.input_ids, dtype=np.int32)
     parts = []
-    for list_index, name in enumerate(LIST_NAMES):
-        module = LIST_MODULE[name]
+    for list_index, entry in enumerate(LISTS):
+        name, module = entry.name, entry.module
         if module not in modules:
             continue
         indices = report.indices[name]

@@ -42,9 +42,10 @@ from ..batching import token_batches
 from ..capture import capture_examples
 from ..context import ModelContext, load_model, with_context
 from ..lens import analyze
+from ..lists import LENS_MODULES
 from ..stats import StatsAccumulator, module_shapes, sketch_sizes
 from .records import Fields, Record, RecordSource, open_source
-from .rows import LENS_MODULES, records_table, report_columns, rows_table
+from .rows import records_table, report_columns, rows_table
 from .shards import (FORMAT, SEGMENTS, SHARD_TABLES, Digest, FolderLock, Segment, ShardCommitter, ShardEntry,
                      holds_results, manifest_outputs, read_manifest, read_segments, reset_faults)
 

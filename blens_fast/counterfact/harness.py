@@ -34,7 +34,7 @@ METRICS = ("efficacy", "paraphrase", "neighborhood")
 FAMILIES = {"memit": "memit_argmax", "rome": "rome_probability"}
 
 
-def record_pairs(record) -> list[tuple[str, str]]:
+def scored_pairs(record) -> list[tuple[str, str]]:
     """The six (prompt, object) pairs a record is scored on, in the order :func:`metrics` reads them."""
     r = record
     return [(r["prompt"], r["target_new"]), (r["prompt"], r["ground_truth"]),
@@ -51,7 +51,7 @@ class Scorer:
         self.fluency = [s for s in (tuple(tokenizer(t)["input_ids"]) for t in fluency_texts) if len(s) > 1]
 
     def prepare(self, record) -> dict:
-        pairs = record_pairs(record)
+        pairs = scored_pairs(record)
         examples = self.ctx.tokenize([p for p, _ in pairs], [o for _, o in pairs])
         sequences = [e.input_ids for e in examples] + list(self.fluency)
         rows, positions, tokens = [], [], []

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import blens_fast
-from blens_fast.lens import LISTS, lens
+from blens_fast.lens import lens
+from blens_fast.lists import LIST_NAMES
 from tests.helpers import ARCHITECTURES, lens_logits64, make_tiny_model, prompt_target_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +26,7 @@ def test_report_matches_full_logits(arch, tokenizer):
     cap = blens_fast.capture(model, tokenizer, PROMPT, TARGET)
     target_id = prompt_target_ids(tokenizer, PROMPT, TARGET)[1][0]
     assert report.target_token_id == target_id and report.target_token == TARGET
-    assert set(LISTS) == set(PAPER_LISTS)
+    assert set(LIST_NAMES) == set(PAPER_LISTS)
     checked = 0
     for name, (factor, part, descending) in PAPER_LISTS.items():
         module = in_module(model) if part == "in" else "mlp.out"
@@ -129,9 +130,9 @@ def test_tables_plots_html_and_notebook(tokenizer, tmp_path):
     frame = report.to_pandas()
     assert list(frame.columns) == ["layer", "module", "position", "input_token", "list", "rank", "token_id", "token",
                                    "logit", "prob", "degenerate"]
-    assert len(frame) == len(LISTS) * 2 * report.num_positions * 3
+    assert len(frame) == len(LIST_NAMES) * 2 * report.num_positions * 3
     ranks = report.target_rank_table()
-    assert len(ranks) == len(LISTS) * 2 * report.num_positions and ranks.target_rank.min() >= 1
+    assert len(ranks) == len(LIST_NAMES) * 2 * report.num_positions and ranks.target_rank.min() >= 1
     assert set(report.gradients.columns) == {"layer", "module", "tokens", "rank", "norm"}
     text = report.format()
     assert "layer 1" in text and "ff2_bottom" in text and repr(" French") in text
@@ -213,7 +214,7 @@ def test_tables_hold_each_cells_own_position_token_and_flag(tokenizer):
     frame, ranks = report.to_pandas(), report.target_rank_table()
     assert frame.index.equals(pd.RangeIndex(len(frame))) and ranks.index.equals(pd.RangeIndex(len(ranks)))
     assert bool(report.degenerate["ff2_bottom"].any()) and not bool(report.degenerate["ff2_bottom"].all())
-    for name in LISTS:
+    for name in LIST_NAMES:
         for li, layer in enumerate(report.layers):
             for position in range(report.num_positions):
                 cell = frame[(frame.list == name) & (frame.layer == layer) & (frame.position == position)]

@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from .context import ModelContext, with_context
 from .forward import eval_mode
+from .lists import BY_NAME, LIST_NAMES, by_factor
 
-#: list name -> (the factor it reads, largest first?): FF1's forward inputs, FF2's output gradients (VJPs)
-LIST_FACTORS = {"ff1_top": ("x", True), "ff2_bottom": ("delta", False), "ff2_top": ("delta", True)}
 #: Two target ranks may differ by the number of tokens whose logit lies within this fraction of the row's largest
 #: |logit| of the target's: rounding, batching and threads move those (:attr:`TokenList.target_slack`).
 RANK_TOLERANCE = 1e-5
@@ -111,7 +110,7 @@ class Backward:
 class ReferenceLens:
     """The Backward Lens of one (prompt, target), the plain way: per layer and module (FF1's input projection, then
     ``mlp.out``) the dense gradient's ``ranks`` (``layers x 2``, :class:`RankRule`) and Frobenius ``norms``; per list
-    of :data:`LIST_FACTORS` a :class:`TokenList` of ``layers x T`` rows (ordered layer, position), ranking the
+    of :data:`~blens_fast.lists.LISTS` a :class:`TokenList` of ``layers x T`` rows (ordered layer, position), ranking the
     target's first token; and the vectors it read (``backward``)."""
 
     layers: tuple[int, ...]
@@ -221,7 +220,7 @@ def _topk(logits: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, to
 
 def token_lists(ctx: ModelContext, vectors: torch.Tensor, target_id: int, names: Sequence[str], *, k: int,
                 unit_norm: bool = False) -> dict[str, TokenList]:
-    """The lists ``names`` (of :data:`LIST_FACTORS`, all reading ``vectors``, ``N x d``) through the full logits
+    """The lists ``names`` (of :data:`~blens_fast.lists.LISTS`, all reading ``vectors``, ``N x d``) through the full logits
     ``lm_head(final_norm(vectors))``: the model's own modules, the unembedding's product in float32 (float64 for
     float64 models); ``unit_norm`` scales each vector to unit length first."""
     model, adapter = ctx.model, ctx.adapter
@@ -238,7 +237,7 @@ def token_lists(ctx: ModelContext, vectors: torch.Tensor, target_id: int, names:
     degenerate = (vectors == 0).all(-1) | (logits.amax(-1) == logits.amin(-1))
     found = {}
     for name in names:
-        largest = LIST_FACTORS[name][1]
+        largest = BY_NAME[name].largest
         values, indices = _topk(logits, k, largest)
         ahead = (logits > at_target) if largest else (logits < at_target)
         rank = (ahead | ((logits == at_target) & lower_id)).sum(-1) + 1
@@ -261,9 +260,8 @@ def reference_lens(ctx: ModelContext, prompt: str, target: str, *, layers=None, 
         ctx.model.zero_grad(set_to_none=True)
     with stage("projection"):
         lists = {}
-        for factor in ("x", "delta"):
+        for (_, factor), names in by_factor().items():
             vectors = getattr(found, factor)
-            names = [name for name, (read, _) in LIST_FACTORS.items() if read == factor]
             lists.update(token_lists(ctx, vectors.reshape(-1, vectors.shape[-1]), found.target_ids[0], names, k=k,
                                      unit_norm=unit_norm))
-    return ReferenceLens(layers, mlp_modules(ctx), ranks, norms, {name: lists[name] for name in LIST_FACTORS}, found)
+    return ReferenceLens(layers, mlp_modules(ctx), ranks, norms, {name: lists[name] for name in LIST_NAMES}, found)
