@@ -103,7 +103,13 @@ class Adapter:
         return self.layers(model)[layer].get_submodule(self.modules[name])
 
     def weight(self, model: nn.Module, layer: int, name: str) -> torch.Tensor:
+        """The module's weight parameter, in its own layout."""
         return self.module(model, layer, name).weight
+
+    def as_io(self, weight_shaped: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out like this architecture's weights (a weight, its ``.grad``) as a ``(d_in, d_out)`` view:
+        itself for ``"in_out"``, its transpose for ``"out_in"``; writes to the view reach the tensor."""
+        return weight_shaped if self.weight_layout == "in_out" else weight_shaped.T
 
     # -- the lens -----------------------------------------------------------------------
     def lens(self, model: nn.Module) -> "Lens":

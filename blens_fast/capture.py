@@ -34,7 +34,6 @@ class Capture:
     modules: tuple[str, ...]
     examples: tuple[Example, ...]
     losses: torch.Tensor
-    layouts: dict[str, str]
     x: dict[tuple[int, str], list[torch.Tensor]] = field(repr=False)
     delta: dict[tuple[int, str], list[torch.Tensor]] = field(repr=False)
 
@@ -50,14 +49,14 @@ class Capture:
         return (layer, module)
 
     def gradient(self, layer: int, module: str, example: int | None = None) -> LowRankGradient:
-        """The gradient of ``module``'s weight at ``layer`` for one example (its factors are the capture's own
-        tensors, not copies), or summed over the batch (None)."""
+        """The gradient of ``module``'s weight at ``layer``, ``d_in x d_out``, for one example (its factors are the
+        capture's own tensors, not copies), or summed over the batch (None)."""
         key = self._key(layer, module)
         if example is None:
-            return LowRankGradient(torch.cat(self.x[key]), torch.cat(self.delta[key]), self.layouts[module])
+            return LowRankGradient(torch.cat(self.x[key]), torch.cat(self.delta[key]))
         if not -self.num_examples <= example < self.num_examples:
             raise ValueError(f"example {example} is out of range: captured {self.num_examples} examples")
-        return LowRankGradient(self.x[key][example], self.delta[key][example], self.layouts[module])
+        return LowRankGradient(self.x[key][example], self.delta[key][example])
 
     def gradients(self, module: str) -> LowRankGradient:
         """Every example's gradient of ``module`` at every captured layer as one batch, ``(layers, examples)``."""
@@ -65,8 +64,7 @@ class Capture:
         stacked = LowRankGradient.stack(grads)
         shape = (len(self.layers), self.num_examples)
         return LowRankGradient(stacked.x.reshape(*shape, *stacked.x.shape[1:]),
-                               stacked.delta.reshape(*shape, *stacked.delta.shape[1:]), stacked.layout,
-                               stacked.lengths.reshape(shape))
+                               stacked.delta.reshape(*shape, *stacked.delta.shape[1:]), stacked.lengths.reshape(shape))
 
     def ranks_and_norms(self, modules=None, *, tol: float | None = None, dtype: torch.dtype | None = None
                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -113,9 +111,7 @@ def capture_examples(ctx: ModelContext, examples: Sequence[Example], layers: Seq
     deltas: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in keys}
     losses = [_capture_batch(ctx, examples[start:start + batch_size], keys, xs, deltas)
               for start in range(0, len(examples), batch_size)]
-    layouts = {m: ctx.adapter.weight_layout for m in modules}
-    return Capture(ctx.adapter.name, tuple(layers), tuple(modules), tuple(examples), torch.cat(losses), layouts, xs,
-                   deltas)
+    return Capture(ctx.adapter.name, tuple(layers), tuple(modules), tuple(examples), torch.cat(losses), xs, deltas)
 
 
 def _capture_batch(ctx: ModelContext, batch: Sequence[Example], keys, xs: dict, deltas: dict) -> torch.Tensor:

@@ -116,7 +116,20 @@ class ModelContext:
         return self.adapter.module(self.model, layer, name)
 
     def weight(self, layer: int, name: str) -> torch.Tensor:
+        """The weight parameter of ``name`` at ``layer``, in the module's own layout."""
         return self.adapter.weight(self.model, layer, name)
+
+    # -- the weight-layout boundary: everything above speaks of (d_in, d_out) --------------------------
+    def weight_io(self, layer: int, module: str) -> torch.Tensor:
+        """The weight of ``module`` at ``layer`` as a ``(d_in, d_out)`` view of the parameter, whatever the layout it
+        is stored in (``nn.Linear``: ``[out, in]``; GPT-2's ``Conv1D``: ``[in, out]``); writes go through (an
+        update ``weight_io(...).addmm_(left.T, right)`` changes the model)."""
+        return self.adapter.as_io(self.weight(layer, module))
+
+    def grad_io(self, layer: int, module: str) -> torch.Tensor | None:
+        """The weight's ``.grad`` as a ``(d_in, d_out)`` view (as :meth:`weight_io`), or None when it has none."""
+        grad = self.weight(layer, module).grad
+        return None if grad is None else self.adapter.as_io(grad)
 
     @property
     def embedding_matrix(self) -> torch.Tensor:

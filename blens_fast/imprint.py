@@ -203,11 +203,6 @@ def key_match(x: torch.Tensor, update_io: torch.Tensor) -> torch.Tensor:
     return (response / (x.norm(dim=-1) * spectral).clamp_min(1e-300)).float()
 
 
-def _weight_io(ctx: ModelContext, tensor: torch.Tensor) -> torch.Tensor:
-    """A weight-shaped tensor in ``[in, out]`` terms."""
-    return tensor if ctx.adapter.weight_layout == "in_out" else tensor.T
-
-
 @with_context
 def imprint_shift(ctx: ModelContext, prompt: str, target: str, *, steps: int = 5, lr: float | None = None,
                   optimizer: str = "sgd", layers=None, k: int = 10, baseline_tokens: int = 2000,
@@ -257,17 +252,16 @@ def imprint_shift(ctx: ModelContext, prompt: str, target: str, *, steps: int = 5
             reports.append(analyze(ctx, cap, k=k)[0])
             if step == steps:
                 break
-            before = {key: w.detach().clone() for key, w in trained.items()}
+            before = {key: ctx.weight_io(*key).detach().clone() for key in trained}
             _optimizer_step(ctx, examples, opt)
+            updates = {key: ctx.weight_io(*key).detach() - before[key] for key in trained}  # d_in x d_out each
             for layer in layer_ids:
                 for m in ff1:
-                    update = _weight_io(ctx, trained[(layer, m)].detach() - before[(layer, m)])
                     x = cap.x[(layer, m)][0]
-                    imprint[(layer, m)].append(imprint_fraction(x, update))
-                    matches[(layer, m)].append(key_match(x, update))
-            shifts = torch.stack([cap.x[(layer, "mlp.out")][0][-1].float() @ _weight_io(
-                ctx, trained[(layer, "mlp.out")].detach() - before[(layer, "mlp.out")]).float()
-                for layer in layer_ids])  # L x d: dO at the last position
+                    imprint[(layer, m)].append(imprint_fraction(x, updates[(layer, m)]))
+                    matches[(layer, m)].append(key_match(x, updates[(layer, m)]))
+            shifts = torch.stack([cap.x[(layer, "mlp.out")][0][-1].float() @ updates[(layer, "mlp.out")].float()
+                                  for layer in layer_ids])  # L x d: dO at the last position
             cos = torch.nn.functional.cosine_similarity(shifts, target_row[None], dim=-1)
             random_cos = torch.nn.functional.cosine_similarity(shifts[:, None], unembedding[others][None], dim=-1)
             cosines.append(cos.cpu())

@@ -1,4 +1,4 @@
-"""Gradients of linear layers kept as their factors: ``grad W = X^T Delta`` (in ``[in, out]`` terms).
+"""Gradients of linear layers kept as their factors: ``grad W = X^T Delta``, a ``d_in x d_out`` matrix.
 
 A prompt of T tokens gives each linear layer a gradient of rank at most T; holding ``X`` (T x d_in, the layer's
 forward inputs) and ``Delta`` (T x d_out, the VJPs at its output) costs T * (d_in + d_out) numbers instead of
@@ -9,6 +9,9 @@ answered from them.
 zero-padded to the longest example and ``lengths`` says how many rows each example owns. One set of methods serves
 one gradient and a batch of them; on a batch they run as batched linear algebra (a few calls instead of one per
 gradient, which is what the time goes to on a GPU).
+
+A gradient is always in (in, out) terms, whatever layout the module stores its weight in:
+:meth:`~blens_fast.context.ModelContext.grad_io` gives the ``.grad`` that :meth:`LowRankGradient.dense` equals.
 """
 from __future__ import annotations
 
@@ -18,34 +21,23 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Layout
-
 # float64 bytes of one batch of padded factors in a batched SVD: cache-sized on a CPU, where a large fresh buffer
 # costs page faults that outweigh the saved calls; large on a GPU, where each call costs launches and syncs
 _BATCH_BYTES = {"cpu": 2 << 20}
 _DEFAULT_BATCH_BYTES = 1 << 30
 
 
-def weight_factors(x: torch.Tensor, delta: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(left, right)`` with ``sum_i outer(x_i, delta_i)`` in the weight's layout equal to ``left^T @ right``:
-    ``(x, delta)`` for ``"in_out"`` (GPT-2's ``Conv1D``), ``(delta, x)`` for ``"out_in"`` (``nn.Linear``)."""
-    return (x, delta) if layout == "in_out" else (delta, x)
-
-
 @dataclass(frozen=True)
 class LowRankGradient:
-    """``sum_i outer(x_i, delta_i)`` in the module weight's own layout, for one gradient or a batch of them.
+    """``sum_i outer(x_i, delta_i)``, a ``d_in x d_out`` matrix, for one gradient or a batch of them.
 
-    ``x``: ``(*batch, T, d_in)``; ``delta``: ``(*batch, T, d_out)``; ``layout``: ``"in_out"`` when the weight is
-    stored ``[d_in, d_out]`` (GPT-2 ``Conv1D``), ``"out_in"`` for ``nn.Linear`` (``[d_out, d_in]``);
-    ``lengths``: ``(*batch)`` token counts when the rows are padded (rows past a length are ignored), else None.
+    ``x``: ``(*batch, T, d_in)``; ``delta``: ``(*batch, T, d_out)``; ``lengths``: ``(*batch)`` token counts when the rows are padded (rows past a length are ignored), else None.
     Results of one gradient are scalars (``rank()`` an int, ``norm()`` a 0-d tensor); of a batch, tensors shaped
     like the batch.
     """
 
     x: torch.Tensor
     delta: torch.Tensor
-    layout: Layout = "out_in"
     lengths: torch.Tensor | None = None
 
     def __post_init__(self):
@@ -55,8 +47,6 @@ class LowRankGradient:
         if self.x.shape[:-1] != self.delta.shape[:-1]:
             raise ValueError(f"x has shape {tuple(self.x.shape)} but delta has {tuple(self.delta.shape)}: one row per "
                              "token each, with the same batch dimensions")
-        if self.layout not in ("in_out", "out_in"):
-            raise ValueError(f"layout={self.layout!r}: expected 'in_out' or 'out_in'")
         if self.lengths is not None and tuple(self.lengths.shape) != self.batch_shape:
             raise ValueError(f"lengths has shape {tuple(self.lengths.shape)}: expected the batch shape "
                              f"{self.batch_shape}")
@@ -70,8 +60,8 @@ class LowRankGradient:
             raise ValueError("stack needs at least one gradient")
         if any(g.batch_shape for g in grads):
             raise ValueError("stack takes single gradients, not batches")
-        if len({(g.shape, g.layout) for g in grads}) > 1:
-            raise ValueError("gradients of different shapes or layouts: stack the gradients of one module at a time")
+        if len({g.shape for g in grads}) > 1:
+            raise ValueError("gradients of different shapes: stack the gradients of one module at a time")
         sizes = [g.num_tokens for g in grads]
         rows = max(sizes)
         first = grads[0]
@@ -80,7 +70,7 @@ class LowRankGradient:
         for i, g in enumerate(grads):
             x[i, :g.num_tokens] = g.x
             delta[i, :g.num_tokens] = g.delta
-        return cls(x, delta, first.layout, torch.tensor(sizes, dtype=torch.long))
+        return cls(x, delta, torch.tensor(sizes, dtype=torch.long))
 
     # -- shape -------------------------------------------------------------------------------------
     @property
@@ -97,8 +87,8 @@ class LowRankGradient:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """The module weight's own shape."""
-        return (self.d_in, self.d_out) if self.layout == "in_out" else (self.d_out, self.d_in)
+        """``(d_in, d_out)``."""
+        return (self.d_in, self.d_out)
 
     @property
     def num_tokens(self):
@@ -124,12 +114,12 @@ class LowRankGradient:
         lengths = None if self.lengths is None else self.lengths[index]
         if x.dim() == 2 and lengths is not None:
             n = int(lengths)
-            return LowRankGradient(x[:n], delta[:n], self.layout)
-        return LowRankGradient(x, delta, self.layout, lengths)
+            return LowRankGradient(x[:n], delta[:n])
+        return LowRankGradient(x, delta, lengths)
 
     def _left_right(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` with ``dense() == A^T @ B`` per gradient, padding rows zeroed."""
-        a, b = weight_factors(self.x, self.delta, self.layout)
+        """``(X, Delta)`` (``dense() == X^T @ Delta`` per gradient), padding rows zeroed."""
+        a, b = self.x, self.delta
         if self.lengths is None:
             return a, b
         keep = torch.arange(a.shape[-2], device=a.device) < self.lengths.to(a.device)[..., None]
@@ -137,7 +127,8 @@ class LowRankGradient:
 
     # -- algebra -----------------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:
-        """The full gradient matrix (equal to ``module.weight.grad`` for the same loss). Costs d_in * d_out each."""
+        """The full ``d_in x d_out`` gradient matrix (equal to :meth:`~blens_fast.context.ModelContext.grad_io`, the
+        module's ``.grad`` in (in, out) terms, for the same loss). Costs d_in * d_out each."""
         a, b = self._left_right()
         return a.transpose(-1, -2) @ b
 
@@ -157,13 +148,12 @@ class LowRankGradient:
         """Sum of two single gradients of the same module: the factors are stacked (ranks add at most)."""
         if not isinstance(other, LowRankGradient):
             return NotImplemented
-        if other.shape != self.shape or other.layout != self.layout:
-            raise ValueError(f"cannot add gradients of shape {self.shape} ({self.layout}) and {other.shape} "
-                             f"({other.layout})")
+        if other.shape != self.shape:
+            raise ValueError(f"cannot add gradients of shape {self.shape} and {other.shape}")
         if self.batch_shape or other.batch_shape:
             raise ValueError("+ adds single gradients; index a batch first")
         (x1, d1), (x2, d2) = self._rows(), other._rows()
-        return LowRankGradient(torch.cat([x1, x2]), torch.cat([d1, d2]), self.layout)
+        return LowRankGradient(torch.cat([x1, x2]), torch.cat([d1, d2]))
 
     def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.num_tokens
@@ -236,12 +226,11 @@ class LowRankGradient:
         return out.reshape(*batch, *out.shape[1:])
 
     def to(self, *args, **kwargs) -> "LowRankGradient":
-        return LowRankGradient(self.x.to(*args, **kwargs), self.delta.to(*args, **kwargs), self.layout, self.lengths)
+        return LowRankGradient(self.x.to(*args, **kwargs), self.delta.to(*args, **kwargs), self.lengths)
 
     def __repr__(self) -> str:
         batch = f"batch={self.batch_shape}, " if self.batch_shape else ""
-        return (f"LowRankGradient({batch}shape={self.shape}, layout={self.layout!r}, tokens={self.x.shape[-2]}, "
-                f"dtype={self.x.dtype})")
+        return f"LowRankGradient({batch}shape={self.shape}, tokens={self.x.shape[-2]}, dtype={self.x.dtype})"
 
 
 def _svdvals(a: torch.Tensor, b: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ from torch import nn
 from .._io import atomic_save_tensors
 from ..context import ModelContext, bind
 
-FORMAT = "blens_fast.edit/2"
+#: /3: update factors in (in, out) terms whatever the weight's layout (/2 held them in the weight's own layout)
+FORMAT = "blens_fast.edit/3"
 
 #: model -> the edits applied to it, oldest first
 _STACKS: "weakref.WeakKeyDictionary[nn.Module, list[Edit]]" = weakref.WeakKeyDictionary()
@@ -26,9 +27,10 @@ _STACKS: "weakref.WeakKeyDictionary[nn.Module, list[Edit]]" = weakref.WeakKeyDic
 
 @dataclass(frozen=True)
 class Update:
-    """One in-place step ``weight.addmm_(left.T, right)`` on ``(layer, module)``, in the weight's own layout.
+    """One in-place step ``W += left.T @ right`` on the ``d_in x d_out`` weight of ``(layer, module)``, in (in, out)
+    terms whatever layout the module stores its weight in (:meth:`~blens_fast.context.ModelContext.weight_io`).
 
-    ``left`` is ``r x weight.shape[0]`` and ``right`` is ``r x weight.shape[1]`` (rank ``r``).
+    ``left`` is ``r x d_in`` and ``right`` is ``r x d_out`` (rank ``r``).
     """
 
     layer: int
@@ -41,6 +43,7 @@ class Update:
         return (self.left.shape[1], self.right.shape[1])
 
     def apply_to(self, weight: torch.Tensor) -> None:
+        """The step on ``weight``, a ``d_in x d_out`` tensor or view."""
         weight.addmm_(self.left.to(weight.device, weight.dtype).T, self.right.to(weight.device, weight.dtype))
 
 
@@ -83,7 +86,7 @@ class Edit:
 
     @property
     def deltas(self) -> dict[tuple[int, str], torch.Tensor]:
-        """Dense update per touched weight (float32, the weight's layout). Builds d_in x d_out matrices."""
+        """Dense update per touched weight (float32, ``d_in x d_out``). Builds d_in x d_out matrices."""
         return {key: self.delta(*key) for key in self.touched}
 
     def delta(self, layer: int, module: str) -> torch.Tensor:
@@ -117,11 +120,11 @@ class Edit:
         for layer, module in self.touched:
             (layer,) = ctx.check_layers([layer])
             ctx.resolve_modules([module])
-            weight = ctx.weight(layer, module)
+            weight = ctx.weight_io(layer, module)
             expected = next(u.shape for u in self.updates if (u.layer, u.module) == (layer, module))
             if tuple(weight.shape) != expected:
-                raise ValueError(f"the edit's update of {module!r} at layer {layer} has shape {expected} but the "
-                                 f"model's weight has shape {tuple(weight.shape)}")
+                raise ValueError(f"the edit's update of {module!r} at layer {layer} has shape {expected} (d_in, d_out) "
+                                 f"but the model's weight has {tuple(weight.shape)}")
             weights[(layer, module)] = weight
         self._attach(ctx, {key: w.detach().clone() for key, w in weights.items()})
         try:
@@ -151,7 +154,7 @@ class Edit:
                              "revert that one first (edits revert in the reverse order of application)")
         with torch.no_grad():
             for (layer, module), original in self._originals.items():
-                self._ctx.weight(layer, module).copy_(original)
+                self._ctx.weight_io(layer, module).copy_(original)
         stack.pop()
         self._ctx = None
         self._originals = {}

@@ -12,15 +12,40 @@ TARGETS = [" Paris", " French and English", "!"]
 ALL_MODULES = ("mlp.in", "mlp.out", "attn.q", "attn.k", "attn.v", "attn.o")
 
 
+def in_out(module, tensor):
+    """``tensor`` shaped like ``module``'s weight in (in, out) terms: ``nn.Linear`` stores its weight [out, in],
+    GPT-2's ``Conv1D`` [in, out] (written from the module classes, not from the adapters)."""
+    return tensor.T if isinstance(module, torch.nn.Linear) else tensor
+
+
 def autograd_weight_grads(model, tokenizer, prompts, targets, keys):
-    """Ordinary backward, one example at a time (no padding), parameter gradients accumulated; the loss written
-    independently of the package (tests/helpers.py), in the model's dtype promoted to at least float32."""
+    """Ordinary backward, one example at a time (no padding), parameter gradients accumulated, in (in, out) terms; the
+    loss written independently of the package (tests/helpers.py), in the model's dtype promoted to at least
+    float32."""
     adapter = get_adapter(model)
     for p in model.parameters():
         p.grad = None
     for prompt, target in zip(prompts, targets):
         autograd_loss(model, tokenizer, prompt, target).backward()
-    return {key: adapter.weight(model, *key).grad.clone() for key in keys}
+    return {key: in_out(adapter.module(model, *key), adapter.weight(model, *key).grad.clone()) for key in keys}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_weights_and_grads_in_in_out_terms_are_views_that_write_through(arch, tokenizer):
+    """``weight_io`` / ``grad_io``: every supported architecture's weights and ``.grad`` as (d_in, d_out) views of
+    the parameters (nn.Linear's transposed, Conv1D's as they are); a write to the view changes the model."""
+    model = make_tiny_model(arch, torch.float64)
+    ctx = blens_fast.bind(model, tokenizer)
+    module = ctx.module(0, "mlp.out")
+    assert ctx.grad_io(0, "mlp.out") is None
+    autograd_loss(model, tokenizer, PROMPTS[0], TARGETS[0]).backward()
+    weight, grad = ctx.weight_io(0, "mlp.out"), ctx.grad_io(0, "mlp.out")
+    assert torch.equal(weight, in_out(module, module.weight)) and torch.equal(grad, in_out(module, module.weight.grad))
+    assert weight.shape == grad.shape and weight.shape[1] == model.config.hidden_size  # mlp.out writes d values
+    before = float(weight.detach()[1, 0])
+    with torch.no_grad():
+        weight[1, 0] += 1.0
+    assert float(in_out(module, module.weight)[1, 0]) == before + 1.0
 
 
 def relative_error(a, b):

@@ -48,7 +48,8 @@ def test_one_sgd_step_is_minus_lr_times_the_captured_gradient(arch, tokenizer):
         w.requires_grad_(True)
     _optimizer_step(ctx, ctx.tokenize([PROMPT], [TARGET]), torch.optim.SGD(list(weights.values()), lr=0.7))
     for m, w in weights.items():
-        torch.testing.assert_close(w.detach() - before[m], -0.7 * cap.gradient(1, m).dense(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(io(arch, w.detach() - before[m]), -0.7 * cap.gradient(1, m).dense(), rtol=1e-9,
+                                   atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -45,7 +45,7 @@ def test_dense_gradients_and_vectors_equal_the_capture(ctx):
         cap = capture(ctx, [PROMPT], [TARGET], modules=modules)
         for layer in layers:
             for module in modules:
-                assert_close(ctx.weight(layer, module).grad, cap.gradient(layer, module, 0).dense())
+                assert_close(ctx.grad_io(layer, module), cap.gradient(layer, module, 0).dense())
     finally:
         ctx.model.zero_grad(set_to_none=True)
     assert_close(found.x, torch.stack([cap.x[(layer, modules[0])][0] for layer in layers]))
