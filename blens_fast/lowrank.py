@@ -15,6 +15,7 @@ A gradient is always in (in, out) terms, whatever layout the module stores its w
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -159,17 +160,23 @@ class LowRankGradient:
         n = self.num_tokens
         return self.x[:n], self.delta[:n]
 
+    @functools.cached_property
+    def _spectrum(self) -> torch.Tensor:
+        """Every gradient's singular values, ``(*batch, min(T_max, d_in, d_out))`` float64 on the factors' device,
+        zeros past each one's own count: the one SVD that :meth:`svdvals`, :meth:`norm`, :meth:`rank` and
+        :meth:`ranks_and_norms` share, computed on first use. A gradient is frozen (its factors cannot be rebound),
+        so the cache never describes other factors; changing the factor tensors in place is not supported."""
+        return self._batched(_svdvals)
+
     def norm(self) -> torch.Tensor:
-        """Frobenius norm from the factors, ``||A^T B||_F^2 = sum((A A^T) * (B B^T))``, in float64."""
-        a, b = self._left_right()
-        a, b = a.double(), b.double()
-        gram = (a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))
-        return gram.sum((-1, -2)).clamp_min(0).sqrt()
+        """Frobenius norm, the root sum of squared singular values (the cached SVD), in float64: a 0-d tensor, or
+        shaped like the batch."""
+        return self._spectrum.square().sum(-1).sqrt()
 
     def svdvals(self) -> torch.Tensor:
         """Singular values, descending, in float64: all ``min(T, d_in, d_out)`` of one gradient; for a batch,
         ``(*batch, min(T_max, d_in, d_out))`` with zeros past each gradient's own count."""
-        s = self._batched(_svdvals)
+        s = self._spectrum
         return s[: self.max_rank] if not self.batch_shape else s
 
     def svd(self, k: int | None = None):
@@ -191,17 +198,12 @@ class LowRankGradient:
         return self.ranks_and_norms(tol, dtype=dtype)[0]
 
     def ranks_and_norms(self, tol: float | None = None, *, dtype: torch.dtype | None = None):
-        """``(rank, norm)`` from one SVD (the norm is the root sum of squared singular values): an int and a 0-d
-        float64 tensor for one gradient; for a batch a long and a float64 tensor on the CPU, one device sync."""
+        """``(rank, norm)`` from the cached SVD (the norm is the root sum of squared singular values): an int and a
+        0-d float64 tensor for one gradient; for a batch a long and a float64 tensor on the CPU, one device sync."""
         eps = rank_eps(self.x.dtype if dtype is None else dtype)
-        cut_scale = max(self.shape) * eps
-
-        def both(a, b, kept):
-            s = _svdvals(a, b, kept)
-            cut = s[:, :1] * cut_scale if tol is None else torch.full_like(s[:, :1], tol)
-            return torch.stack([(s > cut).sum(1).double(), s.square().sum(1).sqrt()], -1)
-
-        found = self._batched(both).cpu()
+        s = self._spectrum
+        cut = s[..., :1] * (max(self.shape) * eps) if tol is None else torch.full_like(s[..., :1], tol)
+        found = torch.stack([(s > cut).sum(-1).double(), s.square().sum(-1).sqrt()], -1).cpu()
         ranks, norms = found[..., 0].long(), found[..., 1]
         if not self.batch_shape:
             return int(ranks), norms

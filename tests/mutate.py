@@ -212,7 +212,8 @@ PLANTED = [
     ("token counts lost when statistics are merged", "blens_fast/stats.py",
      "        self.tokens += other.tokens\n", "        pass\n", ["tests/pipeline/test_stats.py", "tests/pipeline/test_bulk.py"]),
     ("batched rank tolerance from min(shape)", "blens_fast/lowrank.py",
-     "cut_scale = max(self.shape) * eps", "cut_scale = min(self.shape) * eps", ["tests/pipeline/test_lowrank.py"]),
+     "s[..., :1] * (max(self.shape) * eps)", "s[..., :1] * (min(self.shape) * eps)",
+     ["tests/pipeline/test_lowrank.py"]),
 ]
 
 

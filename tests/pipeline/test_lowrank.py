@@ -316,3 +316,51 @@ def test_a_batch_without_lengths_and_a_padded_single_gradient():
     s = padded.svdvals()
     assert s.shape == (3,)
     torch.testing.assert_close(s, torch.linalg.svdvals(x[:3].T @ d[:3])[:3])
+
+
+def count_svds(monkeypatch):
+    """Counts the batched core SVDs (one call of ``lowrank._svdvals`` per chunk of a batch) from now on."""
+    from blens_fast import lowrank
+
+    calls = []
+    real = lowrank._svdvals
+    monkeypatch.setattr(lowrank, "_svdvals", lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
+def test_rank_norm_and_svdvals_share_one_svd(monkeypatch):
+    """One SVD per gradient (or per batch) however many of rank, norm, svdvals and ranks_and_norms are asked, with any
+    tolerance or eps dtype; the answers are those of a gradient asked once."""
+    calls = count_svds(monkeypatch)
+    x, d = factors(6, 9, 13)
+    g = LowRankGradient(x, d)
+    s, rank, norm = g.svdvals(), g.rank(), g.norm()
+    assert g.ranks_and_norms(1e-3, dtype=torch.float32)[0] == rank and g.rank(tol=1e9) == 0 and len(calls) == 1
+    torch.testing.assert_close(s, torch.linalg.svdvals(x.T @ d)[:6], rtol=1e-10, atol=0)
+    torch.testing.assert_close(norm, (x.T @ d).norm(), rtol=1e-12, atol=0)
+    batch = LowRankGradient.stack(mixed_gradients())
+    ranks, norms = batch.ranks_and_norms()
+    assert torch.equal(batch.rank(), ranks) and torch.equal(batch.norm(), norms) and batch.svdvals().shape[0] == 8
+    assert len(calls) == 2
+    assert LowRankGradient(x, d).rank() == rank and len(calls) == 3  # another gradient: its own SVD
+
+
+def test_a_gradient_is_frozen_so_its_cached_spectrum_cannot_go_stale(monkeypatch):
+    """The factors cannot be rebound (the cache can never describe other factors); a converted, indexed or summed
+    gradient is a new object with a spectrum of its own."""
+    import dataclasses
+
+    calls = count_svds(monkeypatch)
+    x, d = factors(5, 7, 11)
+    g = LowRankGradient(x, d)
+    before = g.svdvals()
+    for field, value in (("x", 2 * x), ("delta", d[:2]), ("lengths", torch.tensor(2))):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(g, field, value)
+    torch.testing.assert_close(g.to(torch.float32).svdvals(), before, rtol=1e-5, atol=0)
+    doubled = g + g  # 10 rows, rank 5: its sixth and seventh singular values are rounding noise
+    torch.testing.assert_close(doubled.svdvals()[:5], 2 * before, rtol=1e-10, atol=0)
+    batch = LowRankGradient.stack([g, doubled])
+    batch.rank()
+    torch.testing.assert_close(batch[1].norm(), 2 * g.norm(), rtol=1e-10, atol=0)
+    assert len(calls) == 5 and g.svdvals() is not None and len(calls) == 5
