@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import Adapter, Lens, get_adapter
+from .adapters import Adapter, Lens, ModuleParts, get_adapter
 from .batching import Example, pad_right, tokenize_examples
 
 #: values sampled per tensor by the fingerprints
@@ -109,8 +109,25 @@ class ModelContext:
         """Validate layer indices (negative ones count from the end); ``None`` means all."""
         return self.adapter.check_layers(self.model, layers)
 
+    def check_modules(self, names) -> tuple[str, ...]:
+        """Public module names (one or a sequence), checked to exist in this model, without repeats."""
+        return self.adapter.check_modules(names)
+
     def resolve_modules(self, names) -> tuple[str, ...]:
+        """The model's own matrices that public module ``names`` are made of (see :mod:`blens_fast.adapters`)."""
         return self.adapter.resolve_modules(names)
+
+    def module_parts(self, name: str) -> ModuleParts:
+        """What public module ``name`` is in this model: its matrices and, for part of a fused one, its columns."""
+        return self.adapter.module_parts(self.model, name)
+
+    def gradient_shape(self, layer: int, module: str) -> tuple[int, int]:
+        """``(d_in, d_out)`` of the gradient public ``module`` stands for at ``layer`` (its matrices side by side, or
+        its columns of one)."""
+        found = self.module_parts(module)
+        shapes = [self.weight_io(layer, part).shape for part in found.parts]
+        d_out = len(found.columns) if found.columns is not None else sum(shape[1] for shape in shapes)
+        return int(shapes[0][0]), int(d_out)
 
     def module(self, layer: int, name: str) -> nn.Module:
         return self.adapter.module(self.model, layer, name)

@@ -226,15 +226,14 @@ def lens_lists(ctx: ModelContext, cap: Capture, *, k: int, unit_norm: bool, impl
     One pass over the vocabulary per factor: the FF1 inputs' top-k, and the FF2 VJPs' top-k and bottom-k together,
     each with the rank of the example's target token in that list's order.
     """
-    modules = {"mlp.in": ctx.adapter.ff1_module, "mlp.out": "mlp.out"}
-    for needed in modules.values():
+    for needed in LENS_MODULES:
         if needed not in cap.modules:
             raise ValueError(f"the capture has no {needed!r}: capture modules={LENS_MODULES} for the lens")
     token_ids = torch.cat([torch.full((e.num_tokens,), e.rank_token, dtype=torch.long)
                            for e in cap.examples for _ in cap.layers])
     lists = {}
     for (module, factor), names in by_factor().items():
-        rows = cap.rows(modules[module], factor)
+        rows = cap.rows(module, factor)
         found = factor_lists(ctx, rows, token_ids.to(rows.device), names, k=k, unit_norm=unit_norm, impl=impl)
         for name, (chosen, ranks, flat) in found.items():
             lists[name] = (chosen.indices.cpu(), chosen.values.cpu(), chosen.probs().cpu(), ranks.cpu(), flat.cpu())
@@ -244,7 +243,7 @@ def lens_lists(ctx: ModelContext, cap: Capture, *, k: int, unit_norm: bool, impl
 @with_context
 def analyze(ctx: ModelContext, cap: Capture, *, k: int = 10, unit_norm: bool = False,
             impl: str = "auto") -> list[LensReport]:
-    """One :class:`LensReport` per captured example (the capture must hold ``mlp.in``/``mlp.up`` and ``mlp.out``).
+    """One :class:`LensReport` per captured example (the capture must hold ``mlp.in`` and ``mlp.out``).
 
     Called as ``analyze(model, tokenizer, cap)`` or ``analyze(ctx, cap)``; a context without a tokenizer gives
     token ids instead of token texts. All vectors of all examples go through the fused projection together
@@ -291,5 +290,5 @@ def lens(ctx: ModelContext, prompt: str, target: str, *, layers=None, k: int = 1
         raise TypeError(f"prompt and target must be strings, got {type(prompt).__name__} and {type(target).__name__}")
     check_positive_int(k, "k", upper=ctx.vocab_size)
     examples = ctx.tokenize([prompt], [target], loss=loss)
-    cap = capture_examples(ctx, examples, ctx.check_layers(layers), ctx.resolve_modules(LENS_MODULES))
+    cap = capture_examples(ctx, examples, ctx.check_layers(layers), ctx.check_modules(LENS_MODULES))
     return analyze(ctx, cap, k=k, unit_norm=unit_norm, impl=impl)[0]

@@ -22,7 +22,7 @@ def rank(ctx: ModelContext, prompts, targets, *, layers=None, modules=LENS_MODUL
     """
     check_positive_int(batch_size, "batch_size")
     examples = ctx.tokenize(prompts, targets, loss=loss)
-    layer_ids, module_names = ctx.check_layers(layers), ctx.resolve_modules(modules)
+    layer_ids, module_names = ctx.check_layers(layers), ctx.check_modules(modules)
     rows = []
     starts = range(0, len(examples), batch_size)
     for start in progress_bar(starts, desc="rank", unit="batch", enabled=progress and len(starts) > 1):

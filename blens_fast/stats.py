@@ -270,8 +270,8 @@ class ModuleSketch:
         approx = ((1.0 + bias) * tail) ** 0.5 / frobenius if frobenius > 0 else 0.0
         # the sketched matrix is a^T b with (a, b) = (Delta, X) when swapped, else the gradient X^T Delta itself
         u, v = (v_s, u_s) if self.swap else (u_s, v_s)
-        return ModuleStats(layer=self.key[0], module=self.key[1], shape=(self.d_in, self.d_out), num_examples=int(norms.numel()),
-                           num_tokens=self.tokens, singular_values=s, u=u, v=v, frobenius=frobenius,
+        return ModuleStats(layer=self.key[0], module=self.key[1], shape=(self.d_in, self.d_out),
+                           num_examples=int(norms.numel()), num_tokens=self.tokens, singular_values=s, u=u, v=v, frobenius=frobenius,
                            residual=tail ** 0.5, approximation_error=approx, sum_of_norms=float(norms.sum()))
 
 
@@ -421,9 +421,9 @@ class StatsAccumulator:
 
 
 def module_shapes(ctx: ModelContext, layers, modules) -> dict:
-    """``{(layer, module): (d_in, d_out)}`` for the context's validated layers and resolved modules."""
-    return {(layer, name): tuple(ctx.weight_io(layer, name).shape) for layer in ctx.check_layers(layers)
-            for name in ctx.resolve_modules(modules)}
+    """``{(layer, module): (d_in, d_out)}`` for the context's validated layers and checked public modules."""
+    return {(layer, name): ctx.gradient_shape(layer, name) for layer in ctx.check_layers(layers)
+            for name in ctx.check_modules(modules)}
 
 
 @with_context

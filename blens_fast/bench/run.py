@@ -27,8 +27,8 @@ from ..batching import Example, token_batches
 from ..capture import capture_examples
 from ..context import ModelContext, bind, load_model
 from ..lens import factor_lists, lens_lists
-from ..lens_reference import RankRule, ReferenceLens, TokenList, mlp_modules, reference_lens
-from ..lists import LIST_NAMES, by_factor
+from ..lens_reference import RankRule, ReferenceLens, TokenList, reference_lens
+from ..lists import LENS_MODULES, LIST_NAMES, by_factor
 from ..lowrank import LowRankGradient
 from ..ops.topk import TOPK
 from .meter import STAGES, Meter, OutOfMemory, memory_method
@@ -269,14 +269,13 @@ def fast_way(ctx: ModelContext, examples: list[Example], layers, *, config: Benc
              desc: str = "blens_fast") -> WayResult:
     """The Backward Lens with the library's calls: consecutive captures of at most ``config.batch_size`` prompts and
     ``config.max_tokens`` padded positions (memory flat in N)."""
-    modules = mlp_modules(ctx)
     ranks, plain, norms, lists = [], [], [], {name: [] for name in LIST_NAMES}
     batches = token_batches([e.num_tokens for e in examples], config.batch_size, config.max_tokens)
     for batch in progress_bar(batches, desc=desc, unit="batch", enabled=config.progress):
         with meter.stage("gradients"):
-            cap = capture_examples(ctx, [examples[i] for i in batch], layers, modules)
+            cap = capture_examples(ctx, [examples[i] for i in batch], layers, LENS_MODULES)
         with meter.stage("rank"):
-            found = [_ranks_and_norms(cap.gradients(module)) for module in modules]
+            found = [_ranks_and_norms(cap.gradients(module)) for module in LENS_MODULES]
         with meter.stage("projection"):
             projected = lens_lists(ctx, cap, k=config.k, unit_norm=config.unit_norm, impl=config.impl)
         for parts, values in zip((ranks, plain, norms), zip(*found)):
@@ -373,9 +372,9 @@ def rank_records(ctx: ModelContext, layers, naive: WayResult, fast: WayResult,
                    "blens_fast": fast.lists[name].target_rank[:len(naive.lists[name].target_rank)].tolist(),
                    "same_vectors": fused[name].target_rank.tolist(),
                    "degenerate": naive.lists[name].degenerate.tolist()} for name in LIST_NAMES}
-    modules = mlp_modules(ctx)
-    rules = {module: RankRule.for_gradient(ctx.dtype, ctx.weight(layers[0], module).shape) for module in modules}
-    return {"layers": list(layers), "modules": list(modules),
+    rules = {module: RankRule.for_gradient(ctx.dtype, ctx.gradient_shape(layers[0], module))
+             for module in LENS_MODULES}
+    return {"layers": list(layers), "modules": list(LENS_MODULES),
             "gradient_rank_rule": {"counted": "singular values above max(rtol x sigma_max, floor x ||G||_F)",
                                    **{module: asdict(rule) for module, rule in rules.items()}},
             "gradient_ranks": {"index": "[prompt][layer][module]", "naive": naive.ranks.tolist(),

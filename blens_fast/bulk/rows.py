@@ -33,10 +33,9 @@ SCHEMAS = {"rows": ROWS_SCHEMA, "records": RECORDS_SCHEMA}
 _DICTIONARIES = {"module": pa.array(LENS_MODULES, pa.string()), "list": pa.array(LIST_NAMES, pa.string())}
 
 
-def report_columns(example: Example, report: LensReport, modules: Sequence[str], ff1_module: str) -> dict:
+def report_columns(example: Example, report: LensReport, modules: Sequence[str]) -> dict:
     """One record's rows as numpy columns (token ids where the table holds texts, list and module as indices into
-    their dictionaries), in ``(list, layer, position, rank)`` order; ``ff1_module`` names the captured module whose
-    gradient stands for ``mlp.in`` (``mlp.up`` in a gated MLP)."""
+    their dictionaries), in ``(list, layer, position, rank)`` order."""
     grads = {(int(g.layer), g.module): g for g in report.gradients.itertuples(index=False)}
     input_ids = np.asarray(example.input_ids, dtype=np.int32)
     parts = []
@@ -48,7 +47,7 @@ def report_columns(example: Example, report: LensReport, modules: Sequence[str],
         n_layers, n_pos, k = indices.shape
         count = n_layers * n_pos * k
         positions = np.tile(np.repeat(np.arange(n_pos, dtype=np.int16), k), n_layers)
-        per_layer = [grads[(int(layer), ff1_module if module == "mlp.in" else module)] for layer in report.layers]
+        per_layer = [grads[(int(layer), module)] for layer in report.layers]
 
         def by_layer(values, dtype):
             return np.repeat(np.asarray(values, dtype=dtype), n_pos * k)

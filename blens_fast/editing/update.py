@@ -119,7 +119,6 @@ class Edit:
         weights = {}
         for layer, module in self.touched:
             (layer,) = ctx.check_layers([layer])
-            ctx.resolve_modules([module])
             weight = ctx.weight_io(layer, module)
             expected = next(u.shape for u in self.updates if (u.layer, u.module) == (layer, module))
             if tuple(weight.shape) != expected:

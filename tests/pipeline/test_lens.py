@@ -14,10 +14,6 @@ PROMPT, TARGET = "The mother tongue of Danielle Darrieux is", " French"
 PAPER_LISTS = {"ff1_top": ("x", "in", True), "ff2_bottom": ("delta", "out", False), "ff2_top": ("delta", "out", True)}
 
 
-def in_module(model):
-    return "mlp.up" if model.config.model_type in ("llama", "mistral", "qwen2") else "mlp.in"
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_report_matches_full_logits(arch, tokenizer):
     model = make_tiny_model(arch)
@@ -29,7 +25,7 @@ def test_report_matches_full_logits(arch, tokenizer):
     assert set(LIST_NAMES) == set(PAPER_LISTS)
     checked = 0
     for name, (factor, part, descending) in PAPER_LISTS.items():
-        module = in_module(model) if part == "in" else "mlp.out"
+        module = f"mlp.{part}"  # a gated MLP's mlp.in reads the input gate and up share
         for li, layer in enumerate(report.layers):
             vectors = (cap.x if factor == "x" else cap.delta)[(layer, module)][0]
             logits = lens_logits64(model, vectors)
@@ -225,3 +221,36 @@ def test_tables_hold_each_cells_own_position_token_and_flag(tokenizer):
                 assert len(row) == 1 and row.input_token.item() == report.tokens[position]
                 assert row.target_rank.item() == int(report.target_rank[name][li, position])
                 assert row.degenerate.item() == flag
+
+
+def test_every_table_names_a_gated_ff1_mlp_in(tokenizer, tmp_path):
+    """One naming rule for every table (issue 24): on a gated MLP the lens's token rows and gradient rows, the rank
+    table, the bulk Parquet rows and the statistics all say ``mlp.in``, whose gradient is gate and up side by side:
+    one norm, ``sqrt(||grad gate||^2 + ||grad up||^2)`` from ordinary autograd."""
+    import json
+
+    from blens_fast import bind, gradient_stats, project_dataset, rank, read_results
+    from tests.helpers import autograd_loss
+
+    model = make_tiny_model("llama", torch.float64)
+    autograd_loss(model, tokenizer, PROMPT, TARGET).backward()
+    mlps = [block.mlp for block in model.model.layers]
+    expected = [(mlp.gate_proj.weight.grad.norm() ** 2 + mlp.up_proj.weight.grad.norm() ** 2).sqrt().item()
+                for mlp in mlps]
+    model.zero_grad(set_to_none=True)
+    ctx = bind(model, tokenizer)
+    report = lens(ctx, PROMPT, TARGET, k=3)
+    assert set(report.to_pandas().module) == set(report.gradients.module) == {"mlp.in", "mlp.out"}
+    table = rank(ctx, [PROMPT], [TARGET], progress=False)
+    data = tmp_path / "facts.jsonl"
+    data.write_text(json.dumps({"id": "a", "prompt": PROMPT, "target": TARGET}) + "\n", encoding="utf-8")
+    rows = read_results(project_dataset(ctx, data, tmp_path / "out", k=3, progress=False))
+    stats = gradient_stats(ctx, [(PROMPT, TARGET)], modules=("mlp.in",), progress=False)
+    assert set(table.module) == set(rows.module) == {"mlp.in", "mlp.out"} and stats.modules == ("mlp.in",)
+    for layer, norm in enumerate(expected):
+        ff1 = lambda frame: frame[(frame.layer == layer) & (frame.module == "mlp.in")]  # noqa: E731
+        assert ff1(report.gradients).norm.item() == pytest.approx(norm, rel=1e-9)
+        assert ff1(table).norm.item() == pytest.approx(norm, rel=1e-9)
+        assert len(ff1(rows)) and ((ff1(rows).grad_norm - norm).abs() <= 1e-9 * norm).all()
+        assert stats.norms[(layer, "mlp.in")].item() == pytest.approx(norm, rel=1e-5)
+        assert stats[(layer, "mlp.in")].shape == (32, 2 * 48)
