@@ -94,7 +94,9 @@ def capture(ctx: ModelContext, prompts, targets, *, layers=None, modules=LENS_MO
     at the prompt's last position; see :mod:`blens_fast.batching`); examples are right-padded into batches of
     ``batch_size`` (default: all at once), which gives the same factors as one at a time. Parameters'
     ``requires_grad`` and ``.grad`` are left as they were; the model runs in eval mode. Non-finite losses or factors
-    raise a ``ValueError`` naming the example and the first (layer, module) affected.
+    raise a ``ValueError`` naming the example and the first (layer, module) affected. ``modules`` are public names,
+    held and asked for as given: a gated MLP's ``mlp.in`` is gate and up side by side, GPT-2's ``attn.q`` its
+    columns of the fused matrix (:mod:`blens_fast.adapters`).
     """
     examples = ctx.tokenize(prompts, targets, loss=loss)
     batch_size = len(examples) if batch_size is None else check_positive_int(batch_size, "batch_size")
