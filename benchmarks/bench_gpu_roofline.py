@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import median_seconds, timed  # noqa: E402
 
-from blens_fast.ops import reference, tuning  # noqa: E402
+from blens_fast.ops import topk_reference, tuning  # noqa: E402
 from blens_fast.ops.registry import triton_interpreting  # noqa: E402
 from blens_fast.ops.topk import TOPK  # noqa: E402
 
@@ -136,7 +136,7 @@ def _topk_api():
 
 
 def make_impls(device, names, k):
-    """name -> (run(h, w, k, top, bottom, targets, tau) -> reference.Lists, exact: which lists the exact check
+    """name -> (run(h, w, k, top, bottom, targets, tau) -> topk_reference.Selection, exact: which parts the exact check
     compares ('all' = top, bottom, counts; 'top'; None = no exact check))."""
     impls = {}
     ext = _cuda_ext() if device.type == "cuda" else None
@@ -145,18 +145,18 @@ def make_impls(device, names, k):
         if name == "gemm":
             continue
         if name == "cuda" and ext is not None:
-            impls[name] = (lambda h, w, k, top, bottom, t=None, tau=None: reference.Lists(
+            impls[name] = (lambda h, w, k, top, bottom, t=None, tau=None: topk_reference.Selection(
                 *ext.topk_logits(h, w, None, None, None, None, None, k, top, bottom, t, tau)), "all")
         elif name.startswith("cuda:") and ext is not None and name[5:] in variants:
             var = name[5:]
-            impls[name] = (lambda h, w, k, top, bottom, t=None, tau=None, var=var: reference.Lists(
+            impls[name] = (lambda h, w, k, top, bottom, t=None, tau=None, var=var: topk_reference.Selection(
                 *ext.topk_logits_variant(h, w, None, None, None, None, None, k, top, bottom, t, tau, var, 0, 0)),
                 "all")
         elif name in ("triton", "triton:fixed") and (device.type == "cuda" or triton_interpreting()):
             from blens_fast.ops.triton.topk import triton_topk
 
             auto = None if name == "triton" else False
-            impls[name] = (lambda h, w, k, top, bottom, t=None, tau=None, auto=auto: reference.Lists(
+            impls[name] = (lambda h, w, k, top, bottom, t=None, tau=None, auto=auto: topk_reference.Selection(
                 *triton_topk(h, w, k=k, top=top, bottom=bottom, target_ids=t, target_logits=tau, autotune=auto)),
                 "top")
         elif name in ("torch", "cpu"):
@@ -166,7 +166,7 @@ def make_impls(device, names, k):
 
             def run(h, w, k, top, bottom, t=None, tau=None, impl=name):
                 res = api.topk_logits(h, w, k=k, impl=impl)
-                return reference.Lists(res.values, res.indices, None, None, res.logsumexp, None)
+                return topk_reference.Selection(res.values, res.indices, None, None, res.logsumexp, None)
 
             # torch's 16-bit GEMM rounds the logits to the dtype: no exact check at large d
             impls[name] = (run, "top" if name == "cpu" else None)
@@ -195,9 +195,9 @@ def exact_reference(h, w, k, targets, chunk=4096):
     for start, logits in truth_logits_chunks(h, w, chunk):
         t = targets[start:start + chunk]
         tau = logits.gather(1, t[:, None])[:, 0]
-        parts.append((reference.select_lists(logits, k, top=True, bottom=True, target_ids=t, target_logits=tau),
+        parts.append((topk_reference.select(logits, k, top=True, bottom=True, target_ids=t, target_logits=tau),
                       tau))
-    return reference.cat_lists([p for p, _ in parts]), torch.cat([t for _, t in parts])
+    return topk_reference.cat_selections([p for p, _ in parts]), torch.cat([t for _, t in parts])
 
 
 def check_exact(run, which, h, w, k, ref, targets, tau) -> dict:
@@ -220,7 +220,8 @@ def check_exact(run, which, h, w, k, ref, targets, tau) -> dict:
 
 def check_random(results: dict, h, w, k, chunk=4096) -> dict:
     """Valid top-k of the float32 truth within the fair bar, and the share of rows with the truth's exact index
-    list, for every implementation's ``results[name] = reference.Lists`` (the truth computed once, by chunks)."""
+    list, for every implementation's ``results[name] = topk_reference.Selection`` (the truth computed once, by
+    chunks)."""
     acc = {name: {"val": 0.0, "kth": 0.0, "lse": 0.0, "same": 0} for name in results}
     tol = 0.0
     for start, truth in truth_logits_chunks(h, w, chunk):
@@ -229,7 +230,7 @@ def check_random(results: dict, h, w, k, chunk=4096) -> dict:
         tol = max(tol, same_dtype + 1e-4 * (1 + float(truth.abs().max())))
         kth = torch.topk(truth, k, dim=1).values[:, -1:]
         lse_truth = torch.logsumexp(truth, 1)
-        ref_idx = reference.select_topk(truth, k, True)[1]
+        ref_idx = topk_reference.select_topk(truth, k, True)[1]
         for name, res in results.items():
             a = acc[name]
             picked = truth.gather(1, res.top_indices[rows])

@@ -36,7 +36,7 @@ from _common import RESULTS, machine_description, markdown_table, parser, setup,
 
 from blens_fast._io import atomic_write_json, atomic_write_text
 from blens_fast.bench.meter import read_status_bytes, reset_rss_peak
-from blens_fast.ops.reference import logits_block
+from blens_fast.ops.topk_reference import logits_block
 from blens_fast.ops.topk import CpuTuning, topk_logits
 
 def plain_topk(hidden, weight, bias=None, *, k=10, largest=True):

@@ -24,8 +24,8 @@ def memory(args) -> dict:
     d, d_ff, layers = 4096, 16384, 28
     shapes = {}
     for layer in range(layers):
-        shapes[(layer, "mlp.in")] = (d, d_ff, "out_in")
-        shapes[(layer, "mlp.out")] = (d_ff, d, "out_in")
+        shapes[(layer, "mlp.in")] = (d, d_ff)
+        shapes[(layer, "mlp.out")] = (d_ff, d)
     dense_bytes_module = d * d_ff * 4
     acc = StatsAccumulator(shapes, rank=args.rank)
     whole = acc.nbytes()

@@ -108,14 +108,14 @@ EOF
   echo "== 4a. each CUDA variant in its own process (a crash or hang must not take the benchmark with it)"
   cat > /tmp/blens_variant_check.py <<'PYEOF'
 import sys, torch, blens_fast._C_cuda as ext
-from blens_fast.ops import reference
+from blens_fast.ops import topk_reference
 variant = sys.argv[1]
 g = torch.Generator().manual_seed(0)
 n, d, v, k = 1000, 256, 5003, 37
 h = torch.randint(-2, 3, (n, d), generator=g).to(torch.bfloat16).cuda()
 w = torch.randint(-2, 3, (v, d), generator=g).to(torch.bfloat16).cuda()
-want = reference.select_lists(h.float() @ w.float().T, k, top=True, bottom=True)
-got = reference.Lists(*ext.topk_logits_variant(h, w, None, None, None, None, None, k, True, True, None, None,
+want = topk_reference.select(h.float() @ w.float().T, k, top=True, bottom=True)
+got = topk_reference.Selection(*ext.topk_logits_variant(h, w, None, None, None, None, None, k, True, True, None, None,
                                                variant, 0, 0))
 torch.cuda.synchronize()
 fields = ("top_indices", "top_values", "bottom_indices", "bottom_values")

@@ -18,25 +18,26 @@ import torch
 import _common
 import blens_fast as bl
 
-LISTS = ("ff1_top", "ff2_bottom")
+#: the lens lists this summary follows
+FOLLOWED = ("ff1_top", "ff2_bottom")
 
 
 def aggregate(reports: list, k: int) -> dict:
     """Means over prompts of one optimizer's reports."""
     first = reports[0]
     layers, steps = first.layers, first.steps
-    imprint = torch.stack([torch.stack([r.imprint[(layer, m)] for layer in layers for m in r.ff1_modules])
-                           for r in reports])  # prompts x (layer, module) x steps
+    imprint = torch.stack([torch.stack([r.imprint[(layer, "mlp.in")] for layer in layers])
+                           for r in reports])  # prompts x layers x steps
     cos = torch.stack([r.shift_cosine for r in reports])  # prompts x steps x layers
     base_mean = torch.stack([r.shift_baseline[..., 0] for r in reports])
     base_std = torch.stack([r.shift_baseline[..., 1] for r in reports])
     z = (cos - base_mean) / base_std
     probs = torch.stack([r.target_prob for r in reports])
-    in_lists = {name: torch.zeros(steps + 1, len(layers)) for name in LISTS}
+    in_lists = {name: torch.zeros(steps + 1, len(layers)) for name in FOLLOWED}
     for r in reports:
         ranks = r.lens_ranks()
         last = ranks[(ranks.position == ranks.position.max()) & ~ranks.degenerate]
-        for name in LISTS:
+        for name in FOLLOWED:
             hit = last[(last.list == name) & (last.target_rank <= k)]
             for step, layer in zip(hit.step, hit.layer):
                 in_lists[name][step, layers.index(layer)] += 1
@@ -82,7 +83,7 @@ def markdown(result: dict, k: int) -> list[str]:
                      f"{sgd['shift_cosine_first_step_per_layer'][layer]:+.3f} | {rnd['mean']:+.3f} +- {rnd['std']:.3f}"
                      f" | {sgd['shift_z_first_step_per_layer'][layer]:.1f} | "
                      f"{adam['shift_cosine_first_step_per_layer'][layer]:+.3f} |")
-    for name in LISTS:
+    for name in FOLLOWED:
         table = sgd[f"share_target_in_top{k}_last_position"][name]
         layers = list(next(iter(table.values())))
         lines += ["", f"SGD: share of prompts whose target is in the top {k} of `{name}` at the last position, per "

@@ -4,31 +4,66 @@ Everything above this module speaks of (in, out) factors and of the public modul
 ``mlp.in`` / ``mlp.gate`` / ``mlp.up`` / ``mlp.out`` / ``attn.q`` / ``attn.k`` / ``attn.v`` /
 ``attn.qkv`` / ``attn.o``; the adapter knows where those live in a ``transformers`` model, how
 their weights are laid out, and which final norm and unembedding make the model's own lens.
+
+One naming rule: a name means the same weight everywhere, and every table and call answers to the name it was asked
+by. Where a model stores a name as several matrices reading the same input (a gated MLP's ``mlp.in`` is ``mlp.gate``
+and ``mlp.up``; ``attn.qkv`` where q, k and v are separate) the name is those matrices side by side, ``[gate | up]``
+or ``[q | k | v]`` along the output; where a model fuses a name into a larger matrix (GPT-2's and GPT-NeoX's
+``attn.q`` inside ``attn.qkv``) the name is its columns of that matrix (:class:`ModuleParts`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from .ops.reference import logits_block, normalize_rows
+from .ops.topk_reference import logits_block, normalize_rows
 
 Layout = Literal["in_out", "out_in"]
 NormKind = Literal["layernorm", "rmsnorm"]
 
 #: Every public module name, in report order.
 MODULE_NAMES = ("mlp.in", "mlp.gate", "mlp.up", "mlp.out", "attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
+#: Names that are several matrices side by side where a model stores them apart: name -> its parts
+_SIDE_BY_SIDE = {"mlp.in": ("mlp.gate", "mlp.up"), "attn.qkv": ("attn.q", "attn.k", "attn.v")}
+
+
+@dataclass(frozen=True)
+class ModuleParts:
+    """What a public module name is in one model: ``parts``, the model's own matrices (names of ``Adapter.modules``)
+    that all read the name's input, their outputs side by side; ``columns``, the output columns of them the name owns
+    (None: all of them)."""
+
+    name: str
+    parts: tuple[str, ...]
+    columns: torch.Tensor | None = None
+
+    def join(self, per_part: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The name's tensor from one per part along the parts' outputs (``(..., d_out)`` by part name: output
+        gradients, or weights and updates in (in, out) terms): side by side along the last axis, then the name's
+        columns of them."""
+        tensors = [per_part[part] for part in self.parts]
+        joined = tensors[0] if len(tensors) == 1 else torch.cat(tensors, -1)
+        return joined if self.columns is None else joined[..., self.columns.to(joined.device)]
+
+    def factors(self, inputs: Mapping[str, torch.Tensor], output_grads: Mapping[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The name's ``(x, delta)`` from each part's forward input and output gradient (``(..., d)`` tensors by part
+        name): the first part's input (all parts read the same) and the output gradients :meth:`join` ed."""
+        return inputs[self.parts[0]], self.join(output_grads)
 
 
 @dataclass(frozen=True)
 class Adapter:
     """Where the Backward Lens finds things in one architecture.
 
-    ``modules`` maps public module names to paths relative to a transformer block. Gated MLPs
-    list ``mlp.gate`` and ``mlp.up`` (``mlp.in`` then means both); fused attention projections
-    list ``attn.qkv`` (``attn.q``/``attn.k``/``attn.v`` then mean the fused matrix).
+    ``modules`` maps the module names this architecture stores as matrices to paths relative to a transformer block.
+    Gated MLPs list ``mlp.gate`` and ``mlp.up`` (``mlp.in`` is then both, side by side); fused attention projections
+    list ``attn.qkv`` (``attn.q``/``attn.k``/``attn.v`` are then columns of it, laid out as ``qkv_order`` says:
+    ``"blocks"``, q then k then v as in GPT-2, or ``"heads"``, q, k and v within each head as in GPT-NeoX).
     ``weight_layout`` is ``"in_out"`` for GPT-2's ``Conv1D`` (weight stored ``[in, out]``) and
     ``"out_in"`` for ``nn.Linear``.
     """
@@ -42,35 +77,48 @@ class Adapter:
     unembedding: str
     embedding: str
     weight_layout: Layout = "out_in"
+    qkv_order: Literal["blocks", "heads"] = "blocks"
     notes: str = ""
 
     # -- module names -------------------------------------------------------------------
-    def resolve_modules(self, names) -> tuple[str, ...]:
-        """Expand public names to this architecture's own (``mlp.in`` -> gate and up, ``attn.q`` -> fused qkv)."""
-        if isinstance(names, str):
-            names = (names,)
-        resolved: list[str] = []
-        for name in names:
-            if name not in MODULE_NAMES:
-                raise ValueError(f"unknown module name {name!r}: expected one of {', '.join(MODULE_NAMES)}")
-            if name in self.modules:
-                targets = [name]
-            elif name == "mlp.in" and "mlp.up" in self.modules:
-                targets = ["mlp.gate", "mlp.up"]
-            elif name in ("attn.q", "attn.k", "attn.v") and "attn.qkv" in self.modules:
-                targets = ["attn.qkv"]
-            else:
-                raise ValueError(
-                    f"module {name!r} does not exist in {self.name}: it has {', '.join(self.modules)}"
-                )
-            resolved.extend(t for t in targets if t not in resolved)
-        return tuple(resolved)
+    def parts(self, name: str) -> tuple[str, ...]:
+        """The matrices of this architecture that public module ``name`` is made of (a ``ValueError`` for unknown
+        names and names the architecture lacks)."""
+        if not isinstance(name, str) or name not in MODULE_NAMES:
+            raise ValueError(f"unknown module name {name!r}: expected one of {', '.join(MODULE_NAMES)}")
+        if name in self.modules:
+            return (name,)
+        if name in _SIDE_BY_SIDE and all(part in self.modules for part in _SIDE_BY_SIDE[name]):
+            return _SIDE_BY_SIDE[name]
+        if name in _SIDE_BY_SIDE["attn.qkv"] and "attn.qkv" in self.modules:
+            return ("attn.qkv",)
+        raise ValueError(f"module {name!r} does not exist in {self.name}: it has {', '.join(self.modules)}")
 
-    @property
-    def ff1_module(self) -> str:
-        """The module whose forward input the lens reads for FF1: ``mlp.in``, or ``mlp.up`` in a gated MLP (gate and
-        up read the same input)."""
-        return "mlp.up" if "mlp.up" in self.modules else "mlp.in"
+    def module_parts(self, model: nn.Module, name: str) -> ModuleParts:
+        """:class:`ModuleParts` of public module ``name`` in ``model``."""
+        parts = self.parts(name)
+        if parts == (name,) or len(parts) > 1:
+            return ModuleParts(name, parts)
+        width = self.as_io(self.weight(model, 0, parts[0])).shape[1] // 3  # q, k and v are equally wide
+        index = _SIDE_BY_SIDE["attn.qkv"].index(name)
+        if self.qkv_order == "blocks":
+            return ModuleParts(name, parts, torch.arange(index * width, (index + 1) * width))
+        heads = model.config.num_attention_heads
+        size = width // heads
+        starts = torch.arange(heads)[:, None] * 3 * size + index * size
+        return ModuleParts(name, parts, (starts + torch.arange(size)).reshape(-1))
+
+    def check_modules(self, names) -> tuple[str, ...]:
+        """Public module names (one or a sequence), checked to exist in this architecture, without repeats."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        for name in names:
+            self.parts(name)
+        return tuple(dict.fromkeys(names))
+
+    def resolve_modules(self, names) -> tuple[str, ...]:
+        """This architecture's own matrices that public ``names`` are made of (``mlp.in`` of a gated MLP -> gate and
+        up, ``attn.q`` of GPT-2 -> the fused qkv), without repeats."""
+        return tuple(dict.fromkeys(part for name in self.check_modules(names) for part in self.parts(name)))
 
     # -- modules of a model -------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -100,10 +148,22 @@ class Adapter:
         return tuple(out)
 
     def module(self, model: nn.Module, layer: int, name: str) -> nn.Module:
+        """The module of matrix ``name`` (a name of ``modules``; a name made of several matrices, or of part of one, is
+        refused naming them)."""
+        if name not in self.modules:
+            parts = self.parts(name)
+            made_of = ", ".join(parts) if len(parts) > 1 else f"columns of {parts[0]}"
+            raise ValueError(f"{name!r} is not one matrix of {self.name}: it is made of {made_of}; ask for those")
         return self.layers(model)[layer].get_submodule(self.modules[name])
 
     def weight(self, model: nn.Module, layer: int, name: str) -> torch.Tensor:
+        """The module's weight parameter, in its own layout."""
         return self.module(model, layer, name).weight
+
+    def as_io(self, weight_shaped: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out like this architecture's weights (a weight, its ``.grad``) as a ``(d_in, d_out)`` view:
+        itself for ``"in_out"``, its transpose for ``"out_in"``; writes to the view reach the tensor."""
+        return weight_shaped if self.weight_layout == "in_out" else weight_shaped.T
 
     # -- the lens -----------------------------------------------------------------------
     def lens(self, model: nn.Module) -> "Lens":
@@ -185,7 +245,8 @@ for _adapter in (
             modules={"mlp.in": "mlp.dense_h_to_4h", "mlp.out": "mlp.dense_4h_to_h",
                      "attn.qkv": "attention.query_key_value", "attn.o": "attention.dense"},
             final_norm="gpt_neox.final_layer_norm", norm_kind="layernorm", unembedding="lm_head",
-            embedding="gpt_neox.embed_in", notes="q, k and v share the fused query_key_value matrix (interleaved per head)."),
+            embedding="gpt_neox.embed_in", qkv_order="heads",
+            notes="q, k and v share the fused query_key_value matrix (interleaved per head)."),
     Adapter(name="GPT-Neo", model_types=("gpt_neo",), blocks="transformer.h",
             modules={"mlp.in": "mlp.c_fc", "mlp.out": "mlp.c_proj", "attn.q": "attn.attention.q_proj",
                      "attn.k": "attn.attention.k_proj", "attn.v": "attn.attention.v_proj",

@@ -17,6 +17,7 @@ from ._checks import as_str_list, check_positive_int
 from .batching import Example, loss_positions, target_log_probs
 from .context import ModelContext, with_context
 from .forward import eval_mode
+from .lists import LENS_MODULES
 from .lowrank import LowRankGradient
 
 
@@ -33,7 +34,6 @@ class Capture:
     modules: tuple[str, ...]
     examples: tuple[Example, ...]
     losses: torch.Tensor
-    layouts: dict[str, str]
     x: dict[tuple[int, str], list[torch.Tensor]] = field(repr=False)
     delta: dict[tuple[int, str], list[torch.Tensor]] = field(repr=False)
 
@@ -49,14 +49,14 @@ class Capture:
         return (layer, module)
 
     def gradient(self, layer: int, module: str, example: int | None = None) -> LowRankGradient:
-        """The gradient of ``module``'s weight at ``layer`` for one example (its factors are the capture's own
-        tensors, not copies), or summed over the batch (None)."""
+        """The gradient of ``module``'s weight at ``layer``, ``d_in x d_out``, for one example (its factors are the
+        capture's own tensors, not copies), or summed over the batch (None)."""
         key = self._key(layer, module)
         if example is None:
-            return LowRankGradient(torch.cat(self.x[key]), torch.cat(self.delta[key]), self.layouts[module])
+            return LowRankGradient(torch.cat(self.x[key]), torch.cat(self.delta[key]))
         if not -self.num_examples <= example < self.num_examples:
             raise ValueError(f"example {example} is out of range: captured {self.num_examples} examples")
-        return LowRankGradient(self.x[key][example], self.delta[key][example], self.layouts[module])
+        return LowRankGradient(self.x[key][example], self.delta[key][example])
 
     def gradients(self, module: str) -> LowRankGradient:
         """Every example's gradient of ``module`` at every captured layer as one batch, ``(layers, examples)``."""
@@ -64,8 +64,7 @@ class Capture:
         stacked = LowRankGradient.stack(grads)
         shape = (len(self.layers), self.num_examples)
         return LowRankGradient(stacked.x.reshape(*shape, *stacked.x.shape[1:]),
-                               stacked.delta.reshape(*shape, *stacked.delta.shape[1:]), stacked.layout,
-                               stacked.lengths.reshape(shape))
+                               stacked.delta.reshape(*shape, *stacked.delta.shape[1:]), stacked.lengths.reshape(shape))
 
     def ranks_and_norms(self, modules=None, *, tol: float | None = None, dtype: torch.dtype | None = None
                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -86,7 +85,7 @@ class Capture:
 
 
 @with_context
-def capture(ctx: ModelContext, prompts, targets, *, layers=None, modules=("mlp.in", "mlp.out"),
+def capture(ctx: ModelContext, prompts, targets, *, layers=None, modules=LENS_MODULES,
             batch_size: int | None = None, loss: str = "teacher_forced") -> Capture:
     """Keep X and Delta of ``modules`` at ``layers`` for each (prompt, target) in one forward + backward.
 
@@ -95,31 +94,35 @@ def capture(ctx: ModelContext, prompts, targets, *, layers=None, modules=("mlp.i
     at the prompt's last position; see :mod:`blens_fast.batching`); examples are right-padded into batches of
     ``batch_size`` (default: all at once), which gives the same factors as one at a time. Parameters'
     ``requires_grad`` and ``.grad`` are left as they were; the model runs in eval mode. Non-finite losses or factors
-    raise a ``ValueError`` naming the example and the first (layer, module) affected.
+    raise a ``ValueError`` naming the example and the first (layer, module) affected. ``modules`` are public names,
+    held and asked for as given: a gated MLP's ``mlp.in`` is gate and up side by side, GPT-2's ``attn.q`` its
+    columns of the fused matrix (:mod:`blens_fast.adapters`).
     """
     examples = ctx.tokenize(prompts, targets, loss=loss)
     batch_size = len(examples) if batch_size is None else check_positive_int(batch_size, "batch_size")
-    return capture_examples(ctx, examples, ctx.check_layers(layers), ctx.resolve_modules(modules),
+    return capture_examples(ctx, examples, ctx.check_layers(layers), ctx.check_modules(modules),
                             batch_size=batch_size)
 
 
 def capture_examples(ctx: ModelContext, examples: Sequence[Example], layers: Sequence[int], modules: Sequence[str],
                      *, batch_size: int | None = None) -> Capture:
-    """:func:`capture` of already tokenized examples at validated ``layers`` and resolved ``modules``."""
+    """:func:`capture` of already tokenized examples at validated ``layers`` and checked public ``modules``."""
     batch_size = batch_size or len(examples)
+    parts = {name: ctx.module_parts(name) for name in modules}
     keys = [(layer, name) for layer in layers for name in modules]
     xs: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in keys}
     deltas: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in keys}
-    losses = [_capture_batch(ctx, examples[start:start + batch_size], keys, xs, deltas)
+    losses = [_capture_batch(ctx, examples[start:start + batch_size], layers, parts, xs, deltas)
               for start in range(0, len(examples), batch_size)]
-    layouts = {m: ctx.adapter.weight_layout for m in modules}
-    return Capture(ctx.adapter.name, tuple(layers), tuple(modules), tuple(examples), torch.cat(losses), layouts, xs,
-                   deltas)
+    return Capture(ctx.adapter.name, tuple(layers), tuple(modules), tuple(examples), torch.cat(losses), xs, deltas)
 
 
-def _capture_batch(ctx: ModelContext, batch: Sequence[Example], keys, xs: dict, deltas: dict) -> torch.Tensor:
-    """One padded forward + backward of ``batch``: appends each example's factors of every ``(layer, module)`` in
-    ``keys`` to ``xs`` / ``deltas``; returns the examples' losses."""
+def _capture_batch(ctx: ModelContext, batch: Sequence[Example], layers: Sequence[int], parts: dict, xs: dict,
+                   deltas: dict) -> torch.Tensor:
+    """One padded forward + backward of ``batch``: appends each example's factors of every ``(layer, module)`` of
+    ``layers`` and ``parts`` (public name -> :class:`~blens_fast.adapters.ModuleParts`) to ``xs`` / ``deltas``;
+    returns the examples' losses. Each of the model's matrices is hooked once, and an input several names read is
+    kept once."""
     ids, mask = ctx.pad([e.input_ids for e in batch])
     inputs: dict[tuple[int, str], torch.Tensor] = {}
     outputs: dict[tuple[int, str], torch.Tensor] = {}
@@ -137,25 +140,37 @@ def _capture_batch(ctx: ModelContext, batch: Sequence[Example], keys, xs: dict, 
         # Cut the graph at the embeddings so that the VJPs exist even for frozen parameters.
         return output.detach().requires_grad_(True)
 
-    if not keys:
+    hooked = [(layer, part) for layer in layers for part in dict.fromkeys(p for m in parts.values() for p in m.parts)]
+    if not hooked:
         raise ValueError("nothing to capture: expected at least one layer and module")
-    with ctx.hooks(forward={"embedding": start_graph, **{key: keep(key) for key in keys}}):
+    with ctx.hooks(forward={"embedding": start_graph, **{key: keep(key) for key in hooked}}):
         with eval_mode(ctx.model), torch.enable_grad():
             logits, positions = loss_logits(ctx.model, ids, mask, batch)
             loss = -target_log_probs(logits, batch, positions)
-            missing = [k for k in keys if k not in outputs]
+            missing = [k for k in hooked if k not in outputs]
             if missing:
                 raise RuntimeError(f"modules {missing} did not run in the forward pass: check the adapter")
-            grads = torch.autograd.grad(loss.sum(), [outputs[k] for k in keys], allow_unused=True)
+            grads = torch.autograd.grad(loss.sum(), [outputs[k] for k in hooked], allow_unused=True)
     shape = (ids.shape[0], ids.shape[1], -1)  # some models (OPT) flatten (batch, position) inside the MLP
+    grads = {key: (torch.zeros_like(outputs[key]) if grad is None else grad.detach()).reshape(shape)
+             for key, grad in zip(hooked, grads)}
+
+    def per_example(tensor):
+        return [tensor[row, : e.num_tokens].contiguous() for row, e in enumerate(batch)]
+
     finite = [torch.isfinite(loss).all()]
-    for key, grad in zip(keys, grads):
-        x = inputs[key].reshape(shape)
-        grad = (torch.zeros_like(outputs[key]) if grad is None else grad).reshape(shape)
-        finite += [torch.isfinite(x).all(), torch.isfinite(grad).all()]
-        for row, e in enumerate(batch):
-            xs[key].append(x[row, : e.num_tokens].contiguous())
-            deltas[key].append(grad[row, : e.num_tokens].detach().contiguous())
+    rows_of_input = {}
+    keys = [(layer, name) for layer in layers for name in parts]
+    for layer, name in keys:
+        found = parts[name]
+        x, delta = found.factors({p: inputs[(layer, p)].reshape(shape) for p in found.parts},
+                                 {p: grads[(layer, p)] for p in found.parts})
+        finite += [torch.isfinite(x).all(), torch.isfinite(delta).all()]
+        read = (layer, found.parts[0])
+        if read not in rows_of_input:
+            rows_of_input[read] = per_example(x)
+        xs[(layer, name)].extend(rows_of_input[read])
+        deltas[(layer, name)].extend(per_example(delta))
     if not bool(torch.stack(finite).all()):  # one device sync for the whole batch
         _raise_not_finite(loss.detach(), batch, len(xs[keys[0]]) - len(batch), keys, xs, deltas)
     return loss.detach()

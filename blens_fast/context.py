@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import Adapter, Lens, get_adapter
+from .adapters import Adapter, Lens, ModuleParts, get_adapter
 from .batching import Example, pad_right, tokenize_examples
 
 #: values sampled per tensor by the fingerprints
@@ -117,14 +117,44 @@ class ModelContext:
         """Validate layer indices (negative ones count from the end); ``None`` means all."""
         return self.adapter.check_layers(self.model, layers)
 
+    def check_modules(self, names) -> tuple[str, ...]:
+        """Public module names (one or a sequence), checked to exist in this model, without repeats."""
+        return self.adapter.check_modules(names)
+
     def resolve_modules(self, names) -> tuple[str, ...]:
+        """The model's own matrices that public module ``names`` are made of (see :mod:`blens_fast.adapters`)."""
         return self.adapter.resolve_modules(names)
+
+    def module_parts(self, name: str) -> ModuleParts:
+        """What public module ``name`` is in this model: its matrices and, for part of a fused one, its columns."""
+        return self.adapter.module_parts(self.model, name)
+
+    def gradient_shape(self, layer: int, module: str) -> tuple[int, int]:
+        """``(d_in, d_out)`` of the gradient public ``module`` stands for at ``layer`` (its matrices side by side, or
+        its columns of one)."""
+        found = self.module_parts(module)
+        shapes = [self.weight_io(layer, part).shape for part in found.parts]
+        d_out = len(found.columns) if found.columns is not None else sum(shape[1] for shape in shapes)
+        return int(shapes[0][0]), int(d_out)
 
     def module(self, layer: int, name: str) -> nn.Module:
         return self.adapter.module(self.model, layer, name)
 
     def weight(self, layer: int, name: str) -> torch.Tensor:
+        """The weight parameter of ``name`` at ``layer``, in the module's own layout."""
         return self.adapter.weight(self.model, layer, name)
+
+    # -- the weight-layout boundary: everything above speaks of (d_in, d_out) --------------------------
+    def weight_io(self, layer: int, module: str) -> torch.Tensor:
+        """The weight of ``module`` at ``layer`` as a ``(d_in, d_out)`` view of the parameter, whatever the layout it
+        is stored in (``nn.Linear``: ``[out, in]``; GPT-2's ``Conv1D``: ``[in, out]``); writes go through (an
+        update ``weight_io(...).addmm_(left.T, right)`` changes the model)."""
+        return self.adapter.as_io(self.weight(layer, module))
+
+    def grad_io(self, layer: int, module: str) -> torch.Tensor | None:
+        """The weight's ``.grad`` as a ``(d_in, d_out)`` view (as :meth:`weight_io`), or None when it has none."""
+        grad = self.weight(layer, module).grad
+        return None if grad is None else self.adapter.as_io(grad)
 
     @property
     def embedding_matrix(self) -> torch.Tensor:

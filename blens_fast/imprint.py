@@ -6,9 +6,10 @@ span{x_i} and the edited neurons fire on those inputs), and it **shifts** FF2's 
 embedding. :func:`imprint_shift` trains the FF1 and FF2 weights of the chosen layers on one fact with a real
 optimizer (ordinary autograd, ``torch.optim.SGD`` or ``Adam``) and measures, per step and layer:
 
-* ``imprint``: the fraction of FF1's weight update (in ``[in, out]`` terms, ``dW``) that lies in span{x_i} of that
-  step's forward inputs, ``||Q^T dW||_F^2 / ||dW||_F^2`` with ``Q`` an orthonormal basis of the inputs (from the
-  captured factors). Exactly 1 for an SGD step; below 1 when the optimizer reshapes the gradient (Adam).
+* ``imprint``: the fraction of FF1's weight update (``mlp.in`` in (in, out) terms, ``dW``; a gated MLP's gate and up
+  side by side) that lies in span{x_i} of that step's forward inputs, ``||Q^T dW||_F^2 / ||dW||_F^2`` with ``Q`` an
+  orthonormal basis of the inputs (from the captured factors). Exactly 1 for an SGD step; below 1 when the
+  optimizer reshapes the gradient (Adam).
 * ``key_match`` per position: how strongly the edited keys now respond to that position's input,
   ``||x_i^T dW|| / (||x_i|| ||dW||_2)`` (1 when ``x_i`` is the update's leading input direction).
 * ``shift``: the change ``dO`` of the layer's FF2 output at the prompt's last position (``a_n^T dW2``), read through
@@ -36,6 +37,7 @@ from .capture import capture_examples, loss_logits
 from .context import ModelContext, with_context
 from .forward import eval_mode
 from .lens import LensReport, analyze
+from .lists import LENS_MODULES
 from .project import project_lists
 
 OPTIMIZERS = ("sgd", "adam")
@@ -54,7 +56,6 @@ class ImprintShiftReport:
     optimizer: str
     lr: float
     layers: tuple[int, ...]
-    ff1_modules: tuple[str, ...]
     tokens: tuple[str, ...]
     target_prob: torch.Tensor = field(repr=False)
     imprint: dict = field(repr=False)
@@ -117,9 +118,9 @@ class ImprintShiftReport:
                  f"{self.steps} steps)",
                  "target probability: " + " -> ".join(f"{float(p):.3g}" for p in self.target_prob)]
         for li, layer in enumerate(self.layers):
-            imprint = ", ".join(f"{m} {float(self.imprint[(layer, m)].mean()):.3f}" for m in self.ff1_modules)
-            lines.append(f"layer {layer}: imprint {imprint}; shift cosine {float(self.shift_cosine[:, li].mean()):+.3f}"
-                         f" (random tokens {float(self.shift_baseline[:, li, 0].mean()):+.3f} +- "
+            imprint = float(self.imprint[(layer, "mlp.in")].mean())
+            lines.append(f"layer {layer}: imprint mlp.in {imprint:.3f}; shift cosine "
+                         f"{float(self.shift_cosine[:, li].mean()):+.3f} (random tokens {float(self.shift_baseline[:, li, 0].mean()):+.3f} +- "
                          f"{float(self.shift_baseline[:, li, 1].mean()):.3f}); target rank in the shift "
                          f"{int(self.shift_target_rank[-1, li])}")
         return "\n".join(lines)
@@ -200,11 +201,6 @@ def key_match(x: torch.Tensor, update_io: torch.Tensor) -> torch.Tensor:
     return (response / (x.norm(dim=-1) * spectral).clamp_min(1e-300)).float()
 
 
-def _weight_io(ctx: ModelContext, tensor: torch.Tensor) -> torch.Tensor:
-    """A weight-shaped tensor in ``[in, out]`` terms."""
-    return tensor if ctx.adapter.weight_layout == "in_out" else tensor.T
-
-
 @with_context
 def imprint_shift(ctx: ModelContext, prompt: str, target: str, *, steps: int = 5, lr: float | None = None,
                   optimizer: str = "sgd", layers=None, k: int = 10, baseline_tokens: int = 2000,
@@ -225,11 +221,10 @@ def imprint_shift(ctx: ModelContext, prompt: str, target: str, *, steps: int = 5
         raise ValueError(f"lr={lr!r}: expected a positive number")
     check_positive_int(baseline_tokens, "baseline_tokens", upper=ctx.vocab_size)
     layer_ids = ctx.check_layers(layers)
-    ff1 = ctx.resolve_modules("mlp.in")
-    modules = (*ff1, "mlp.out")
+    ff1 = ctx.module_parts("mlp.in")  # a gated MLP's gate and up, side by side
     examples = ctx.tokenize([prompt], [target])
     example = examples[0]
-    trained = {(layer, m): ctx.weight(layer, m) for layer in layer_ids for m in modules}
+    trained = {(layer, m): ctx.weight(layer, m) for layer in layer_ids for m in ctx.resolve_modules(LENS_MODULES)}
     snapshot = {name: p.detach().clone() for name, p in ctx.model.named_parameters()}
     flags = {name: (p.requires_grad, p.grad) for name, p in ctx.model.named_parameters()}
     generator = torch.Generator().manual_seed(seed)
@@ -237,8 +232,8 @@ def imprint_shift(ctx: ModelContext, prompt: str, target: str, *, steps: int = 5
     others = others[others != example.target_ids[0]][:baseline_tokens].to(ctx.device)
     unembedding = ctx.lens.weight.detach().float()
     target_row = unembedding[example.target_ids[0]]
-    imprint = {(layer, m): [] for layer in layer_ids for m in ff1}
-    matches = {(layer, m): [] for layer in layer_ids for m in ff1}
+    imprint = {(layer, "mlp.in"): [] for layer in layer_ids}
+    matches = {(layer, "mlp.in"): [] for layer in layer_ids}
     cosines, baselines, shift_ranks, probs, reports = [], [], [], [], []
     try:
         for p in ctx.model.parameters():
@@ -249,22 +244,21 @@ def imprint_shift(ctx: ModelContext, prompt: str, target: str, *, steps: int = 5
             p.requires_grad_(True)
         opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
         for step in range(steps + 1):
-            cap = capture_examples(ctx, examples, layer_ids, modules)
+            cap = capture_examples(ctx, examples, layer_ids, LENS_MODULES)
             probs.append(float(torch.exp(-cap.losses[0])))
             reports.append(analyze(ctx, cap, k=k)[0])
             if step == steps:
                 break
-            before = {key: w.detach().clone() for key, w in trained.items()}
+            before = {key: ctx.weight_io(*key).detach().clone() for key in trained}
             _optimizer_step(ctx, examples, opt)
+            updates = {key: ctx.weight_io(*key).detach() - before[key] for key in trained}  # d_in x d_out each
             for layer in layer_ids:
-                for m in ff1:
-                    update = _weight_io(ctx, trained[(layer, m)].detach() - before[(layer, m)])
-                    x = cap.x[(layer, m)][0]
-                    imprint[(layer, m)].append(imprint_fraction(x, update))
-                    matches[(layer, m)].append(key_match(x, update))
-            shifts = torch.stack([cap.x[(layer, "mlp.out")][0][-1].float() @ _weight_io(
-                ctx, trained[(layer, "mlp.out")].detach() - before[(layer, "mlp.out")]).float()
-                for layer in layer_ids])  # L x d: dO at the last position
+                x = cap.x[(layer, "mlp.in")][0]
+                update = ff1.join({part: updates[(layer, part)] for part in ff1.parts})
+                imprint[(layer, "mlp.in")].append(imprint_fraction(x, update))
+                matches[(layer, "mlp.in")].append(key_match(x, update))
+            shifts = torch.stack([cap.x[(layer, "mlp.out")][0][-1].float() @ updates[(layer, "mlp.out")].float()
+                                  for layer in layer_ids])  # L x d: dO at the last position
             cos = torch.nn.functional.cosine_similarity(shifts, target_row[None], dim=-1)
             random_cos = torch.nn.functional.cosine_similarity(shifts[:, None], unembedding[others][None], dim=-1)
             cosines.append(cos.cpu())
@@ -283,7 +277,7 @@ def imprint_shift(ctx: ModelContext, prompt: str, target: str, *, steps: int = 5
     vocabulary = ctx.vocabulary
     return ImprintShiftReport(
         prompt=prompt, target=target, target_token=vocabulary[example.target_ids[0]], optimizer=optimizer,
-        lr=float(lr), layers=layer_ids, ff1_modules=ff1, tokens=tuple(vocabulary[i] for i in example.input_ids),
+        lr=float(lr), layers=layer_ids, tokens=tuple(vocabulary[i] for i in example.input_ids),
         target_prob=torch.tensor(probs), imprint={key: torch.tensor(v) for key, v in imprint.items()},
         key_match={key: torch.stack(v) for key, v in matches.items()}, shift_cosine=torch.stack(cosines),
         shift_baseline=torch.stack(baselines), shift_target_rank=torch.stack(shift_ranks), lens=tuple(reports))

@@ -29,17 +29,12 @@ from ._checks import check_positive_int
 from ._report import figure_png, pyplot, write_file
 from .capture import Capture, capture_examples
 from .context import ModelContext, with_context
+from .lists import BY_NAME, LENS_MODULES, LIST_NAMES, LISTS, by_factor
 from .project import project_lists
 
 if TYPE_CHECKING:  # pandas (and the pyarrow it loads) only when a table is asked for
     import pandas as pd
 
-#: list name -> (module part whose factor is read, factor, largest first?)
-LISTS = {
-    "ff1_top": ("in", "x", True),
-    "ff2_bottom": ("out", "delta", False),
-    "ff2_top": ("out", "delta", True),
-}
 _DEGENERATE = "(zero or all-tied vector)"
 
 
@@ -77,14 +72,15 @@ class LensReport:
         import pandas as pd
 
         frames = []
-        for name, (part, _, _) in LISTS.items():
+        for entry in LISTS:
+            name = entry.name
             idx, logit, prob = self.indices[name], self.logits[name], self.probs[name]
             n_layers, n_pos, k = idx.shape
             layer = torch.tensor(self.layers).repeat_interleave(n_pos * k)
             position = torch.arange(n_pos).repeat_interleave(k).repeat(n_layers)
             ids = idx.flatten().tolist()
             frames.append(pd.DataFrame({
-                "layer": layer.numpy(), "module": f"mlp.{part}", "position": position.numpy(),
+                "layer": layer.numpy(), "module": entry.module, "position": position.numpy(),
                 "input_token": [self.tokens[p] for p in position.tolist()], "list": name,
                 "rank": torch.arange(1, k + 1).repeat(n_layers * n_pos).numpy(),
                 "token_id": ids, "token": [self.token(i) for i in ids],
@@ -122,7 +118,7 @@ class LensReport:
             lines.append(f"\nlayer {layer}   {stats}")
             for position in chosen:
                 lines.append(f"  position {position} {self.tokens[position]!r}")
-                for name in LISTS:
+                for name in LIST_NAMES:
                     if bool(self.degenerate[name][li, position]):
                         lines.append(f"    {name:<10} {_DEGENERATE}")
                         continue
@@ -209,56 +205,47 @@ td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
     # pragma: no mutate end
 
 
-def lists_by_factor() -> dict[tuple[str, str], list[str]]:
-    """:data:`LISTS` grouped by the (module part, factor) they read: ``{("in", "x"): ["ff1_top"], ...}``."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for name, (part, factor, _) in LISTS.items():
-        groups.setdefault((part, factor), []).append(name)
-    return groups
-
-
 def factor_lists(ctx: ModelContext, rows: torch.Tensor, targets: torch.Tensor, names, *, k: int, unit_norm: bool,
                  impl: str) -> dict[str, tuple]:
     """The lists ``names`` (of one factor) of ``rows`` in one pass over the vocabulary: per name, the
     :class:`~blens_fast.ops.topk.TopK`, the targets' ranks in that list's order and each row's ``degenerate`` flag
     (a zero vector, or all logits equal when both directions are read)."""
-    largest = {LISTS[name][2] for name in names}
+    largest = {BY_NAME[name].largest for name in names}
     found = project_lists(ctx, rows, k=k, top=True in largest, bottom=False in largest, targets=targets,
                           unit_norm=unit_norm, impl=impl)
     flat = rows.detach().abs().amax(-1) == 0
     if found.top is not None and found.bottom is not None:
         flat = flat | (found.top.values[..., 0] == found.bottom.values[..., 0])
-    return {name: (found.top, found.target_rank_top, flat) if LISTS[name][2]
+    return {name: (found.top, found.target_rank_top, flat) if BY_NAME[name].largest
             else (found.bottom, found.target_rank_bottom, flat) for name in names}
 
 
 def lens_lists(ctx: ModelContext, cap: Capture, *, k: int, unit_norm: bool, impl: str
                ) -> dict[str, tuple[torch.Tensor, ...]]:
     """The lens lists of every captured example, layer and position (rows ordered example, layer, position): per
-    list name in :data:`LISTS`, ``(indices, logits, probs, target_rank, degenerate)`` on the CPU.
+    list name of :data:`~blens_fast.lists.LISTS`, ``(indices, logits, probs, target_rank, degenerate)`` on the CPU.
 
     One pass over the vocabulary per factor: the FF1 inputs' top-k, and the FF2 VJPs' top-k and bottom-k together,
     each with the rank of the example's target token in that list's order.
     """
-    modules = {"in": ctx.adapter.ff1_module, "out": "mlp.out"}
-    for needed in modules.values():
+    for needed in LENS_MODULES:
         if needed not in cap.modules:
-            raise ValueError(f"the capture has no {needed!r}: capture modules=('mlp.in', 'mlp.out') for the lens")
+            raise ValueError(f"the capture has no {needed!r}: capture modules={LENS_MODULES} for the lens")
     token_ids = torch.cat([torch.full((e.num_tokens,), e.rank_token, dtype=torch.long)
                            for e in cap.examples for _ in cap.layers])
     lists = {}
-    for (part, factor), names in lists_by_factor().items():
-        rows = cap.rows(modules[part], factor)
+    for (module, factor), names in by_factor().items():
+        rows = cap.rows(module, factor)
         found = factor_lists(ctx, rows, token_ids.to(rows.device), names, k=k, unit_norm=unit_norm, impl=impl)
         for name, (chosen, ranks, flat) in found.items():
             lists[name] = (chosen.indices.cpu(), chosen.values.cpu(), chosen.probs().cpu(), ranks.cpu(), flat.cpu())
-    return {name: lists[name] for name in LISTS}
+    return {name: lists[name] for name in LIST_NAMES}
 
 
 @with_context
 def analyze(ctx: ModelContext, cap: Capture, *, k: int = 10, unit_norm: bool = False,
             impl: str = "auto") -> list[LensReport]:
-    """One :class:`LensReport` per captured example (the capture must hold ``mlp.in``/``mlp.up`` and ``mlp.out``).
+    """One :class:`LensReport` per captured example (the capture must hold ``mlp.in`` and ``mlp.out``).
 
     Called as ``analyze(model, tokenizer, cap)`` or ``analyze(ctx, cap)``; a context without a tokenizer gives
     token ids instead of token texts. All vectors of all examples go through the fused projection together
@@ -307,5 +294,5 @@ def lens(ctx: ModelContext, prompt: str, target: str, *, layers=None, k: int = 1
         raise TypeError(f"prompt and target must be strings, got {type(prompt).__name__} and {type(target).__name__}")
     check_positive_int(k, "k", upper=ctx.vocab_size)
     examples = ctx.tokenize([prompt], [target], loss=loss)
-    cap = capture_examples(ctx, examples, ctx.check_layers(layers), ctx.resolve_modules(("mlp.in", "mlp.out")))
+    cap = capture_examples(ctx, examples, ctx.check_layers(layers), ctx.check_modules(LENS_MODULES))
     return analyze(ctx, cap, k=k, unit_norm=unit_norm, impl=impl)[0]

@@ -1,4 +1,4 @@
-"""Gradients of linear layers kept as their factors: ``grad W = X^T Delta`` (in ``[in, out]`` terms).
+"""Gradients of linear layers kept as their factors: ``grad W = X^T Delta``, a ``d_in x d_out`` matrix.
 
 A prompt of T tokens gives each linear layer a gradient of rank at most T; holding ``X`` (T x d_in, the layer's
 forward inputs) and ``Delta`` (T x d_out, the VJPs at its output) costs T * (d_in + d_out) numbers instead of
@@ -9,16 +9,18 @@ answered from them.
 zero-padded to the longest example and ``lengths`` says how many rows each example owns. One set of methods serves
 one gradient and a batch of them; on a batch they run as batched linear algebra (a few calls instead of one per
 gradient, which is what the time goes to on a GPU).
+
+A gradient is always in (in, out) terms, whatever layout the module stores its weight in:
+:meth:`~blens_fast.context.ModelContext.grad_io` gives the ``.grad`` that :meth:`LowRankGradient.dense` equals.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from .adapters import Layout
 
 # float64 bytes of one batch of padded factors in a batched SVD: cache-sized on a CPU, where a large fresh buffer
 # costs page faults that outweigh the saved calls; large on a GPU, where each call costs launches and syncs
@@ -26,26 +28,17 @@ _BATCH_BYTES = {"cpu": 2 << 20}
 _DEFAULT_BATCH_BYTES = 1 << 30
 
 
-def weight_factors(x: torch.Tensor, delta: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(left, right)`` with ``sum_i outer(x_i, delta_i)`` in the weight's layout equal to ``left^T @ right``:
-    ``(x, delta)`` for ``"in_out"`` (GPT-2's ``Conv1D``), ``(delta, x)`` for ``"out_in"`` (``nn.Linear``)."""
-    return (x, delta) if layout == "in_out" else (delta, x)
-
-
 @dataclass(frozen=True)
 class LowRankGradient:
-    """``sum_i outer(x_i, delta_i)`` in the module weight's own layout, for one gradient or a batch of them.
+    """``sum_i outer(x_i, delta_i)``, a ``d_in x d_out`` matrix, for one gradient or a batch of them.
 
-    ``x``: ``(*batch, T, d_in)``; ``delta``: ``(*batch, T, d_out)``; ``layout``: ``"in_out"`` when the weight is
-    stored ``[d_in, d_out]`` (GPT-2 ``Conv1D``), ``"out_in"`` for ``nn.Linear`` (``[d_out, d_in]``);
-    ``lengths``: ``(*batch)`` token counts when the rows are padded (rows past a length are ignored), else None.
+    ``x``: ``(*batch, T, d_in)``; ``delta``: ``(*batch, T, d_out)``; ``lengths``: ``(*batch)`` token counts when the rows are padded (rows past a length are ignored), else None.
     Results of one gradient are scalars (``rank()`` an int, ``norm()`` a 0-d tensor); of a batch, tensors shaped
     like the batch.
     """
 
     x: torch.Tensor
     delta: torch.Tensor
-    layout: Layout = "out_in"
     lengths: torch.Tensor | None = None
 
     def __post_init__(self):
@@ -55,8 +48,6 @@ class LowRankGradient:
         if self.x.shape[:-1] != self.delta.shape[:-1]:
             raise ValueError(f"x has shape {tuple(self.x.shape)} but delta has {tuple(self.delta.shape)}: one row per "
                              "token each, with the same batch dimensions")
-        if self.layout not in ("in_out", "out_in"):
-            raise ValueError(f"layout={self.layout!r}: expected 'in_out' or 'out_in'")
         if self.lengths is not None and tuple(self.lengths.shape) != self.batch_shape:
             raise ValueError(f"lengths has shape {tuple(self.lengths.shape)}: expected the batch shape "
                              f"{self.batch_shape}")
@@ -70,8 +61,8 @@ class LowRankGradient:
             raise ValueError("stack needs at least one gradient")
         if any(g.batch_shape for g in grads):
             raise ValueError("stack takes single gradients, not batches")
-        if len({(g.shape, g.layout) for g in grads}) > 1:
-            raise ValueError("gradients of different shapes or layouts: stack the gradients of one module at a time")
+        if len({g.shape for g in grads}) > 1:
+            raise ValueError("gradients of different shapes: stack the gradients of one module at a time")
         sizes = [g.num_tokens for g in grads]
         rows = max(sizes)
         first = grads[0]
@@ -80,7 +71,7 @@ class LowRankGradient:
         for i, g in enumerate(grads):
             x[i, :g.num_tokens] = g.x
             delta[i, :g.num_tokens] = g.delta
-        return cls(x, delta, first.layout, torch.tensor(sizes, dtype=torch.long))
+        return cls(x, delta, torch.tensor(sizes, dtype=torch.long))
 
     # -- shape -------------------------------------------------------------------------------------
     @property
@@ -97,8 +88,8 @@ class LowRankGradient:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """The module weight's own shape."""
-        return (self.d_in, self.d_out) if self.layout == "in_out" else (self.d_out, self.d_in)
+        """``(d_in, d_out)``."""
+        return (self.d_in, self.d_out)
 
     @property
     def num_tokens(self):
@@ -124,12 +115,12 @@ class LowRankGradient:
         lengths = None if self.lengths is None else self.lengths[index]
         if x.dim() == 2 and lengths is not None:
             n = int(lengths)
-            return LowRankGradient(x[:n], delta[:n], self.layout)
-        return LowRankGradient(x, delta, self.layout, lengths)
+            return LowRankGradient(x[:n], delta[:n])
+        return LowRankGradient(x, delta, lengths)
 
     def _left_right(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` with ``dense() == A^T @ B`` per gradient, padding rows zeroed."""
-        a, b = weight_factors(self.x, self.delta, self.layout)
+        """``(X, Delta)`` (``dense() == X^T @ Delta`` per gradient), padding rows zeroed."""
+        a, b = self.x, self.delta
         if self.lengths is None:
             return a, b
         keep = torch.arange(a.shape[-2], device=a.device) < self.lengths.to(a.device)[..., None]
@@ -137,7 +128,8 @@ class LowRankGradient:
 
     # -- algebra -----------------------------------------------------------------------------------
     def dense(self) -> torch.Tensor:
-        """The full gradient matrix (equal to ``module.weight.grad`` for the same loss). Costs d_in * d_out each."""
+        """The full ``d_in x d_out`` gradient matrix (equal to :meth:`~blens_fast.context.ModelContext.grad_io`, the
+        module's ``.grad`` in (in, out) terms, for the same loss). Costs d_in * d_out each."""
         a, b = self._left_right()
         return a.transpose(-1, -2) @ b
 
@@ -157,29 +149,34 @@ class LowRankGradient:
         """Sum of two single gradients of the same module: the factors are stacked (ranks add at most)."""
         if not isinstance(other, LowRankGradient):
             return NotImplemented
-        if other.shape != self.shape or other.layout != self.layout:
-            raise ValueError(f"cannot add gradients of shape {self.shape} ({self.layout}) and {other.shape} "
-                             f"({other.layout})")
+        if other.shape != self.shape:
+            raise ValueError(f"cannot add gradients of shape {self.shape} and {other.shape}")
         if self.batch_shape or other.batch_shape:
             raise ValueError("+ adds single gradients; index a batch first")
         (x1, d1), (x2, d2) = self._rows(), other._rows()
-        return LowRankGradient(torch.cat([x1, x2]), torch.cat([d1, d2]), self.layout)
+        return LowRankGradient(torch.cat([x1, x2]), torch.cat([d1, d2]))
 
     def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.num_tokens
         return self.x[:n], self.delta[:n]
 
+    @functools.cached_property
+    def _spectrum(self) -> torch.Tensor:
+        """Every gradient's singular values, ``(*batch, min(T_max, d_in, d_out))`` float64 on the factors' device,
+        zeros past each one's own count: the one SVD that :meth:`svdvals`, :meth:`norm`, :meth:`rank` and
+        :meth:`ranks_and_norms` share, computed on first use. A gradient is frozen (its factors cannot be rebound),
+        so the cache never describes other factors; changing the factor tensors in place is not supported."""
+        return self._batched(_svdvals)
+
     def norm(self) -> torch.Tensor:
-        """Frobenius norm from the factors, ``||A^T B||_F^2 = sum((A A^T) * (B B^T))``, in float64."""
-        a, b = self._left_right()
-        a, b = a.double(), b.double()
-        gram = (a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))
-        return gram.sum((-1, -2)).clamp_min(0).sqrt()
+        """Frobenius norm, the root sum of squared singular values (the cached SVD), in float64: a 0-d tensor, or
+        shaped like the batch."""
+        return self._spectrum.square().sum(-1).sqrt()
 
     def svdvals(self) -> torch.Tensor:
         """Singular values, descending, in float64: all ``min(T, d_in, d_out)`` of one gradient; for a batch,
         ``(*batch, min(T_max, d_in, d_out))`` with zeros past each gradient's own count."""
-        s = self._batched(_svdvals)
+        s = self._spectrum
         return s[: self.max_rank] if not self.batch_shape else s
 
     def svd(self, k: int | None = None):
@@ -201,17 +198,12 @@ class LowRankGradient:
         return self.ranks_and_norms(tol, dtype=dtype)[0]
 
     def ranks_and_norms(self, tol: float | None = None, *, dtype: torch.dtype | None = None):
-        """``(rank, norm)`` from one SVD (the norm is the root sum of squared singular values): an int and a 0-d
-        float64 tensor for one gradient; for a batch a long and a float64 tensor on the CPU, one device sync."""
+        """``(rank, norm)`` from the cached SVD (the norm is the root sum of squared singular values): an int and a
+        0-d float64 tensor for one gradient; for a batch a long and a float64 tensor on the CPU, one device sync."""
         eps = rank_eps(self.x.dtype if dtype is None else dtype)
-        cut_scale = max(self.shape) * eps
-
-        def both(a, b, kept):
-            s = _svdvals(a, b, kept)
-            cut = s[:, :1] * cut_scale if tol is None else torch.full_like(s[:, :1], tol)
-            return torch.stack([(s > cut).sum(1).double(), s.square().sum(1).sqrt()], -1)
-
-        found = self._batched(both).cpu()
+        s = self._spectrum
+        cut = s[..., :1] * (max(self.shape) * eps) if tol is None else torch.full_like(s[..., :1], tol)
+        found = torch.stack([(s > cut).sum(-1).double(), s.square().sum(-1).sqrt()], -1).cpu()
         ranks, norms = found[..., 0].long(), found[..., 1]
         if not self.batch_shape:
             return int(ranks), norms
@@ -236,12 +228,11 @@ class LowRankGradient:
         return out.reshape(*batch, *out.shape[1:])
 
     def to(self, *args, **kwargs) -> "LowRankGradient":
-        return LowRankGradient(self.x.to(*args, **kwargs), self.delta.to(*args, **kwargs), self.layout, self.lengths)
+        return LowRankGradient(self.x.to(*args, **kwargs), self.delta.to(*args, **kwargs), self.lengths)
 
     def __repr__(self) -> str:
         batch = f"batch={self.batch_shape}, " if self.batch_shape else ""
-        return (f"LowRankGradient({batch}shape={self.shape}, layout={self.layout!r}, tokens={self.x.shape[-2]}, "
-                f"dtype={self.x.dtype})")
+        return f"LowRankGradient({batch}shape={self.shape}, tokens={self.x.shape[-2]}, dtype={self.x.dtype})"
 
 
 def _svdvals(a: torch.Tensor, b: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,10 @@
 weights, the unembedding with its bias, and the exact top (or bottom) k tokens, fused.
 
 The fused implementations ("cpu", "triton", "cuda") never materialise the normalised vectors: one read of
-``N x d`` computes two float32 coefficients per row (:func:`~blens_fast.ops.reference.row_norm_coefficients`), and
+``N x d`` computes two float32 coefficients per row (:func:`~blens_fast.ops.topk_reference.row_norm_coefficients`), and
 each kernel normalises a block of rows as it loads it (its prologue), ``x = (h * a - c) * w + b``, rounded to the
 unembedding's dtype the way the model's own norm output is. The torch paths apply the reference norm
-(:func:`~blens_fast.ops.reference.normalize_rows`) chunk by chunk.
+(:func:`~blens_fast.ops.topk_reference.normalize_rows`) chunk by chunk.
 """
 from __future__ import annotations
 

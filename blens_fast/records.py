@@ -22,8 +22,8 @@ from ._checks import check_positive_int
 COUNTERFACT_FILE = Path(__file__).resolve().parent / "data" / "counterfact" / "counterfact-edit.json"
 
 
-def record_pairs(records, *, prompt_field: str = "prompt", target_field: str = "target",
-                 id_field: str = "id") -> Iterator[tuple[object, str, str]]:
+def id_prompt_target(records, *, prompt_field: str = "prompt", target_field: str = "target",
+                     id_field: str = "id") -> Iterator[tuple[object, str, str]]:
     """``(id, prompt, target)`` per record; a ``ValueError``/``TypeError`` naming the first bad record."""
     if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
         raise TypeError(f"records must be a list (or iterable) of records, got {type(records).__name__}")

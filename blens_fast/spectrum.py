@@ -7,10 +7,11 @@ from ._checks import check_positive_int
 from ._ui import progress_bar
 from .capture import capture_examples
 from .context import ModelContext, with_context
+from .lists import LENS_MODULES
 
 
 @with_context
-def rank(ctx: ModelContext, prompts, targets, *, layers=None, modules=("mlp.in", "mlp.out"), tol: float | None = None,
+def rank(ctx: ModelContext, prompts, targets, *, layers=None, modules=LENS_MODULES, tol: float | None = None,
          batch_size: int = 8, progress: bool = True, loss: str = "teacher_forced") -> pd.DataFrame:
     """A table with one row per example, layer and module: token count, gradient rank, Frobenius norm.
 
@@ -21,7 +22,7 @@ def rank(ctx: ModelContext, prompts, targets, *, layers=None, modules=("mlp.in",
     """
     check_positive_int(batch_size, "batch_size")
     examples = ctx.tokenize(prompts, targets, loss=loss)
-    layer_ids, module_names = ctx.check_layers(layers), ctx.resolve_modules(modules)
+    layer_ids, module_names = ctx.check_layers(layers), ctx.check_modules(modules)
     rows = []
     starts = range(0, len(examples), batch_size)
     for start in progress_bar(starts, desc="rank", unit="batch", enabled=progress and len(starts) > 1):

@@ -48,8 +48,9 @@ from ._io import atomic_save_tensors
 from ._ui import progress_bar
 from .capture import Capture, capture_examples
 from .context import ModelContext, with_context
+from .lists import LENS_MODULES
 from .ops.lowrank import sketch_update
-from .records import batched, record_pairs
+from .records import batched, id_prompt_target
 
 __all__ = ["GradientStats", "ModuleSketch", "ModuleStats", "StatsAccumulator", "gradient_stats", "sketch_sizes"]
 
@@ -92,8 +93,8 @@ def _test_matrices(p: int, q: int, k: int, l: int, m: int, seed: int, device) ->
 class ModuleStats:
     """The summed gradient of one (layer, module) over the dataset, as a rank-``r`` approximation.
 
-    ``u`` (``shape[0] x r``) and ``v`` (``shape[1] x r``) are in the module weight's own layout:
-    ``sum_i grad_i ~ u @ diag(singular_values) @ v.T``.
+    ``shape`` is ``(d_in, d_out)``, ``u`` (``d_in x r``) and ``v`` (``d_out x r``):
+    ``sum_i grad_i ~ u @ diag(singular_values) @ v.T`` in (in, out) terms, whatever the weight's own layout.
     """
 
     layer: int
@@ -117,7 +118,7 @@ class ModuleStats:
         return min(1.0, float((self.singular_values.double() ** 2).sum()) / self.frobenius ** 2)
 
     def dense(self) -> torch.Tensor:
-        """The rank-``r`` approximation as a matrix in the weight's layout (costs ``shape[0] * shape[1]``)."""
+        """The rank-``r`` approximation as a ``d_in x d_out`` matrix (costs ``d_in * d_out``)."""
         return (self.u * self.singular_values) @ self.v.T
 
 
@@ -182,9 +183,9 @@ class ModuleSketch:
     """The streaming state of one (layer, module): sketches ``y`` (``p x (k + m)``) and ``w`` (``l x q``) of the summed
     gradient in the sketch's orientation, its token count and the per-example squared norms."""
 
-    def __init__(self, key, d_in: int, d_out: int, layout: str, sizes: tuple[int, int, int], device):
+    def __init__(self, key, d_in: int, d_out: int, sizes: tuple[int, int, int], device):
         self.key = (int(key[0]), str(key[1]))
-        self.d_in, self.d_out, self.layout = int(d_in), int(d_out), layout
+        self.d_in, self.d_out = int(d_in), int(d_out)
         k, l, m = sizes
         # The range sketch (k + m columns) goes on the larger side when the co-range sketch is wider.
         self.swap = (d_in < d_out) if l >= k + m else (d_in > d_out)
@@ -196,7 +197,7 @@ class ModuleSketch:
 
     @property
     def sketch_shape(self) -> tuple[int, int]:
-        """``(p, q)``: the sketched matrix's shape (the weight's ``(d_in, d_out)``, or swapped)."""
+        """``(p, q)``: the sketched matrix's shape (the gradient's ``(d_in, d_out)``, or swapped)."""
         return self.y.shape[0], self.w.shape[1]
 
     def update(self, xs: list[torch.Tensor], deltas: list[torch.Tensor], test_matrices, impl: str) -> torch.Tensor:
@@ -216,7 +217,7 @@ class ModuleSketch:
     # pragma: no mutate end
     def merge(self, other: "ModuleSketch") -> None:
         """Add another state of the same module (other examples): sketches are linear, counts and norms add up."""
-        if (other.key, other.d_in, other.d_out, other.layout) != (self.key, self.d_in, self.d_out, self.layout):
+        if (other.key, other.d_in, other.d_out) != (self.key, self.d_in, self.d_out):
             raise ValueError(f"cannot merge the sketch of {other.key} ({other.d_in} x {other.d_out}) into {self.key} "
                              f"({self.d_in} x {self.d_out})")
         self.y += other.y.to(self.y.device)
@@ -230,12 +231,11 @@ class ModuleSketch:
     def state(self, prefix: str) -> tuple[dict, dict]:
         """``(tensors, metadata)`` of this state, tensor names under ``prefix``."""
         tensors = {f"{prefix}.y": self.y, f"{prefix}.w": self.w, f"{prefix}.norms_sq": self.all_norms_sq()}
-        return tensors, {"key": list(self.key), "d_in": self.d_in, "d_out": self.d_out, "layout": self.layout,
-                         "tokens": self.tokens}
+        return tensors, {"key": list(self.key), "d_in": self.d_in, "d_out": self.d_out, "tokens": self.tokens}
 
     @classmethod
     def from_state(cls, meta: dict, tensors: dict, prefix: str, sizes, device) -> "ModuleSketch":
-        sketch = cls(meta["key"], meta["d_in"], meta["d_out"], meta["layout"], sizes, device)
+        sketch = cls(meta["key"], meta["d_in"], meta["d_out"], sizes, device)
         for name in ("y", "w"):
             found = tensors[f"{prefix}.{name}"]
             expected = getattr(sketch, name)
@@ -268,13 +268,10 @@ class ModuleSketch:
         total_sq = max(captured_sq + (1.0 - bias) * tail if m > 0 else captured_sq, float((s ** 2).sum()), 0.0)
         frobenius = total_sq ** 0.5
         approx = ((1.0 + bias) * tail) ** 0.5 / frobenius if frobenius > 0 else 0.0
-        # the sketched matrix is a^T b with (a, b) = (Delta, X) when swapped, else (X, Delta); the weight's
-        # layout is X^T Delta for "in_out" and Delta^T X for "out_in".
-        weight_is_x_delta = self.layout == "in_out"
-        u, v = (u_s, v_s) if (not self.swap) == weight_is_x_delta else (v_s, u_s)
-        shape = (self.d_in, self.d_out) if weight_is_x_delta else (self.d_out, self.d_in)
-        return ModuleStats(layer=self.key[0], module=self.key[1], shape=shape, num_examples=int(norms.numel()),
-                           num_tokens=self.tokens, singular_values=s, u=u, v=v, frobenius=frobenius,
+        # the sketched matrix is a^T b with (a, b) = (Delta, X) when swapped, else the gradient X^T Delta itself
+        u, v = (v_s, u_s) if self.swap else (u_s, v_s)
+        return ModuleStats(layer=self.key[0], module=self.key[1], shape=(self.d_in, self.d_out),
+                           num_examples=int(norms.numel()), num_tokens=self.tokens, singular_values=s, u=u, v=v, frobenius=frobenius,
                            residual=tail ** 0.5, approximation_error=approx, sum_of_norms=float(norms.sum()))
 
 
@@ -364,7 +361,7 @@ class StatsAccumulator:
                              f"{cls.FORMAT!r})")
         k, l, m = metadata["sizes"]
         modules = metadata["modules"]
-        acc = cls({tuple(meta["key"]): (meta["d_in"], meta["d_out"], meta["layout"]) for meta in modules},
+        acc = cls({tuple(meta["key"]): (meta["d_in"], meta["d_out"]) for meta in modules},
                   rank=metadata["rank"], sketch_size=k, cosketch_size=l, residual_size=m, seed=metadata["seed"],
                   device=device, impl=impl)
         for i, meta in enumerate(modules):
@@ -424,19 +421,13 @@ class StatsAccumulator:
 
 
 def module_shapes(ctx: ModelContext, layers, modules) -> dict:
-    """``{(layer, module): (d_in, d_out, layout)}`` for the context's validated layers and resolved modules."""
-    shapes = {}
-    layout = ctx.adapter.weight_layout
-    for layer in ctx.check_layers(layers):
-        for name in ctx.resolve_modules(modules):
-            rows, cols = ctx.weight(layer, name).shape
-            d_in, d_out = (rows, cols) if layout == "in_out" else (cols, rows)
-            shapes[(layer, name)] = (int(d_in), int(d_out), layout)
-    return shapes
+    """``{(layer, module): (d_in, d_out)}`` for the context's validated layers and checked public modules."""
+    return {(layer, name): ctx.gradient_shape(layer, name) for layer in ctx.check_layers(layers)
+            for name in ctx.check_modules(modules)}
 
 
 @with_context
-def gradient_stats(ctx: ModelContext, records, *, layers=None, modules=("mlp.in", "mlp.out"), rank: int = 8,
+def gradient_stats(ctx: ModelContext, records, *, layers=None, modules=LENS_MODULES, rank: int = 8,
                    batch_size: int = 8, sketch_size: int | None = None, cosketch_size: int | None = None,
                    residual_size: int | None = None, seed: int = 0, impl: str = "auto", progress: bool = True,
                    prompt_field: str = "prompt", target_field: str = "target", id_field: str = "id") -> GradientStats:
@@ -454,10 +445,10 @@ def gradient_stats(ctx: ModelContext, records, *, layers=None, modules=("mlp.in"
                            residual_size=residual_size, seed=seed, device=ctx.device, impl=impl)
     layer_ids = tuple(dict.fromkeys(key[0] for key in shapes))
     names = tuple(dict.fromkeys(key[1] for key in shapes))
-    pairs = record_pairs(records, prompt_field=prompt_field, target_field=target_field, id_field=id_field)
+    facts = id_prompt_target(records, prompt_field=prompt_field, target_field=target_field, id_field=id_field)
     seen = 0
     with progress_bar(desc="gradient_stats", unit="rec", enabled=progress) as bar:
-        for batch in batched(pairs, batch_size):
+        for batch in batched(facts, batch_size):
             examples = ctx.tokenize([b[1] for b in batch], [b[2] for b in batch])
             acc.update(capture_examples(ctx, examples, layer_ids, names), [b[0] for b in batch])
             seen += len(batch)

@@ -201,8 +201,8 @@ def report() -> int:
 
 #: the five bugs issue 18 found the suite missing: (what, file, line as it is, line with the bug, tests that must fail)
 PLANTED = [
-    ("the lens's ff2_bottom list read as a top list", "blens_fast/lens.py",
-     '    "ff2_bottom": ("out", "delta", False),', '    "ff2_bottom": ("out", "delta", True),',
+    ("the lens's ff2_bottom list read as a top list", "blens_fast/lists.py",
+     '    LensList("ff2_bottom", "mlp.out", "delta", False),', '    LensList("ff2_bottom", "mlp.out", "delta", True),',
      ["tests/pipeline/test_lens.py"]),
     ("resume skips every shard below the highest finished one", "blens_fast/bulk/shards.py",
      "for j in range(shard_count) if j not in done)", "for j in range(max(done, default=-1) + 1, shard_count) if j not in done)",
@@ -213,7 +213,8 @@ PLANTED = [
     ("token counts lost when statistics are merged", "blens_fast/stats.py",
      "        self.tokens += other.tokens\n", "        pass\n", ["tests/pipeline/test_stats.py", "tests/pipeline/test_bulk.py"]),
     ("batched rank tolerance from min(shape)", "blens_fast/lowrank.py",
-     "cut_scale = max(self.shape) * eps", "cut_scale = min(self.shape) * eps", ["tests/pipeline/test_lowrank.py"]),
+     "s[..., :1] * (max(self.shape) * eps)", "s[..., :1] * (min(self.shape) * eps)",
+     ["tests/pipeline/test_lowrank.py"]),
 ]
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text, make_folder
 from .._report import figure_png, markdown_table, pyplot
-from ..reference import RANK_TOLERANCE
+from ..lens_reference import RANK_TOLERANCE
 from .meter import STAGES
 
 _KEYS = STAGES + ("end_to_end",)

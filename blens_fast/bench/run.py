@@ -1,6 +1,6 @@
 """The Backward Lens two ways on the same prompts, checked against each other and measured.
 
-**Naive** (:func:`blens_fast.reference.reference_lens`, one prompt at a time: each prompt needs its own dense
+**Naive** (:func:`blens_fast.lens_reference.reference_lens`, one prompt at a time: each prompt needs its own dense
 gradient, so its own backward) and **blens_fast** (in batches: :func:`~blens_fast.capture.capture_examples` keeps X
 and Delta only, :meth:`~blens_fast.lowrank.LowRankGradient.svdvals` gives every gradient's rank and norm from its
 factors, and :func:`~blens_fast.lens.lens_lists` projects each factor in one fused pass: top-k, bottom-k and the
@@ -26,15 +26,15 @@ from .._ui import progress_bar
 from ..batching import Example, token_batches
 from ..capture import capture_examples
 from ..context import ModelContext, bind, load_model
-from ..lens import factor_lists, lens_lists, lists_by_factor
+from ..lens import factor_lists, lens_lists
+from ..lens_reference import RankRule, ReferenceLens, TokenList, reference_lens
+from ..lists import LENS_MODULES, LIST_NAMES, by_factor
 from ..lowrank import LowRankGradient
 from ..ops.topk import TOPK
 from ..records import load_counterfact
-from ..reference import LIST_FACTORS, RankRule, ReferenceLens, TokenList, mlp_modules, reference_lens
 from .meter import STAGES, Meter, OutOfMemory, memory_method
 
 WAYS = ("naive", "blens_fast")
-LIST_NAMES = tuple(LIST_FACTORS)
 #: GPT-J blocks built by default on the CPU (the full 28 do not fit a CPU run of minutes)
 CPU_GPTJ_DEPTH = 2
 
@@ -234,7 +234,7 @@ def _values(value) -> tuple:
 @dataclass(frozen=True)
 class WayResult:
     """What one way found for the prompts it ran: per prompt, layer and module (FF1, ``mlp.out``) the gradient's
-    ``ranks`` (:class:`~blens_fast.reference.RankRule`) and ``norms``; per list, every row; blens_fast's
+    ``ranks`` (:class:`~blens_fast.lens_reference.RankRule`) and ``norms``; per list, every row; blens_fast's
     ``ranks_without_floor`` (``matrix_rank``'s rule alone, what its exact factors resolve); the naive way's
     ``first`` prompt (its vectors, for :func:`same_vectors`)."""
 
@@ -247,8 +247,8 @@ class WayResult:
 
 def naive_way(ctx: ModelContext, examples: list[Example], layers, *, config: BenchConfig, meter: Meter,
               desc: str = "naive") -> WayResult:
-    """The Backward Lens as one writes it with plain PyTorch (:func:`~blens_fast.reference.reference_lens`), prompt by
-    prompt."""
+    """The Backward Lens as one writes it with plain PyTorch (:func:`~blens_fast.lens_reference.reference_lens`),
+    prompt by prompt."""
     ranks, norms, lists, first = [], [], {name: [] for name in LIST_NAMES}, None
     for example in progress_bar(examples, desc=desc, unit="prompt", enabled=config.progress):
         found = reference_lens(ctx, example.prompt, example.target, layers=layers, k=config.k,
@@ -268,14 +268,13 @@ def fast_way(ctx: ModelContext, examples: list[Example], layers, *, config: Benc
              desc: str = "blens_fast") -> WayResult:
     """The Backward Lens with the library's calls: consecutive captures of at most ``config.batch_size`` prompts and
     ``config.max_tokens`` padded positions (memory flat in N)."""
-    modules = mlp_modules(ctx)
     ranks, plain, norms, lists = [], [], [], {name: [] for name in LIST_NAMES}
     batches = token_batches([e.num_tokens for e in examples], config.batch_size, config.max_tokens)
     for batch in progress_bar(batches, desc=desc, unit="batch", enabled=config.progress):
         with meter.stage("gradients"):
-            cap = capture_examples(ctx, [examples[i] for i in batch], layers, modules)
+            cap = capture_examples(ctx, [examples[i] for i in batch], layers, LENS_MODULES)
         with meter.stage("rank"):
-            found = [_ranks_and_norms(cap.gradients(module)) for module in modules]
+            found = [_ranks_and_norms(cap.gradients(module)) for module in LENS_MODULES]
         with meter.stage("projection"):
             projected = lens_lists(ctx, cap, k=config.k, unit_norm=config.unit_norm, impl=config.impl)
         for parts, values in zip((ranks, plain, norms), zip(*found)):
@@ -289,8 +288,8 @@ def fast_way(ctx: ModelContext, examples: list[Example], layers, *, config: Benc
 
 
 def _ranks_and_norms(grads: LowRankGradient) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ranks by :class:`~blens_fast.reference.RankRule`, by ``matrix_rank``'s rule alone, and Frobenius norms of a
-    batch of gradients, from one batched SVD of their factors."""
+    """Ranks by :class:`~blens_fast.lens_reference.RankRule`, by ``matrix_rank``'s rule alone, and Frobenius norms of
+    a batch of gradients, from one batched SVD of their factors."""
     s = grads.svdvals().cpu()
     rule = RankRule.for_gradient(grads.x.dtype, grads.shape)
     return rule.count(s), RankRule(rule.rtol, 0.0).count(s), s.square().sum(-1).sqrt()
@@ -343,7 +342,7 @@ def same_vectors(ctx: ModelContext, first: ReferenceLens, config: BenchConfig) -
     numerics (in 16-bit dtypes a padded batch and a single prompt round activations differently, and over many
     layers that alone can reorder near-tied tokens)."""
     fused = {}
-    for (_, factor), names in lists_by_factor().items():
+    for (_, factor), names in by_factor().items():
         vectors = getattr(first.backward, factor)
         rows = vectors.reshape(-1, vectors.shape[-1])
         targets = torch.full((rows.shape[0],), first.target_id, dtype=torch.long, device=rows.device)
@@ -372,9 +371,9 @@ def rank_records(ctx: ModelContext, layers, naive: WayResult, fast: WayResult,
                    "blens_fast": fast.lists[name].target_rank[:len(naive.lists[name].target_rank)].tolist(),
                    "same_vectors": fused[name].target_rank.tolist(),
                    "degenerate": naive.lists[name].degenerate.tolist()} for name in LIST_NAMES}
-    modules = mlp_modules(ctx)
-    rules = {module: RankRule.for_gradient(ctx.dtype, ctx.weight(layers[0], module).shape) for module in modules}
-    return {"layers": list(layers), "modules": list(modules),
+    rules = {module: RankRule.for_gradient(ctx.dtype, ctx.gradient_shape(layers[0], module))
+             for module in LENS_MODULES}
+    return {"layers": list(layers), "modules": list(LENS_MODULES),
             "gradient_rank_rule": {"counted": "singular values above max(rtol x sigma_max, floor x ||G||_F)",
                                    **{module: asdict(rule) for module, rule in rules.items()}},
             "gradient_ranks": {"index": "[prompt][layer][module]", "naive": naive.ranks.tolist(),
@@ -450,7 +449,7 @@ def _run_bench(config: BenchConfig, device: torch.device, impl_used: str, log) -
         config=asdict(config), model=asdict(info), weights_bytes=weight_bytes, dtype=config.dtype,
         device=device.type, machine=machine["machine"], torch=torch.__version__, threads=machine["threads"],
         created=time.strftime("%Y-%m-%d %H:%M:%S %Z"), runs=runs, memory_method=memory_method(device),
-        naive_method=("per prompt (blens_fast.reference): loss.backward() with parameter gradients; "
+        naive_method=("per prompt (blens_fast.lens_reference): loss.backward() with parameter gradients; "
                       "torch.linalg.matrix_norm and matrix_rank (RankRule) of each MLP weight's dense .grad (16-bit "
                       "gradients cast to float32); lm_head(final_norm(vectors)) full logits (float32 GEMM), "
                       "torch.topk, the target's rank from the full logits"),

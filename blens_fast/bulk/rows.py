@@ -15,13 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..batching import Example
-from ..lens import LISTS, LensReport
-
-#: the modules whose lens lists a run writes: FF1's forward input and FF2's VJP
-LENS_MODULES = ("mlp.in", "mlp.out")
-LIST_NAMES = tuple(LISTS)
-#: list name -> the module it reads
-LIST_MODULE = {name: f"mlp.{part}" for name, (part, _, _) in LISTS.items()}
+from ..lens import LensReport
+from ..lists import LENS_MODULES, LIST_NAMES, LISTS
 
 _CATEGORY = pa.dictionary(pa.int32(), pa.string())
 ROWS_SCHEMA = pa.schema([
@@ -38,22 +33,21 @@ SCHEMAS = {"rows": ROWS_SCHEMA, "records": RECORDS_SCHEMA}
 _DICTIONARIES = {"module": pa.array(LENS_MODULES, pa.string()), "list": pa.array(LIST_NAMES, pa.string())}
 
 
-def report_columns(example: Example, report: LensReport, modules: Sequence[str], ff1_module: str) -> dict:
+def report_columns(example: Example, report: LensReport, modules: Sequence[str]) -> dict:
     """One record's rows as numpy columns (token ids where the table holds texts, list and module as indices into
-    their dictionaries), in ``(list, layer, position, rank)`` order; ``ff1_module`` names the captured module whose
-    gradient stands for ``mlp.in`` (``mlp.up`` in a gated MLP)."""
+    their dictionaries), in ``(list, layer, position, rank)`` order."""
     grads = {(int(g.layer), g.module): g for g in report.gradients.itertuples(index=False)}
     input_ids = np.asarray(example.input_ids, dtype=np.int32)
     parts = []
-    for list_index, name in enumerate(LIST_NAMES):
-        module = LIST_MODULE[name]
+    for list_index, entry in enumerate(LISTS):
+        name, module = entry.name, entry.module
         if module not in modules:
             continue
         indices = report.indices[name]
         n_layers, n_pos, k = indices.shape
         count = n_layers * n_pos * k
         positions = np.tile(np.repeat(np.arange(n_pos, dtype=np.int16), k), n_layers)
-        per_layer = [grads[(int(layer), ff1_module if module == "mlp.in" else module)] for layer in report.layers]
+        per_layer = [grads[(int(layer), module)] for layer in report.layers]
 
         def by_layer(values, dtype):
             return np.repeat(np.asarray(values, dtype=dtype), n_pos * k)

@@ -43,9 +43,10 @@ from ..batching import token_batches
 from ..capture import capture_examples
 from ..context import ModelContext, load_model, with_context
 from ..lens import analyze
+from ..lists import LENS_MODULES
 from ..stats import StatsAccumulator, module_shapes, sketch_sizes
 from .records import Fields, Record, RecordSource, open_source
-from .rows import LENS_MODULES, records_table, report_columns, rows_table
+from .rows import records_table, report_columns, rows_table
 from .shards import (FORMAT, SEGMENTS, SHARD_TABLES, STATS_TABLES, Digest, FolderLock, Plan, Segment, ShardCommitter,
                      ShardEntry, holds_results, manifest_outputs, plan_shards, read_manifest, read_segments,
                      reset_faults, shard_count)
@@ -155,7 +156,7 @@ def build_spec(ctx: ModelContext, source: RecordSource, fields: Fields, *, layer
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}: {flag!r}")
     stats_spec = None
     if stats:
-        stats_spec = StatsSpec(stats_rank, sketch_sizes(stats_rank), stats_seed, ctx.resolve_modules(modules))
+        stats_spec = StatsSpec(stats_rank, sketch_sizes(stats_rank), stats_seed, ctx.check_modules(modules))
     records = 0
     for record in source.records(fields):
         if record.error is not None and not skip_bad:
@@ -257,7 +258,7 @@ class ShardWorker:
 
     def __init__(self, ctx: ModelContext, spec: RunSpec, source: RecordSource):
         self.ctx, self.spec, self.source = ctx, spec, source
-        self.capture_modules = ctx.resolve_modules(LENS_MODULES)
+        self.capture_modules = ctx.check_modules(LENS_MODULES)
         self.vocabulary = pa.array(ctx.vocabulary, pa.string())
 
     def tokenize(self, records: list[Record]) -> tuple[list, list[dict]]:
@@ -288,7 +289,7 @@ class ShardWorker:
             accumulator.update(cap, [record.id for record, _ in batch])
         out = {}
         for (record, example), report, loss in zip(batch, reports, cap.losses.tolist()):
-            columns = report_columns(example, report, spec.modules, self.ctx.adapter.ff1_module)
+            columns = report_columns(example, report, spec.modules)
             out[record.index] = (record.id, columns, dict(
                 id=record.id, line=record.line, prompt=record.prompt, target=record.target,
                 target_token_id=example.rank_token, tokens=example.num_tokens, loss=float(loss)))

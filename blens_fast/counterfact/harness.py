@@ -35,7 +35,7 @@ METRICS = ("efficacy", "paraphrase", "neighborhood")
 FAMILIES = {"memit": "memit_argmax", "rome": "rome_probability"}
 
 
-def record_pairs(record) -> list[tuple[str, str]]:
+def scored_pairs(record) -> list[tuple[str, str]]:
     """The six (prompt, object) pairs a record is scored on, in the order :func:`metrics` reads them."""
     r = record
     return [(r["prompt"], r["target_new"]), (r["prompt"], r["ground_truth"]),
@@ -47,7 +47,7 @@ def record_pairs(record) -> list[tuple[str, str]]:
 class ScorerBatch:
     """One record's six (prompt, object) pairs and the fluency sentences as one right-padded batch (``ids``,
     ``mask``), with the scored positions: ``rows``, ``positions`` and the ``tokens`` read there, the pairs' first
-    (``n_scored`` of them, pair by pair, in :func:`record_pairs` order), then the fluency sentences'."""
+    (``n_scored`` of them, pair by pair, in :func:`scored_pairs` order), then the fluency sentences'."""
 
     examples: list
     ids: torch.Tensor
@@ -67,7 +67,7 @@ class Scorer:
         self.fluency = [s for s in (tuple(tokenizer(t)["input_ids"]) for t in fluency_texts) if len(s) > 1]
 
     def prepare(self, record) -> ScorerBatch:
-        pairs = record_pairs(record)
+        pairs = scored_pairs(record)
         examples = self.ctx.tokenize([p for p, _ in pairs], [o for _, o in pairs])
         sequences = [e.input_ids for e in examples] + list(self.fluency)
         rows, positions, tokens = [], [], []

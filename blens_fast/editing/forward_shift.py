@@ -4,7 +4,7 @@ One forward pass of the prompt gives ``a_n``, the input of the MLP output projec
 prompt's last token. The edit adds to that projection, at one layer, the outer product of a key built from ``a_n``
 and the *input* embedding ``e_t`` of the target's first token::
 
-    W_FF2 += scale * outer(key, e_t)        # in [in, out] terms; written in the weight's own layout
+    W_FF2 += scale * outer(key, e_t)        # in (in, out) terms; the context writes it in the weight's own layout
 
 so that at the prompt's last token the MLP output moves by ``scale * (key . a_n) * e_t``. Keys:
 
@@ -64,9 +64,7 @@ def forward_shift_edit(ctx: ModelContext, examples, settings: EditSettings, info
     updates = []
     if len(edited):
         k = keys[edited] * scales[edited, None]
-        e = embed[edited]
-        left, right = (k, e) if ctx.adapter.weight_layout == "in_out" else (e, k)
-        updates.append(Update(layer, "mlp.out", left.contiguous(), right.contiguous()))
+        updates.append(Update(layer, "mlp.out", k.contiguous(), embed[edited].contiguous()))
     return Edit(updates, info).apply(ctx)
 
 

@@ -9,13 +9,12 @@ import torch
 
 from ..capture import capture_examples
 from ..context import ModelContext
-from ..lowrank import weight_factors
 from .update import Edit, Update
 
 
 def gradient_edit(ctx: ModelContext, examples, layer: int, steps: int, lr: float, info: dict) -> Edit:
     """Apply the steps (arguments already checked); returns the applied :class:`Edit` (reverted on any error)."""
-    weight = ctx.weight(layer, "mlp.out")
+    weight = ctx.weight_io(layer, "mlp.out")
     result = Edit([], info)
     result._attach(ctx, {(layer, "mlp.out"): weight.detach().clone()})
     updates: list[Update] = []
@@ -30,9 +29,9 @@ def gradient_edit(ctx: ModelContext, examples, layer: int, steps: int, lr: float
                 raise ValueError(f"the gradient at layer {layer} is not finite: check the model's weights")
             if norm == 0:
                 break
-            left, right = weight_factors(grad.x, grad.delta, grad.layout)
-            cdt = torch.float64 if left.dtype == torch.float64 else torch.float32
-            update = Update(layer, "mlp.out", (left.to(cdt) * (-lr / norm)).contiguous(), right.to(cdt).contiguous())
+            cdt = torch.float64 if grad.x.dtype == torch.float64 else torch.float32
+            update = Update(layer, "mlp.out", (grad.x.to(cdt) * (-lr / norm)).contiguous(),
+                            grad.delta.to(cdt).contiguous())
             with torch.no_grad():
                 update.apply_to(weight)
             updates.append(update)

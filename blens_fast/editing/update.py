@@ -22,6 +22,8 @@ from torch import nn
 from .._io import atomic_save_tensors
 from ..context import ModelContext, bind
 
+#: /3: update factors in (in, out) terms whatever the weight's layout (/2 held them in the weight's own layout), and
+#: the fingerprint of the architecture and of the touched weights
 FORMAT = "blens_fast.edit/3"
 _FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -31,9 +33,10 @@ _STACKS: "weakref.WeakKeyDictionary[nn.Module, list[Edit]]" = weakref.WeakKeyDic
 
 @dataclass(frozen=True)
 class Update:
-    """One in-place step ``weight.addmm_(left.T, right)`` on ``(layer, module)``, in the weight's own layout.
+    """One in-place step ``W += left.T @ right`` on the ``d_in x d_out`` weight of ``(layer, module)``, in (in, out)
+    terms whatever layout the module stores its weight in (:meth:`~blens_fast.context.ModelContext.weight_io`).
 
-    ``left`` is ``r x weight.shape[0]`` and ``right`` is ``r x weight.shape[1]`` (rank ``r``).
+    ``left`` is ``r x d_in`` and ``right`` is ``r x d_out`` (rank ``r``).
     """
 
     layer: int
@@ -46,6 +49,7 @@ class Update:
         return (self.left.shape[1], self.right.shape[1])
 
     def apply_to(self, weight: torch.Tensor) -> None:
+        """The step on ``weight``, a ``d_in x d_out`` tensor or view."""
         weight.addmm_(self.left.to(weight.device, weight.dtype).T, self.right.to(weight.device, weight.dtype))
 
     def problem(self) -> str | None:
@@ -108,7 +112,7 @@ class Edit:
 
     @property
     def deltas(self) -> dict[tuple[int, str], torch.Tensor]:
-        """Dense update per touched weight (float32, the weight's layout). Builds d_in x d_out matrices."""
+        """Dense update per touched weight (float32, ``d_in x d_out``). Builds d_in x d_out matrices."""
         return {key: self.delta(*key) for key in self.touched}
 
     def delta(self, layer: int, module: str) -> torch.Tensor:
@@ -167,15 +171,14 @@ class Edit:
             if why is None:
                 try:
                     (layer,) = ctx.check_layers([u.layer])
-                    ctx.resolve_modules([u.module])
+                    weight = weights.get((u.layer, u.module))
+                    weight = ctx.weight_io(layer, u.module) if weight is None else weight
                 except ValueError as error:
                     why = str(error)
                 else:
-                    weight = weights.get((u.layer, u.module))
-                    weight = ctx.weight(layer, u.module) if weight is None else weight
                     if tuple(weight.shape) != u.shape:
-                        why = (f"its update of {u.module!r} at layer {u.layer} has shape {u.shape} but the model's "
-                               f"weight has shape {tuple(weight.shape)}")
+                        why = (f"its update of {u.module!r} at layer {u.layer} has shape {u.shape} (d_in, d_out) but "
+                               f"the model's weight has {tuple(weight.shape)}")
                     weights[(u.layer, u.module)] = weight
             if why is not None:
                 raise ValueError(f"{self._what()}: step {i} cannot be applied: {why}")
@@ -198,7 +201,7 @@ class Edit:
                              "revert that one first (edits revert in the reverse order of application)")
         with torch.no_grad():
             for (layer, module), original in self._originals.items():
-                self._ctx.weight(layer, module).copy_(original)
+                self._ctx.weight_io(layer, module).copy_(original)
         stack.pop()
         self._unrecorded = "fingerprint" not in self.info
         self._ctx = None

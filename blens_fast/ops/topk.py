@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import topk_reference
 from .registry import Implementation, Operation, extension_unavailable, triton_unavailable
 from .tuning import measured_impl
 
@@ -189,8 +189,8 @@ class TopBottomK:
 class Prologue:
     """The normalisation a fused kernel applies to each loaded block of ``hidden``:
     ``x = (h * a[row] - c[row]) * norm_weight + norm_bias``, then rounded to the weight dtype (``a``, ``c`` from
-    :func:`reference.row_norm_coefficients`). ``norm_kind``, ``eps`` and ``unit`` describe the same norm for the
-    torch reference (:func:`reference.normalize_rows`)."""
+    :func:`topk_reference.row_norm_coefficients`). ``norm_kind``, ``eps`` and ``unit`` describe the same norm for the
+    torch reference (:func:`topk_reference.normalize_rows`)."""
 
     a: torch.Tensor
     c: torch.Tensor
@@ -204,7 +204,7 @@ class Prologue:
     def build(cls, hidden: torch.Tensor, norm_kind, eps: float, unit: bool, norm_weight=None, norm_bias=None):
         """The prologue of rows ``hidden`` (N x d): one read of them for two float32 coefficients per row."""
         with torch.no_grad():
-            a, c = reference.row_norm_coefficients(hidden, norm_kind, eps, unit)
+            a, c = topk_reference.row_norm_coefficients(hidden, norm_kind, eps, unit)
         weight = norm_weight.detach().float().contiguous() if norm_kind and norm_weight is not None else None
         bias = norm_bias.detach().float().contiguous() if norm_kind and norm_bias is not None else None
         return cls(a, c, weight, bias, norm_kind, float(eps), bool(unit))
@@ -220,7 +220,7 @@ class Prologue:
 
     def reference(self, hidden: torch.Tensor) -> torch.Tensor:
         """The reference norm of rows ``hidden`` (what the torch implementations apply)."""
-        return reference.normalize_rows(hidden, self.norm_kind, self.eps, self.unit, self.norm_weight,
+        return topk_reference.normalize_rows(hidden, self.norm_kind, self.eps, self.unit, self.norm_weight,
                                         self.norm_bias)
 
 
@@ -364,9 +364,9 @@ def run_projection(hidden, weight, bias, k, impl, lead, *, top, bottom, targets,
             hidden, weight, bias, *((p.a, p.c, p.norm_weight, p.norm_bias) if p else (None,) * 4),
             (p.norm_kind or "") if p else "", p.eps if p else 0.0, p.unit if p else False, targets, tau, k, top,
             bottom, chosen.name, tuning.block_rows, tuning.block_vocab, tuning.gemm_mode)
-    lists = reference.Lists(*(None if not wanted else t for t, wanted in
-                              zip(outputs, (top, top, bottom, bottom, True, targets is not None))))
-    lse = lists.logsumexp
+    selection = topk_reference.Selection(*(None if not wanted else t for t, wanted in
+                                           zip(outputs, (top, top, bottom, bottom, True, targets is not None))))
+    lse = selection.logsumexp
     bad = ~torch.isfinite(lse)
     if bool(bad.any()):
         rows = bad.nonzero().flatten()
@@ -380,10 +380,10 @@ def run_projection(hidden, weight, bias, k, impl, lead, *, top, bottom, targets,
 
     ranks = [None, None]
     if targets is not None:
-        greater, less, equal_lower = lists.target_counts.unbind(1)
+        greater, less, equal_lower = selection.target_counts.unbind(1)
         ranks = [(greater + equal_lower + 1).reshape(lead), (less + equal_lower + 1).reshape(lead)]
-    return TopBottomK(part(lists.top_values, lists.top_indices, True),
-                      part(lists.bottom_values, lists.bottom_indices, False), lse.reshape(lead),
+    return TopBottomK(part(selection.top_values, selection.top_indices, True),
+                      part(selection.bottom_values, selection.bottom_indices, False), lse.reshape(lead),
                       None if targets is None else targets.reshape(lead),
                       None if tau is None else tau.reshape(lead), *ranks)
 
@@ -397,21 +397,22 @@ def _topk_bottomk_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
                      k: int, top: bool, bottom: bool, impl: str, block_rows: int, block_vocab: int,
                      gemm_mode: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                               torch.Tensor]:
-    """One pass of implementation ``impl`` (resolved, not "auto"): the six fields of :class:`reference.Lists`, lists
-    not asked for and counts without targets as empty ``0 x k`` / ``0 x 3`` tensors."""
+    """One pass of implementation ``impl`` (resolved, not "auto"): the six fields of
+    :class:`topk_reference.Selection`, selections not asked for and counts without targets as empty ``0 x k`` /
+    ``0 x 3`` tensors."""
     prologue = None if row_a is None else Prologue(row_a, row_c, norm_weight, norm_bias, norm_kind or None, eps,
                                                    unit)
     n = hidden.shape[0]
     if n == 0:
-        found = reference.Lists(None, None, None, None, torch.empty(0, device=hidden.device), None)
+        found = topk_reference.Selection(None, None, None, None, torch.empty(0, device=hidden.device), None)
     else:
         found = TOPK.implementations[impl].run(hidden, weight, bias, k, top, bottom, targets, target_logits,
                                                prologue, CpuTuning(block_rows, block_vocab, gemm_mode))
     return _dense_outputs(found, n, k, hidden.device)
 
 
-def _dense_outputs(found: reference.Lists, n: int, k: int, device) -> tuple:
-    """:class:`reference.Lists` with every absent field as an empty tensor of the op's fixed output dtypes."""
+def _dense_outputs(found: topk_reference.Selection, n: int, k: int, device) -> tuple:
+    """:class:`topk_reference.Selection` with every absent field as an empty tensor of the op's fixed output dtypes."""
     def or_empty(t, width, dtype):
         return torch.empty(0, width, dtype=dtype, device=device) if t is None else t.contiguous()
 
@@ -435,10 +436,10 @@ def _(hidden, weight, bias, row_a, row_c, norm_weight, norm_bias, norm_kind, eps
 
 # -- implementations ----------------------------------------------------------------------
 # Each takes (hidden N x d, weight, bias, k, top, bottom, targets (N) or None, target logits (N) or None,
-# prologue or None, CpuTuning) and returns a reference.Lists.
+# prologue or None, CpuTuning) and returns a topk_reference.Selection.
 def _impl_torch(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning, naive=False):
     # with a prologue: the reference norm per chunk, rounded to the weight dtype like the model's own norm output
-    return reference.chunked_lists(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
+    return topk_reference.chunked_selection(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
                                    target_logits=tau, chunk_rows=hidden.shape[0] if naive else None,
                                    normalize=None if prologue is None else prologue.reference)
 
@@ -456,7 +457,7 @@ def _prologue_args(prologue):
 def _impl_cpu(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning):
     from . import _extension
 
-    return reference.Lists(*_extension.extension("cpu").topk_logits(
+    return topk_reference.Selection(*_extension.extension("cpu").topk_logits(
         hidden, weight, bias, *_prologue_args(prologue), k, top, bottom, targets, tau, tuning.block_rows,
         tuning.block_vocab, tuning.gemm_mode))
 
@@ -464,7 +465,7 @@ def _impl_cpu(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuni
 def _impl_triton(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning):
     from .triton.topk import triton_topk
 
-    return reference.Lists(*triton_topk(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
+    return topk_reference.Selection(*triton_topk(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
                                         target_logits=tau, prologue=prologue))
 
 
@@ -473,7 +474,7 @@ def _cuda(variant: str):
     def run(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning):
         from . import _extension
 
-        return reference.Lists(*_extension.extension("cuda").topk_logits_variant(
+        return topk_reference.Selection(*_extension.extension("cuda").topk_logits_variant(
             hidden, weight, bias, *_prologue_args(prologue), k, top, bottom, targets, tau, variant, 0, 0))
     return run
 

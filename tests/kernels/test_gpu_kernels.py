@@ -16,7 +16,7 @@ import importlib
 import pytest
 import torch
 
-from blens_fast.ops import reference
+from blens_fast.ops import topk_reference
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -70,9 +70,9 @@ def truth_lists(x, w, b, k, targets, top=True, bottom=True, chunk=4096):
         t = targets[start:start + chunk]
         tau = logits.gather(1, t[:, None])[:, 0]
         taus.append(tau)
-        parts.append(reference.select_lists(logits, k, top=top, bottom=bottom, target_ids=t, target_logits=tau))
+        parts.append(topk_reference.select(logits, k, top=top, bottom=bottom, target_ids=t, target_logits=tau))
         del logits
-    return reference.cat_lists(parts), torch.cat(taus)
+    return topk_reference.cat_selections(parts), torch.cat(taus)
 
 
 class _no_tf32:
@@ -87,10 +87,10 @@ class _no_tf32:
 def run_cuda(variant, h, w, b, k, top, bottom, targets=None, tau=None, prologue=(None, None, None, None), splits=0,
              group=0):
     out = _ext().topk_logits_variant(h, w, b, *prologue, k, top, bottom, targets, tau, variant, splits, group)
-    return reference.Lists(*out)
+    return topk_reference.Selection(*out)
 
 
-def assert_exact(res: reference.Lists, ref: reference.Lists, what):
+def assert_exact(res: topk_reference.Selection, ref: topk_reference.Selection, what):
     for field in ("top_indices", "top_values", "bottom_indices", "bottom_values", "target_counts"):
         a, r = getattr(res, field), getattr(ref, field)
         if r is None:
@@ -117,7 +117,7 @@ def test_cuda_exact_ties(variant, n, d, v, k):
     ref, tau = truth_lists(h, w, b, k, targets)
     for top, bottom in ((True, True), (True, False), (False, True)):
         res = run_cuda(variant, h, w, b, k, top, bottom, targets, tau)
-        want = reference.Lists(ref.top_values if top else None, ref.top_indices if top else None,
+        want = topk_reference.Selection(ref.top_values if top else None, ref.top_indices if top else None,
                                ref.bottom_values if bottom else None, ref.bottom_indices if bottom else None,
                                ref.logsumexp, ref.target_counts)
         assert_exact(res, want, f"{variant} n={n} d={d} v={v} k={k} top={top} bottom={bottom}")
@@ -151,7 +151,7 @@ def test_fast_odd_d_padded_weight_and_strided_hidden(variant):
     with pytest.raises(RuntimeError, match="aligned"):  # a plain V x 77 weight cannot take the 16-byte loads
         run_cuda(variant, h, w.contiguous(), None, k, True, True)
     # auto falls back to the simple kernel for it, with the same results
-    auto = reference.Lists(*_ext().topk_logits(h, w.contiguous(), None, None, None, None, None, k, True, True,
+    auto = topk_reference.Selection(*_ext().topk_logits(h, w.contiguous(), None, None, None, None, None, k, True, True,
                                                targets, tau))
     assert_exact(auto, ref, "auto on an unaligned weight")
 
@@ -259,8 +259,8 @@ def test_triton_each_config_exact(k, config):
     targets = torch.zeros(n, dtype=torch.long, device="cuda")
     ref, _ = truth_lists(h, w, None, k, targets, bottom=False)
     tv, ti, bv, bi, lse, counts = triton_topk(h, w, k=k, top=True, bottom=False, **config)
-    res = reference.Lists(tv, ti, None, None, lse, None)
-    assert_exact(res, reference.Lists(ref.top_values, ref.top_indices, None, None, ref.logsumexp, None),
+    res = topk_reference.Selection(tv, ti, None, None, lse, None)
+    assert_exact(res, topk_reference.Selection(ref.top_values, ref.top_indices, None, None, ref.logsumexp, None),
                  f"triton {config}")
 
 
@@ -274,7 +274,7 @@ def test_triton_autotuned_path_exact():
     ref, _ = truth_lists(h, w, None, k, targets, bottom=False)
     tv, ti, bv, bi, lse, counts = ttopk.triton_topk(h, w, k=k, top=True, bottom=False, autotune=True)
     assert ttopk.last_config() is not None
-    assert_exact(reference.Lists(tv, ti, None, None, lse, None),
-                 reference.Lists(ref.top_values, ref.top_indices, None, None, ref.logsumexp, None),
+    assert_exact(topk_reference.Selection(tv, ti, None, None, lse, None),
+                 topk_reference.Selection(ref.top_values, ref.top_indices, None, None, ref.logsumexp, None),
                  f"triton autotuned {ttopk.last_config()}")
     print(f"\nTriton autotuned config for N={n}, d={d}, V={v}, k={k}: {ttopk.last_config()}")

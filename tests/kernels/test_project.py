@@ -129,7 +129,7 @@ def test_project_errors(models):
 def test_reference_norms_follow_their_formulas_with_a_large_eps():
     """The torch reference's norms written out (biased variance, eps inside the root), with an eps large enough to
     matter on small rows; no unit normalisation unless asked."""
-    from blens_fast.ops.reference import normalize_rows
+    from blens_fast.ops.topk_reference import normalize_rows
 
     g = torch.Generator().manual_seed(2)
     h = 0.3 * torch.randn(5, 12, generator=g, dtype=torch.float64)
@@ -151,7 +151,7 @@ def test_prologue_coefficients_normalise_every_row_in_chunks(norm_kind, unit):
     """The fused paths' prologue, ``norm(h) = (h * a - c) * w + b`` per row: against ``F.layer_norm`` / the RMSNorm
     formula of ``F.normalize``-d or raw rows, in bfloat16 input, rows cut into chunks of 3 (10 rows: a short last
     chunk) and in one chunk."""
-    from blens_fast.ops.reference import row_norm_coefficients
+    from blens_fast.ops.topk_reference import row_norm_coefficients
 
     g = torch.Generator().manual_seed(5)
     h = (torch.randn(10, 24, generator=g) * torch.logspace(-3, 2, 10)[:, None] + 0.3).to(torch.bfloat16)

@@ -9,7 +9,7 @@ Triton runs through TRITON_INTERPRET=1 (set in conftest.py) on small shapes only
 import pytest
 import torch
 
-from blens_fast.ops import reference
+from blens_fast.ops import topk_reference
 from blens_fast.ops.topk import CpuTuning, TopBottomK, TopK, available_impls, topk_bottomk_logits, topk_logits
 from tests.helpers import check_topk
 
@@ -55,7 +55,7 @@ def truth_counts(logits, targets):
 
 def same_dtype_error(h, w, b, truth):
     """Error of torch's own same-dtype matmul against the float64 truth (the fair bar)."""
-    return (reference.logits_block(h, w, b).double() - truth).abs().max().item() if h.numel() else 0.0
+    return (topk_reference.logits_block(h, w, b).double() - truth).abs().max().item() if h.numel() else 0.0
 
 
 def check(res: TopK, h, w, b, k, largest, eps=1e-4):
@@ -235,11 +235,11 @@ def test_one_pass_argument_errors():
 def test_reference_tie_rule():
     """The package's own reference keeps the rule too (it is what impl='torch' runs)."""
     logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0]])
-    v, i = reference.select_topk(logits, 2, largest=True)
+    v, i = topk_reference.select_topk(logits, 2, largest=True)
     assert i.tolist() == [[1, 2]] and v.tolist() == [[3.0, 3.0]]
-    v, i = reference.select_topk(logits, 4, largest=True)
+    v, i = topk_reference.select_topk(logits, 4, largest=True)
     assert i.tolist() == [[1, 2, 4, 3]]
-    v, i = reference.select_topk(-logits, 2, largest=False)
+    v, i = topk_reference.select_topk(-logits, 2, largest=False)
     assert i.tolist() == [[1, 2]]
 
 
@@ -423,7 +423,7 @@ def test_cpu_64bit_offsets():
     w = torch.randn(v, 2, generator=g)
     res = topk_logits(h, w, k=3, impl="cpu")
     rows = torch.tensor([0, n // 2, n - 1])
-    ref = reference.naive_lists(h[rows], w, None, k=3, top=True, bottom=False)
+    ref = topk_reference.naive_selection(h[rows], w, None, k=3, top=True, bottom=False)
     assert torch.equal(res.indices[rows], ref.top_indices)
 
 
@@ -508,12 +508,12 @@ def test_cpu_tensors_reach_the_gpu_kernel_language_only_when_interpreted(monkeyp
 def test_reference_logits_of_16_bit_weights_over_several_upcast_blocks():
     """The torch reference upcasts a 16-bit weight UPCAST_ROWS vocabulary rows at a time: every block is written."""
     g = torch.Generator().manual_seed(4)
-    vocab = 2 * reference.UPCAST_ROWS + 5
+    vocab = 2 * topk_reference.UPCAST_ROWS + 5
     h = torch.randn(3, 4, generator=g).to(torch.bfloat16)
     w = torch.randn(vocab, 4, generator=g).to(torch.bfloat16)
     b = torch.randn(vocab, generator=g)
     truth = h.double() @ w.double().T + b.double()
-    logits = reference.logits_block(h, w, b)
+    logits = topk_reference.logits_block(h, w, b)
     assert logits.dtype == torch.float32 and logits.shape == (3, vocab)
     torch.testing.assert_close(logits.double(), truth, rtol=1e-6, atol=1e-6)
 
@@ -525,18 +525,19 @@ def test_reference_in_chunks_equals_one_block():
     h = torch.randint(-3, 4, (40, 8), generator=g).float()
     w = torch.randint(-3, 4, (300, 8), generator=g).float()
     targets = torch.randint(0, 300, (40,), generator=g)
-    tau = reference.logits_block(h, w).gather(1, targets[:, None])[:, 0]
-    whole = reference.naive_lists(h, w, None, k=5, top=True, bottom=True, target_ids=targets, target_logits=tau)
-    chunks = reference.chunked_lists(h, w, None, k=5, top=True, bottom=True, target_ids=targets, target_logits=tau,
-                                     chunk_rows=16)
-    for field, value in zip(reference.Lists._fields, whole):
+    tau = topk_reference.logits_block(h, w).gather(1, targets[:, None])[:, 0]
+    whole = topk_reference.naive_selection(h, w, None, k=5, top=True, bottom=True, target_ids=targets,
+                                           target_logits=tau)
+    chunks = topk_reference.chunked_selection(h, w, None, k=5, top=True, bottom=True, target_ids=targets,
+                                              target_logits=tau, chunk_rows=16)
+    for field, value in zip(topk_reference.Selection._fields, whole):
         assert torch.equal(getattr(chunks, field), value), field
 
 
-def test_reference_computes_only_the_lists_asked_for():
+def test_reference_computes_only_the_selections_asked_for():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(9))
-    top_only = reference.select_lists(logits, 4, top=True, bottom=False)
-    bottom_only = reference.select_lists(logits, 4, top=False, bottom=True)
+    top_only = topk_reference.select(logits, 4, top=True, bottom=False)
+    bottom_only = topk_reference.select(logits, 4, top=False, bottom=True)
     assert top_only.bottom_values is None and top_only.bottom_indices is None and top_only.target_counts is None
     assert bottom_only.top_values is None and bottom_only.top_indices is None
     assert torch.equal(top_only.top_indices, logits.topk(4).indices)

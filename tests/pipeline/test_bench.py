@@ -6,9 +6,10 @@ import torch
 
 from blens_fast.bench import BenchConfig, run_bench
 from blens_fast.bench.meter import Meter
-from blens_fast.bench.run import LIST_NAMES, WayResult, build_model, compare, fast_way, make_prompts
+from blens_fast.bench.run import WayResult, build_model, compare, fast_way, make_prompts
 from blens_fast.cli import main
-from blens_fast.reference import TokenList
+from blens_fast.lens_reference import TokenList
+from blens_fast.lists import LIST_NAMES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

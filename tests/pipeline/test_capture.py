@@ -9,18 +9,67 @@ from tests.helpers import ARCHITECTURES, autograd_loss, make_tiny_model
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Danielle Darrieux speaks", "Hi"]
 TARGETS = [" Paris", " French and English", "!"]
-ALL_MODULES = ("mlp.in", "mlp.out", "attn.q", "attn.k", "attn.v", "attn.o")
+ALL_MODULES = ("mlp.in", "mlp.out", "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv")
+
+
+def in_out(module, tensor):
+    """``tensor`` shaped like ``module``'s weight in (in, out) terms: ``nn.Linear`` stores its weight [out, in],
+    GPT-2's ``Conv1D`` [in, out] (written from the module classes, not from the adapters)."""
+    return tensor.T if isinstance(module, torch.nn.Linear) else tensor
+
+
+def named_grad(model, layer, name):
+    """The ``.grad`` a public module name stands for, in (in, out) terms, composed from the model's own matrices as
+    the naming rule says (written here, not taken from the package): a gated MLP's ``mlp.in`` is gate and up side by
+    side; ``attn.qkv`` over separate matrices is q, k and v side by side; q, k or v inside a fused matrix is its
+    columns of it (GPT-2: three blocks; GPT-NeoX: q, k, v within each head)."""
+    adapter = get_adapter(model)
+
+    def own(part):
+        module = adapter.module(model, layer, part)
+        return in_out(module, module.weight.grad)
+
+    if name in adapter.modules:
+        return own(name)
+    if name == "mlp.in":
+        return torch.cat([own("mlp.gate"), own("mlp.up")], 1)
+    if name == "attn.qkv":
+        return torch.cat([own("attn.q"), own("attn.k"), own("attn.v")], 1)
+    fused, part = own("attn.qkv"), "qkv".index(name[-1])
+    d_in, d = fused.shape[0], fused.shape[1] // 3
+    if model.config.model_type == "gpt_neox":
+        heads = model.config.num_attention_heads
+        return fused.reshape(d_in, heads, 3, d // heads)[:, :, part].reshape(d_in, d)
+    return fused[:, part * d:(part + 1) * d]
 
 
 def autograd_weight_grads(model, tokenizer, prompts, targets, keys):
-    """Ordinary backward, one example at a time (no padding), parameter gradients accumulated; the loss written
-    independently of the package (tests/helpers.py), in the model's dtype promoted to at least float32."""
-    adapter = get_adapter(model)
+    """Ordinary backward, one example at a time (no padding), parameter gradients accumulated, per (layer, public
+    name) in (in, out) terms (:func:`named_grad`); the loss written independently of the package
+    (tests/helpers.py), in the model's dtype promoted to at least float32."""
     for p in model.parameters():
         p.grad = None
     for prompt, target in zip(prompts, targets):
         autograd_loss(model, tokenizer, prompt, target).backward()
-    return {key: adapter.weight(model, *key).grad.clone() for key in keys}
+    return {key: named_grad(model, *key).clone() for key in keys}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_weights_and_grads_in_in_out_terms_are_views_that_write_through(arch, tokenizer):
+    """``weight_io`` / ``grad_io``: every supported architecture's weights and ``.grad`` as (d_in, d_out) views of
+    the parameters (nn.Linear's transposed, Conv1D's as they are); a write to the view changes the model."""
+    model = make_tiny_model(arch, torch.float64)
+    ctx = blens_fast.bind(model, tokenizer)
+    module = ctx.module(0, "mlp.out")
+    assert ctx.grad_io(0, "mlp.out") is None
+    autograd_loss(model, tokenizer, PROMPTS[0], TARGETS[0]).backward()
+    weight, grad = ctx.weight_io(0, "mlp.out"), ctx.grad_io(0, "mlp.out")
+    assert torch.equal(weight, in_out(module, module.weight)) and torch.equal(grad, in_out(module, module.weight.grad))
+    assert weight.shape == grad.shape and weight.shape[1] == model.config.hidden_size  # mlp.out writes d values
+    before = float(weight.detach()[1, 0])
+    with torch.no_grad():
+        weight[1, 0] += 1.0
+    assert float(in_out(module, module.weight).detach()[1, 0]) == before + 1.0
 
 
 def relative_error(a, b):
@@ -34,6 +83,7 @@ def test_dense_equals_weight_grad_for_padded_batch(arch, dtype, tol, tokenizer):
         tol = 1e-6  # GPT-Neo computes attention scores in float32 whatever the model's dtype
     model = make_tiny_model(arch, dtype)
     cap = blens_fast.capture(model, tokenizer, PROMPTS, TARGETS, modules=ALL_MODULES)
+    assert cap.modules == ALL_MODULES  # every name as it was asked for, on every architecture
     keys = [(layer, module) for layer in cap.layers for module in cap.modules]
     expected = autograd_weight_grads(model, tokenizer, PROMPTS, TARGETS, keys)
     for key in keys:
@@ -79,15 +129,39 @@ def test_factor_shapes_and_token_counts(tokenizer):
         assert cap.delta[(1, "mlp.out")][i].shape == (t, 32)
 
 
-def test_module_name_resolution(tokenizer):
+def test_what_was_captured_is_asked_for_by_the_name_used(tokenizer):
+    """One naming rule: a capture holds the names it was asked for, and answers to them; other names are refused,
+    naming what it holds. GPT-2's attn.q is q's columns of the fused matrix; a gated MLP's mlp.in is gate and up
+    side by side (one input, read once)."""
     gpt2 = make_tiny_model("gpt2")
-    cap = blens_fast.capture(gpt2, tokenizer, "a b", "c", modules=("attn.q", "attn.v", "attn.o"))
-    assert cap.modules == ("attn.qkv", "attn.o")  # GPT-2 fuses q, k and v: reported as the fused matrix
-    assert cap.gradient(0, "attn.qkv").shape == (32, 96)
+    cap = blens_fast.capture(gpt2, tokenizer, "a b", "c", modules=("attn.q", "attn.v", "attn.o", "attn.q"))
+    assert cap.modules == ("attn.q", "attn.v", "attn.o")
+    assert cap.gradient(0, "attn.q").shape == cap.gradient(0, "attn.v").shape == (32, 32)
+    assert cap.x[(0, "attn.q")][0] is cap.x[(0, "attn.v")][0]  # the fused matrix's input, kept once
+    with pytest.raises(ValueError, match=r"^module 'attn.qkv' was not captured: captured attn.q, attn.v, attn.o"):
+        cap.gradient(0, "attn.qkv")
     llama = make_tiny_model("llama")
     cap = blens_fast.capture(llama, tokenizer, "a b", "c", modules=("mlp.in", "mlp.out"))
-    assert cap.modules == ("mlp.gate", "mlp.up", "mlp.out")
-    torch.testing.assert_close(cap.x[(0, "mlp.gate")][0], cap.x[(0, "mlp.up")][0])
+    assert cap.modules == ("mlp.in", "mlp.out") and cap.gradient(0, "mlp.in").shape == (32, 2 * 48)
+    with pytest.raises(ValueError, match=r"^module 'mlp.up' was not captured: captured mlp.in, mlp.out"):
+        cap.gradient(0, "mlp.up")
+    split = blens_fast.capture(llama, tokenizer, "a b", "c", modules=("mlp.gate", "mlp.up"))
+    torch.testing.assert_close(cap.gradient(1, "mlp.in").dense(), torch.cat(
+        [split.gradient(1, "mlp.gate").dense(), split.gradient(1, "mlp.up").dense()], 1))
+    with pytest.raises(ValueError, match=r"module 'mlp.gate' does not exist in GPT-2"):
+        blens_fast.capture(gpt2, tokenizer, "a b", "c", modules=("mlp.gate",))
+
+
+@pytest.mark.parametrize("arch,name,parts", [("llama", "mlp.in", "mlp.gate, mlp.up"),
+                                             ("gpt2", "attn.q", "columns of attn.qkv")])
+def test_a_name_that_is_not_one_matrix_has_no_weight_view(arch, name, parts, tokenizer):
+    """weight_io / grad_io are views of one parameter: a name made of several matrices (or of part of one) is
+    refused with the matrices it is made of."""
+    ctx = blens_fast.bind(make_tiny_model(arch), tokenizer)
+    for call in (ctx.weight_io, ctx.grad_io):
+        with pytest.raises(ValueError, match=rf"'{name}' is not one matrix of {ctx.adapter.name}: it is made of "
+                                             rf"{parts}"):
+            call(0, name)
 
 
 def test_requires_grad_and_grad_left_untouched_and_hooks_removed(tokenizer):

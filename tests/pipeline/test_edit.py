@@ -57,12 +57,19 @@ def ff2_input(model, tokenizer, prompt, layer):
     return kept["a"].reshape(ids.shape[1], -1)[-1].float()
 
 
+def in_out(model, layer, module, tensor):
+    """``tensor`` shaped like the module's weight, in (in, out) terms: ``nn.Linear`` stores its weight [out, in],
+    GPT-2's ``Conv1D`` [in, out] (written here from the module classes, not from the adapters)."""
+    owner = get_adapter(model).module(model, layer, module)
+    return tensor.T if isinstance(owner, nn.Linear) else tensor
+
+
 def token(tokenizer, text):
     return tokenizer(text)["input_ids"][0]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_paper_shift_is_the_outer_product_in_the_weights_layout_and_reverts_bit_for_bit(arch, tokenizer):
+def test_paper_shift_is_the_outer_product_in_in_out_terms_and_reverts_bit_for_bit(arch, tokenizer):
     model = tiny(arch)
     adapter = get_adapter(model)
     snap = snapshot(model)
@@ -71,8 +78,9 @@ def test_paper_shift_is_the_outer_product_in_the_weights_layout_and_reverts_bit_
     e = adapter.embedding_matrix(model)[token(tokenizer, TARGET)].float()
     result = edit(model, tokenizer, PROMPT, TARGET, layer=1, scale=0.5, skip_if_argmax=False)
     weight = adapter.weight(model, 1, "mlp.out")
-    expected = 0.5 * (torch.outer(a, e) if adapter.weight_layout == "in_out" else torch.outer(e, a))
-    torch.testing.assert_close(weight - snap[_state_name(model, weight)], expected, rtol=1e-4, atol=1e-6)
+    expected = 0.5 * torch.outer(a, e)  # d_ff x d
+    torch.testing.assert_close(in_out(model, 1, "mlp.out", weight - snap[_state_name(model, weight)]), expected,
+                               rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(result.delta(1, "mlp.out"), expected, rtol=1e-4, atol=1e-6)
     after = last_logits(model, tokenizer, PROMPT)
     t = token(tokenizer, TARGET)
@@ -109,12 +117,11 @@ def test_whitened_keys_answer_one_to_their_prompt_and_zero_to_the_other_edited_p
     texts = ["Paris is the capital of France", "The cat sat on the mat", "Hello world, this is a test",
              "Danielle Darrieux speaks French"] * 3
     whitening = ff2_whitening(model, tokenizer, 1, texts, file_cache=False, progress=False)
-    assert whitening.inverse.shape[0] == get_adapter(model).weight(model, 1, "mlp.out").shape[
-        0 if get_adapter(model).weight_layout == "in_out" else 1]
+    assert whitening.inverse.shape[0] == in_out(model, 1, "mlp.out", get_adapter(model).weight(model, 1, "mlp.out")
+                                                ).shape[0]
     prompts, targets = [PROMPT, OTHER[0]], [TARGET, OTHER[1]]
     result = edit(model, tokenizer, prompts, targets, layer=1, scale=2.0, whiten=whitening, skip_if_argmax=False)
-    delta = result.delta(1, "mlp.out")
-    delta = delta if get_adapter(model).weight_layout == "in_out" else delta.T  # [d_ff, d]
+    delta = result.delta(1, "mlp.out")  # [d_ff, d]
     embed = get_adapter(model).embedding_matrix(model)
     for i, prompt in enumerate(prompts):
         a = ff2_input(model, tokenizer, prompt, 1)  # the edit at layer 1 does not change layer 1's FF2 input
@@ -190,8 +197,9 @@ def test_save_load_round_trip_gives_the_same_weights(arch, method, tokenizer, tm
         Edit.load(tmp_path / "missing.safetensors")
 
 
-def test_gradient_step_equals_the_dense_normalised_step(tokenizer):
-    model = tiny("gpt2", torch.float64)
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_gradient_step_equals_the_dense_normalised_step(arch, tokenizer):
+    model = tiny(arch, torch.float64)
     adapter = get_adapter(model)
     weight = adapter.weight(model, 0, "mlp.out")
     original = weight.detach().clone()
@@ -367,6 +375,34 @@ def test_loading_a_damaged_or_foreign_file_is_a_value_error(tmp_path):
     for name in ("garbage", "foreign"):
         with pytest.raises(ValueError, match=f"{name}.safetensors' is not a readable blens_fast edit file"):
             Edit.load(tmp_path / f"{name}.safetensors")
+
+
+def test_an_edit_saved_in_the_weights_own_layout_is_refused_not_transposed(tokenizer, tmp_path):
+    """Format /2 held the factors in the weight's own layout ([out, in] for nn.Linear): read as (in, out) it would be
+    the transposed update, silently where the weight is square. It is refused, naming both formats."""
+    from safetensors.torch import save_file
+
+    square = torch.ones(1, 4), torch.arange(4.0)[None]
+    save_file({"update.0.left": square[0], "update.0.right": square[1]}, str(tmp_path / "old.safetensors"),
+              metadata={"format": "blens_fast.edit/2", "steps": '[{"layer": 0, "module": "mlp.out"}]'})
+    with pytest.raises(ValueError, match=r"old.safetensors' is not a readable blens_fast edit file \(format "
+                                         r"'blens_fast.edit/2', expected 'blens_fast.edit/3'\)"):
+        Edit.load(tmp_path / "old.safetensors")
+
+
+def test_an_update_of_the_wrong_shape_names_both_shapes_in_in_out_terms(tokenizer):
+    """The update is (d_in, d_out) whatever the weight's layout: a (d, d_ff) update of Llama's mlp.out (stored
+    [d, d_ff], (in, out) = (d_ff, d)) is refused, and the model is left as it was."""
+    model = tiny("llama")
+    snap = snapshot(model)
+    d, d_ff = model.config.hidden_size, model.config.intermediate_size
+    wrong = Edit([Update(1, "mlp.out", torch.ones(1, d), torch.ones(1, d_ff))])
+    with pytest.raises(ValueError, match=rf"has shape \({d}, {d_ff}\) \(d_in, d_out\) but the model's weight has "
+                                         rf"\({d_ff}, {d}\)"):
+        wrong.apply(model)
+    assert same_weights(model, snap) and not wrong.applied
+    with Edit([Update(1, "mlp.out", torch.ones(1, d_ff), torch.ones(1, d))]).apply(model):
+        assert torch.equal(model.model.layers[1].mlp.down_proj.weight, snap["model.layers.1.mlp.down_proj.weight"] + 1)
 
 
 def test_a_model_without_calibration_edits_with_the_documented_default(tokenizer):

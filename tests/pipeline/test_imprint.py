@@ -8,7 +8,9 @@ from tests.helpers import autograd_loss, make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT, TARGET = "The Eiffel Tower is located in the city of", " Rome"
-FF1 = {"gpt2": "transformer.h.{}.mlp.c_fc", "llama": "model.layers.{}.mlp.up_proj", "gptj": "transformer.h.{}.mlp.fc_in"}
+#: FF1 (mlp.in): a gated MLP's gate and up, side by side
+FF1 = {"gpt2": ["transformer.h.{}.mlp.c_fc"], "llama": ["model.layers.{}.mlp.gate_proj", "model.layers.{}.mlp.up_proj"],
+       "gptj": ["transformer.h.{}.mlp.fc_in"]}
 FF2 = {"gpt2": "transformer.h.{}.mlp.c_proj", "llama": "model.layers.{}.mlp.down_proj",
        "gptj": "transformer.h.{}.mlp.fc_out"}
 
@@ -24,9 +26,9 @@ def dense_sgd_update(model, tokenizer, arch, layer, lr):
         p.grad = None
     with torch.enable_grad():
         autograd_loss(model, tokenizer, PROMPT, TARGET).backward()
-    ff1 = model.get_submodule(FF1[arch].format(layer)).weight.grad
+    ff1 = torch.cat([io(arch, model.get_submodule(path.format(layer)).weight.grad) for path in FF1[arch]], 1)
     ff2 = model.get_submodule(FF2[arch].format(layer)).weight.grad
-    updates = -lr * io(arch, ff1).double(), -lr * io(arch, ff2).double()
+    updates = -lr * ff1.double(), -lr * io(arch, ff2).double()
     for p in model.parameters():
         p.grad = None
     return updates
@@ -37,8 +39,7 @@ def test_one_sgd_step_is_minus_lr_times_the_captured_gradient(arch, tokenizer):
     model = make_tiny_model(arch, torch.float64)
     ctx = bl.bind(model, tokenizer)
     cap = bl.capture(ctx, PROMPT, TARGET)
-    ff1 = ctx.resolve_modules("mlp.in")[-1]
-    weights = {m: ctx.weight(1, m) for m in (ff1, "mlp.out")}
+    weights = {path: model.get_submodule(path.format(1)).weight for path in (*FF1[arch], FF2[arch])}
     before = {m: w.detach().clone() for m, w in weights.items()}
     from blens_fast.imprint import _optimizer_step
 
@@ -47,8 +48,10 @@ def test_one_sgd_step_is_minus_lr_times_the_captured_gradient(arch, tokenizer):
     for w in weights.values():
         w.requires_grad_(True)
     _optimizer_step(ctx, ctx.tokenize([PROMPT], [TARGET]), torch.optim.SGD(list(weights.values()), lr=0.7))
-    for m, w in weights.items():
-        torch.testing.assert_close(w.detach() - before[m], -0.7 * cap.gradient(1, m).dense(), rtol=1e-9, atol=1e-12)
+    steps = {m: io(arch, w.detach() - before[m]) for m, w in weights.items()}
+    for module, paths in (("mlp.in", FF1[arch]), ("mlp.out", [FF2[arch]])):
+        torch.testing.assert_close(torch.cat([steps[path] for path in paths], 1),
+                                   -0.7 * cap.gradient(1, module).dense(), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -57,7 +60,7 @@ def test_report_quantities_equal_the_dense_computation(arch, tokenizer):
     lr = 0.5
     report = imprint_shift(model, tokenizer, PROMPT, TARGET, steps=1, lr=lr, layers=[0, 1], baseline_tokens=300)
     cap = bl.capture(model, tokenizer, PROMPT, TARGET)
-    ff1 = report.ff1_modules[-1]
+    ff1 = "mlp.in"
     target = tokenizer(TARGET)["input_ids"][0]
     unembedding = model.get_output_embeddings().weight.double()
     for li, layer in enumerate([0, 1]):
@@ -98,7 +101,7 @@ def test_the_model_comes_back_bit_for_bit_and_tables(tokenizer, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert model.lm_head.weight.grad is sentinel
-    assert report.ff1_modules == ("mlp.gate", "mlp.up") and report.steps == 2 and len(report.lens) == 3
+    assert set(report.imprint) == {(0, "mlp.in"), (1, "mlp.in")} and report.steps == 2 and len(report.lens) == 3
     frame = report.to_pandas()
     assert set(frame.quantity) == {"target_prob", "imprint", "key_match", "shift_cosine", "shift_baseline_mean",
                                    "shift_baseline_std", "shift_target_rank"}

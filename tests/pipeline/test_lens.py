@@ -4,17 +4,14 @@ import pytest
 import torch
 
 import blens_fast
-from blens_fast.lens import LISTS, lens
+from blens_fast.lens import lens
+from blens_fast.lists import LIST_NAMES
 from tests.helpers import ARCHITECTURES, lens_logits64, make_tiny_model, prompt_target_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT, TARGET = "The mother tongue of Danielle Darrieux is", " French"
 #: the paper's reading, written here rather than taken from the code under test: (factor, module part, descending?)
 PAPER_LISTS = {"ff1_top": ("x", "in", True), "ff2_bottom": ("delta", "out", False), "ff2_top": ("delta", "out", True)}
-
-
-def in_module(model):
-    return "mlp.up" if model.config.model_type in ("llama", "mistral", "qwen2") else "mlp.in"
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -25,10 +22,10 @@ def test_report_matches_full_logits(arch, tokenizer):
     cap = blens_fast.capture(model, tokenizer, PROMPT, TARGET)
     target_id = prompt_target_ids(tokenizer, PROMPT, TARGET)[1][0]
     assert report.target_token_id == target_id and report.target_token == TARGET
-    assert set(LISTS) == set(PAPER_LISTS)
+    assert set(LIST_NAMES) == set(PAPER_LISTS)
     checked = 0
     for name, (factor, part, descending) in PAPER_LISTS.items():
-        module = in_module(model) if part == "in" else "mlp.out"
+        module = f"mlp.{part}"  # a gated MLP's mlp.in reads the input gate and up share
         for li, layer in enumerate(report.layers):
             vectors = (cap.x if factor == "x" else cap.delta)[(layer, module)][0]
             logits = lens_logits64(model, vectors)
@@ -129,9 +126,9 @@ def test_tables_plots_html_and_notebook(tokenizer, tmp_path):
     frame = report.to_pandas()
     assert list(frame.columns) == ["layer", "module", "position", "input_token", "list", "rank", "token_id", "token",
                                    "logit", "prob", "degenerate"]
-    assert len(frame) == len(LISTS) * 2 * report.num_positions * 3
+    assert len(frame) == len(LIST_NAMES) * 2 * report.num_positions * 3
     ranks = report.target_rank_table()
-    assert len(ranks) == len(LISTS) * 2 * report.num_positions and ranks.target_rank.min() >= 1
+    assert len(ranks) == len(LIST_NAMES) * 2 * report.num_positions and ranks.target_rank.min() >= 1
     assert set(report.gradients.columns) == {"layer", "module", "tokens", "rank", "norm"}
     text = report.format()
     assert "layer 1" in text and "ff2_bottom" in text and repr(" French") in text
@@ -213,7 +210,7 @@ def test_tables_hold_each_cells_own_position_token_and_flag(tokenizer):
     frame, ranks = report.to_pandas(), report.target_rank_table()
     assert frame.index.equals(pd.RangeIndex(len(frame))) and ranks.index.equals(pd.RangeIndex(len(ranks)))
     assert bool(report.degenerate["ff2_bottom"].any()) and not bool(report.degenerate["ff2_bottom"].all())
-    for name in LISTS:
+    for name in LIST_NAMES:
         for li, layer in enumerate(report.layers):
             for position in range(report.num_positions):
                 cell = frame[(frame.list == name) & (frame.layer == layer) & (frame.position == position)]
@@ -224,3 +221,36 @@ def test_tables_hold_each_cells_own_position_token_and_flag(tokenizer):
                 assert len(row) == 1 and row.input_token.item() == report.tokens[position]
                 assert row.target_rank.item() == int(report.target_rank[name][li, position])
                 assert row.degenerate.item() == flag
+
+
+def test_every_table_names_a_gated_ff1_mlp_in(tokenizer, tmp_path):
+    """One naming rule for every table (issue 24): on a gated MLP the lens's token rows and gradient rows, the rank
+    table, the bulk Parquet rows and the statistics all say ``mlp.in``, whose gradient is gate and up side by side:
+    one norm, ``sqrt(||grad gate||^2 + ||grad up||^2)`` from ordinary autograd."""
+    import json
+
+    from blens_fast import bind, gradient_stats, project_dataset, rank, read_results
+    from tests.helpers import autograd_loss
+
+    model = make_tiny_model("llama", torch.float64)
+    autograd_loss(model, tokenizer, PROMPT, TARGET).backward()
+    mlps = [block.mlp for block in model.model.layers]
+    expected = [(mlp.gate_proj.weight.grad.norm() ** 2 + mlp.up_proj.weight.grad.norm() ** 2).sqrt().item()
+                for mlp in mlps]
+    model.zero_grad(set_to_none=True)
+    ctx = bind(model, tokenizer)
+    report = lens(ctx, PROMPT, TARGET, k=3)
+    assert set(report.to_pandas().module) == set(report.gradients.module) == {"mlp.in", "mlp.out"}
+    table = rank(ctx, [PROMPT], [TARGET], progress=False)
+    data = tmp_path / "facts.jsonl"
+    data.write_text(json.dumps({"id": "a", "prompt": PROMPT, "target": TARGET}) + "\n", encoding="utf-8")
+    rows = read_results(project_dataset(ctx, data, tmp_path / "out", k=3, progress=False))
+    stats = gradient_stats(ctx, [(PROMPT, TARGET)], modules=("mlp.in",), progress=False)
+    assert set(table.module) == set(rows.module) == {"mlp.in", "mlp.out"} and stats.modules == ("mlp.in",)
+    for layer, norm in enumerate(expected):
+        ff1 = lambda frame: frame[(frame.layer == layer) & (frame.module == "mlp.in")]  # noqa: E731
+        assert ff1(report.gradients).norm.item() == pytest.approx(norm, rel=1e-9)
+        assert ff1(table).norm.item() == pytest.approx(norm, rel=1e-9)
+        assert len(ff1(rows)) and ((ff1(rows).grad_norm - norm).abs() <= 1e-9 * norm).all()
+        assert stats.norms[(layer, "mlp.in")].item() == pytest.approx(norm, rel=1e-5)
+        assert stats[(layer, "mlp.in")].shape == (32, 2 * 48)

@@ -58,7 +58,7 @@ def test_streaming_sketch_tolerance_on_a_full_rank_sum():
     basis_u = torch.linalg.qr(torch.randn(p, p, generator=g, dtype=torch.float64)).Q
     basis_v = torch.linalg.qr(torch.randn(q, p, generator=g, dtype=torch.float64)).Q
     spectrum = 0.6 ** torch.arange(p, dtype=torch.float64)  # fast decay, as summed gradients show
-    acc = StatsAccumulator({(0, "mlp.out"): (p, q, "in_out")}, rank=4, impl="torch")
+    acc = StatsAccumulator({(0, "mlp.out"): (p, q)}, rank=4, impl="torch")
     total = torch.zeros(p, q, dtype=torch.float64)
     for chunk in torch.randperm(p, generator=g).split(6):  # each example holds 6 of the sum's components ...
         x = basis_u[:, chunk].T * spectrum[chunk, None]
@@ -93,7 +93,7 @@ def test_streaming_sketch_tolerance_on_a_full_rank_sum():
 def test_merged_states_equal_one_pass(tokenizer):
     model = make_tiny_model("gpt2")
     records = list(zip(PROMPTS, TARGETS))
-    keys = {(0, "mlp.in"): (32, 128, "in_out")}
+    keys = {(0, "mlp.in"): (32, 128)}
     whole = StatsAccumulator(keys, rank=2, impl="torch")
     halves = [StatsAccumulator(keys, rank=2, impl="torch") for _ in range(2)]
     for i in range(0, len(records), 2):
@@ -117,7 +117,7 @@ def test_merged_states_equal_one_pass(tokenizer):
 
 def test_saved_state_round_trips_and_refuses_damaged_files(tokenizer, tmp_path):
     model = make_tiny_model("gpt2")
-    keys = {(1, "mlp.out"): (128, 32, "in_out")}
+    keys = {(1, "mlp.out"): (128, 32)}
     acc = StatsAccumulator(keys, rank=2, impl="torch", seed=3)
     acc.update(capture(model, tokenizer, PROMPTS[:3], TARGETS[:3], layers=[1], modules=["mlp.out"]), ["a", "b", "c"])
     acc.save(tmp_path / "state.safetensors")
@@ -171,16 +171,20 @@ def test_argument_errors(tokenizer):
     assert sketch_sizes(8) == (17, 35, 8)
 
 
-def test_a_state_keeps_explicit_sizes_layouts_and_defaults(tokenizer, tmp_path):
-    """Non-default sketch sizes and an out_in module survive save/load; a state read back merges with a live one
-    (same settings and layouts); from_state defaults to the CPU and the automatic kernel choice."""
+def test_a_state_keeps_explicit_sizes_and_defaults(tokenizer, tmp_path):
+    """Non-default sketch sizes survive save/load; a state read back merges with a live one (same settings); a state
+    written before gradients were (in, out) everywhere (its modules name a weight layout) reads the same;
+    from_state defaults to the CPU and the automatic kernel choice."""
     model = make_tiny_model("gpt2")
-    keys = {(0, "mlp.in"): (32, 128, "out_in")}
+    keys = {(0, "mlp.in"): (32, 128)}
     acc = StatsAccumulator(keys, rank=2, sketch_size=6, cosketch_size=7, residual_size=3, impl="torch", seed=1)
     acc.update(capture(model, tokenizer, PROMPTS[:2], TARGETS[:2], layers=[0], modules=["mlp.in"]), ["a", "b"])
     back = StatsAccumulator.load(acc.save(tmp_path / "state.safetensors"), impl="torch")
     assert back.sizes == acc.sizes == (6, 7, 3) and back.impl == "torch"  # the default for rank 2: (5, 11, 8)
-    assert back.sketches[(0, "mlp.in")].layout == "out_in"
+    tensors, metadata = acc.state()
+    older = {**metadata, "modules": [{**m, "layout": "in_out"} for m in metadata["modules"]]}
+    assert torch.equal(StatsAccumulator.from_state(tensors, older).sketches[(0, "mlp.in")].y, acc.sketches[
+        (0, "mlp.in")].y)
     restored = StatsAccumulator.from_state(*acc.state())
     assert restored.device == torch.device("cpu") and restored.impl == "auto" and restored.sizes == (6, 7, 3)
     back.merge(acc)
@@ -191,7 +195,7 @@ def test_a_state_keeps_explicit_sizes_layouts_and_defaults(tokenizer, tmp_path):
 def test_state_of_an_empty_accumulator_and_files_without_statistics(tmp_path):
     from safetensors.torch import save_file
 
-    keys = {(0, "mlp.in"): (32, 128, "in_out")}
+    keys = {(0, "mlp.in"): (32, 128)}
     tensors, metadata = StatsAccumulator(keys, rank=2).state()
     assert tensors["m0.norms_sq"].dtype == torch.float64 and tensors["m0.norms_sq"].numel() == 0
     path = StatsAccumulator(keys, rank=2).save(tmp_path / "empty.safetensors")

@@ -37,7 +37,7 @@ block sizes, warps, pipeline stages and the tile order, keyed on ``d``, ``V``, `
 configuration (:func:`_config`), so interpreted runs stay fast and give the same results as before.
 
 :func:`triton_topk` returns ``(top_values, top_indices, bottom_values, bottom_indices, logsumexp,
-target_counts)``, the fields of :class:`blens_fast.ops.reference.Lists` (``None`` where not asked for).
+target_counts)``, the fields of :class:`blens_fast.ops.topk_reference.Selection` (``None`` where not asked for).
 """
 from __future__ import annotations
 

@@ -2,13 +2,13 @@
 
 Every fast path in :mod:`blens_fast.ops.topk` is tested against these. Two flavours:
 
-* :func:`naive_lists` materialises the full ``N x V`` logits (the thing the fused kernels avoid);
-* :func:`chunked_lists` does the same work ``chunk_rows`` rows at a time, so memory is bounded by one
+* :func:`naive_selection` materialises the full ``N x V`` logits (the thing the fused kernels avoid);
+* :func:`chunked_selection` does the same work ``chunk_rows`` rows at a time, so memory is bounded by one
   ``chunk_rows x V`` block.
 
-Each returns :class:`Lists`: the top-k and/or bottom-k, the log-sum-exp, and the target's counts (for its
-rank) that one pass yields. Both implement the package-wide selection rule exactly: values sorted (descending for ``largest``,
-ascending otherwise), **ties go to the lower vocabulary index** (``torch.topk`` itself does not
+Each returns a :class:`Selection`: the top-k and/or bottom-k, the log-sum-exp, and the target's counts (for its
+rank) that one pass yields. Both implement the package-wide selection rule exactly: values sorted (descending for
+``largest``, ascending otherwise), **ties go to the lower vocabulary index** (``torch.topk`` itself does not
 promise that on the CPU, so rows whose k-th value is tied outside the selection are re-selected
 with a stable sort), and the log-sum-exp of the whole row. Logits are float32 sums of the exact products of the
 inputs whatever their dtype (16-bit inputs are upcast, never multiplied by a GEMM that rounds its output to 16 bits):
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-#: Elements (rows x V) of one logits chunk in :func:`chunked_lists`: 2**24 float32 = 64 MiB.
+#: Elements (rows x V) of one logits chunk in :func:`chunked_selection`: 2**24 float32 = 64 MiB.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -96,7 +96,7 @@ def _order_by_value_then_index(values, indices, largest):
     return values.gather(-1, by_value), indices.gather(-1, by_value)
 
 
-class Lists(NamedTuple):
+class Selection(NamedTuple):
     """What one pass over the vocabulary returns per row (``None`` where not requested).
 
     ``top_*`` / ``bottom_*``: ``N x k`` (values float32, sorted best first; indices int64);
@@ -104,7 +104,7 @@ class Lists(NamedTuple):
     (tokens with a greater logit than the target's, with a smaller one, with an equal one and a lower
     index), never counting the target's own column. The target's 1-based rank is
     ``greater + equal_lower + 1`` from the top and ``less + equal_lower + 1`` from the bottom, the
-    positions it has in the sorted lists under the lower-index-wins tie rule.
+    positions it has in the sorted selections under the lower-index-wins tie rule.
     """
 
     top_values: torch.Tensor | None
@@ -117,7 +117,7 @@ class Lists(NamedTuple):
 
 def target_counts(logits: torch.Tensor, target_ids: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """``N x 3`` int64 (greater, less, equal with a lower index) of each row's logits against its target's logit
-    ``target_logits[i]``, skipping the target's own column ``target_ids[i]`` (see :class:`Lists`)."""
+    ``target_logits[i]``, skipping the target's own column ``target_ids[i]`` (see :class:`Selection`)."""
     cols = torch.arange(logits.shape[1], device=logits.device)[None, :]
     ids, tau = target_ids[:, None], target_logits.float()[:, None]
     other = cols != ids
@@ -127,30 +127,30 @@ def target_counts(logits: torch.Tensor, target_ids: torch.Tensor, target_logits:
     return torch.stack([greater, less, equal_lower], dim=1)
 
 
-def select_lists(logits: torch.Tensor, k: int, *, top: bool, bottom: bool, target_ids=None,
-                 target_logits=None) -> Lists:
+def select(logits: torch.Tensor, k: int, *, top: bool, bottom: bool, target_ids=None,
+                 target_logits=None) -> Selection:
     """The requested selections, log-sum-exp and target counts of float32 ``logits`` (rows x V)."""
     tv, ti = select_topk(logits, k, True) if top else (None, None)
     bv, bi = select_topk(logits, k, False) if bottom else (None, None)
     counts = target_counts(logits, target_ids, target_logits) if target_ids is not None else None
-    return Lists(tv, ti, bv, bi, torch.logsumexp(logits, dim=-1), counts)
+    return Selection(tv, ti, bv, bi, torch.logsumexp(logits, dim=-1), counts)
 
 
-def naive_lists(hidden, weight, bias, *, k: int, top: bool, bottom: bool, target_ids=None,
-                target_logits=None) -> Lists:
-    """Full ``N x V`` logits, then :func:`select_lists`."""
-    return select_lists(logits_block(hidden, weight, bias), k, top=top, bottom=bottom, target_ids=target_ids,
+def naive_selection(hidden, weight, bias, *, k: int, top: bool, bottom: bool, target_ids=None,
+                target_logits=None) -> Selection:
+    """Full ``N x V`` logits, then :func:`select`."""
+    return select(logits_block(hidden, weight, bias), k, top=top, bottom=bottom, target_ids=target_ids,
                         target_logits=target_logits)
 
 
-def cat_lists(parts: list[Lists]) -> Lists:
-    """Row-wise concatenation of :class:`Lists`."""
-    return Lists(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*parts)))
+def cat_selections(parts: list[Selection]) -> Selection:
+    """Row-wise concatenation of :class:`Selection`."""
+    return Selection(*(None if fields[0] is None else torch.cat(fields) for fields in zip(*parts)))
 
 
-def chunked_lists(hidden, weight, bias, *, k: int, top: bool, bottom: bool, target_ids=None, target_logits=None,
-                  chunk_rows: int | None = None, normalize=None) -> Lists:
-    """:func:`naive_lists` ``chunk_rows`` rows at a time (memory bounded by one chunk of logits); ``normalize``
+def chunked_selection(hidden, weight, bias, *, k: int, top: bool, bottom: bool, target_ids=None, target_logits=None,
+                  chunk_rows: int | None = None, normalize=None) -> Selection:
+    """:func:`naive_selection` ``chunk_rows`` rows at a time (memory bounded by one chunk of logits); ``normalize``
     (a callable on a chunk of rows) is applied to each chunk first."""
     n, v = hidden.shape[0], weight.shape[0]
     if chunk_rows is None:
@@ -159,10 +159,10 @@ def chunked_lists(hidden, weight, bias, *, k: int, top: bool, bottom: bool, targ
     for start in range(0, max(n, 1), chunk_rows):
         rows = slice(start, start + chunk_rows)
         h = hidden[rows] if normalize is None else normalize(hidden[rows]).to(weight.dtype)
-        parts.append(naive_lists(h, weight, bias, k=k, top=top, bottom=bottom,
+        parts.append(naive_selection(h, weight, bias, k=k, top=top, bottom=bottom,
                                  target_ids=None if target_ids is None else target_ids[rows],
                                  target_logits=None if target_logits is None else target_logits[rows]))
-    return cat_lists(parts)
+    return cat_selections(parts)
 
 
 def row_norm_coefficients(hidden: torch.Tensor, norm_kind, eps: float, unit: bool,

@@ -6,7 +6,7 @@ projection's inputs and ``retain_grad`` keeping the output projection's output g
 ``torch.linalg.matrix_rank`` and ``matrix_norm`` of each dense ``weight.grad``, and the lens through the full logits
 ``lm_head(final_norm(vectors))`` (an ``N x V`` float32 matrix, float64 for float64 models) with ``torch.topk``. It
 shares no code with the library's batching, capture, lens or kernels (the model context only says where the modules
-are), so that agreeing with it means something.
+are, and which of them a name stands for side by side), so that agreeing with it means something.
 
 Gradient ranks follow one rule for every dtype (:class:`RankRule`): ``matrix_rank``'s default, raised to the
 rounding floor of the dtype the gradient is held in, the only part of a 16-bit gradient's spectrum that is resolved.
@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from .context import ModelContext, with_context
 from .forward import eval_mode
+from .lists import BY_NAME, LENS_MODULES, LIST_NAMES, by_factor
 
-#: list name -> (the factor it reads, largest first?): FF1's forward inputs, FF2's output gradients (VJPs)
-LIST_FACTORS = {"ff1_top": ("x", True), "ff2_bottom": ("delta", False), "ff2_top": ("delta", True)}
 #: Two target ranks may differ by the number of tokens whose logit lies within this fraction of the row's largest
 #: |logit| of the target's: rounding, batching and threads move those (:attr:`TokenList.target_slack`).
 RANK_TOLERANCE = 1e-5
@@ -109,10 +108,10 @@ class Backward:
 
 @dataclass(frozen=True)
 class ReferenceLens:
-    """The Backward Lens of one (prompt, target), the plain way: per layer and module (FF1's input projection, then
-    ``mlp.out``) the dense gradient's ``ranks`` (``layers x 2``, :class:`RankRule`) and Frobenius ``norms``; per list
-    of :data:`LIST_FACTORS` a :class:`TokenList` of ``layers x T`` rows (ordered layer, position), ranking the
-    target's first token; and the vectors it read (``backward``)."""
+    """The Backward Lens of one (prompt, target), the plain way: per layer and module (``mlp.in``, then ``mlp.out``)
+    the dense gradient's ``ranks`` (``layers x 2``, :class:`RankRule`) and Frobenius ``norms``; per list of
+    :data:`~blens_fast.lists.LISTS` a :class:`TokenList` of ``layers x T`` rows (ordered layer, position), ranking
+    the target's first token; and the vectors it read (``backward``)."""
 
     layers: tuple[int, ...]
     modules: tuple[str, str]
@@ -131,11 +130,6 @@ def tokenize(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]
     (without them)."""
     target = target if target[:1].isspace() else " " + target
     return list(tokenizer(prompt)["input_ids"]), list(tokenizer(target, add_special_tokens=False)["input_ids"])
-
-
-def mlp_modules(ctx: ModelContext) -> tuple[str, str]:
-    """The modules the lens reads: the MLP input projection (``mlp.up`` in a gated MLP) and ``mlp.out``."""
-    return ctx.adapter.ff1_module, "mlp.out"
 
 
 @contextmanager
@@ -158,7 +152,7 @@ def backward(ctx: ModelContext, prompt: str, target: str, layers: Sequence[int])
     model, tokenizer = ctx.model, ctx.require_tokenizer()
     prompt_ids, target_ids = tokenize(tokenizer, prompt, target)
     ids = prompt_ids + target_ids[:-1]
-    ff1, ff2 = mlp_modules(ctx)
+    ff1 = ctx.module_parts("mlp.in").parts[0]  # a gated MLP's gate and up read the same input
     inputs, outputs = {}, {}
 
     def keep_input(layer):
@@ -173,8 +167,8 @@ def backward(ctx: ModelContext, prompt: str, target: str, layers: Sequence[int])
         return hook
 
     hooks = {**{(layer, ff1): keep_input(layer) for layer in layers},
-             **{(layer, ff2): keep_output_grad(layer) for layer in layers}}
-    weights = [ctx.weight(layer, name) for layer in layers for name in (ff1, ff2)]
+             **{(layer, "mlp.out"): keep_output_grad(layer) for layer in layers}}
+    weights = [ctx.weight(layer, name) for layer in layers for name in ctx.resolve_modules(LENS_MODULES)]
     device = ctx.device
     with ctx.hooks(forward=hooks), eval_mode(model), _requiring_grad(weights), torch.enable_grad():
         logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0]
@@ -189,15 +183,15 @@ def backward(ctx: ModelContext, prompt: str, target: str, layers: Sequence[int])
 
 
 def gradient_ranks_and_norms(ctx: ModelContext, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ranks, norms)``, ``layers x 2`` each, of the dense ``.grad`` of the modules of :func:`mlp_modules`:
-    ``matrix_norm`` and ``matrix_rank`` (:class:`RankRule` of the gradient's dtype) of a float32 copy (16-bit
-    gradients; float64 stays float64)."""
-    modules = mlp_modules(ctx)
-    ranks = torch.zeros(len(layers), len(modules), dtype=torch.long)
-    norms = torch.zeros(len(layers), len(modules), dtype=torch.float64)
+    """``(ranks, norms)``, ``layers x 2`` each, of the dense ``.grad`` of the lens's modules (``mlp.in``: a gated
+    MLP's gate and up side by side; ``mlp.out``): ``matrix_norm`` and ``matrix_rank`` (:class:`RankRule` of the
+    gradient's dtype) of a float32 copy (16-bit gradients; float64 stays float64)."""
+    ranks = torch.zeros(len(layers), len(LENS_MODULES), dtype=torch.long)
+    norms = torch.zeros(len(layers), len(LENS_MODULES), dtype=torch.float64)
     for li, layer in enumerate(layers):
-        for mi, module in enumerate(modules):
-            grad = ctx.weight(layer, module).grad
+        for mi, module in enumerate(LENS_MODULES):
+            found = ctx.module_parts(module)
+            grad = found.join({part: ctx.grad_io(layer, part) for part in found.parts})
             dense = grad.to(torch.promote_types(grad.dtype, torch.float32))
             norm = torch.linalg.matrix_norm(dense)
             ranks[li, mi] = RankRule.for_gradient(grad.dtype, grad.shape).matrix_rank(dense, norm)
@@ -221,8 +215,8 @@ def _topk(logits: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, to
 
 def token_lists(ctx: ModelContext, vectors: torch.Tensor, target_id: int, names: Sequence[str], *, k: int,
                 unit_norm: bool = False) -> dict[str, TokenList]:
-    """The lists ``names`` (of :data:`LIST_FACTORS`, all reading ``vectors``, ``N x d``) through the full logits
-    ``lm_head(final_norm(vectors))``: the model's own modules, the unembedding's product in float32 (float64 for
+    """The lists ``names`` (of :data:`~blens_fast.lists.LISTS`, all reading ``vectors``, ``N x d``) through the full
+    logits ``lm_head(final_norm(vectors))``: the model's own modules, the unembedding's product in float32 (float64 for
     float64 models); ``unit_norm`` scales each vector to unit length first."""
     model, adapter = ctx.model, ctx.adapter
     head = model.get_submodule(adapter.unembedding)
@@ -238,7 +232,7 @@ def token_lists(ctx: ModelContext, vectors: torch.Tensor, target_id: int, names:
     degenerate = (vectors == 0).all(-1) | (logits.amax(-1) == logits.amin(-1))
     found = {}
     for name in names:
-        largest = LIST_FACTORS[name][1]
+        largest = BY_NAME[name].largest
         values, indices = _topk(logits, k, largest)
         ahead = (logits > at_target) if largest else (logits < at_target)
         rank = (ahead | ((logits == at_target) & lower_id)).sum(-1) + 1
@@ -261,9 +255,8 @@ def reference_lens(ctx: ModelContext, prompt: str, target: str, *, layers=None, 
         ctx.model.zero_grad(set_to_none=True)
     with stage("projection"):
         lists = {}
-        for factor in ("x", "delta"):
+        for (_, factor), names in by_factor().items():
             vectors = getattr(found, factor)
-            names = [name for name, (read, _) in LIST_FACTORS.items() if read == factor]
             lists.update(token_lists(ctx, vectors.reshape(-1, vectors.shape[-1]), found.target_ids[0], names, k=k,
                                      unit_norm=unit_norm))
-    return ReferenceLens(layers, mlp_modules(ctx), ranks, norms, {name: lists[name] for name in LIST_FACTORS}, found)
+    return ReferenceLens(layers, LENS_MODULES, ranks, norms, {name: lists[name] for name in LIST_NAMES}, found)

@@ -1,12 +1,13 @@
-"""The reference pipeline (blens_fast.reference) against capture + lens on tiny models of several architectures, its
-rank rule, and 16-bit benches that agree for the right reason."""
+"""The reference pipeline (blens_fast.lens_reference) against capture + lens on tiny models of several architectures,
+its rank rule, and 16-bit benches that agree for the right reason."""
 import pytest
 import torch
 
 from blens_fast import bind, capture
 from blens_fast.bench import BenchConfig, run_bench
 from blens_fast.lens import lens_lists
-from blens_fast.reference import LIST_FACTORS, RankRule, backward, mlp_modules, reference_lens
+from blens_fast.lens_reference import RankRule, backward, reference_lens
+from blens_fast.lists import LENS_MODULES, LIST_NAMES
 
 from ..helpers import ARCHITECTURES, make_tiny_model
 
@@ -37,14 +38,16 @@ def test_gradient_ranks_and_norms_equal_those_of_the_factors(ctx):
 
 def test_dense_gradients_and_vectors_equal_the_capture(ctx):
     layers = ctx.check_layers(None)
-    modules = mlp_modules(ctx)
+    modules = LENS_MODULES
     ctx.model.zero_grad(set_to_none=True)
     found = backward(ctx, PROMPT, TARGET, layers)
     try:
         cap = capture(ctx, [PROMPT], [TARGET], modules=modules)
         for layer in layers:
             for module in modules:
-                assert_close(ctx.weight(layer, module).grad, cap.gradient(layer, module, 0).dense())
+                found_parts = ctx.module_parts(module)  # a gated MLP's mlp.in: gate and up side by side
+                dense = found_parts.join({part: ctx.grad_io(layer, part) for part in found_parts.parts})
+                assert_close(dense, cap.gradient(layer, module, 0).dense())
     finally:
         ctx.model.zero_grad(set_to_none=True)
     assert_close(found.x, torch.stack([cap.x[(layer, modules[0])][0] for layer in layers]))
@@ -56,7 +59,7 @@ def test_dense_gradients_and_vectors_equal_the_capture(ctx):
 def test_token_lists_equal_the_fused_lens_on_nondegenerate_rows(ctx, unit_norm):
     found = reference_lens(ctx, PROMPT, TARGET, k=8, unit_norm=unit_norm)
     fused = lens_lists(ctx, capture(ctx, [PROMPT], [TARGET]), k=8, unit_norm=unit_norm, impl="auto")
-    for name in LIST_FACTORS:
+    for name in LIST_NAMES:
         reference = found.lists[name]
         indices, values, _, target_ranks, degenerate = fused[name]
         assert torch.equal(reference.degenerate, degenerate), name
