@@ -177,8 +177,8 @@ class Edit:
                     why = str(error)
                 else:
                     if tuple(weight.shape) != u.shape:
-                        why = (f"its update of {u.module!r} at layer {u.layer} has shape {u.shape} (d_in, d_out) but "
-                               f"the model's weight has {tuple(weight.shape)}")
+                        why = (f"its update of {u.module!r} at layer {u.layer} has shape {u.shape} but the model's "
+                               f"weight has shape {tuple(weight.shape)} (both d_in x d_out)")
                     weights[(u.layer, u.module)] = weight
             if why is not None:
                 raise ValueError(f"{self._what()}: step {i} cannot be applied: {why}")

@@ -397,8 +397,8 @@ def test_an_update_of_the_wrong_shape_names_both_shapes_in_in_out_terms(tokenize
     snap = snapshot(model)
     d, d_ff = model.config.hidden_size, model.config.intermediate_size
     wrong = Edit([Update(1, "mlp.out", torch.ones(1, d), torch.ones(1, d_ff))])
-    with pytest.raises(ValueError, match=rf"has shape \({d}, {d_ff}\) \(d_in, d_out\) but the model's weight has "
-                                         rf"\({d_ff}, {d}\)"):
+    with pytest.raises(ValueError, match=rf"has shape \({d}, {d_ff}\) but the model's weight has shape "
+                                         rf"\({d_ff}, {d}\) \(both d_in x d_out\)"):
         wrong.apply(model)
     assert same_weights(model, snap) and not wrong.applied
     with Edit([Update(1, "mlp.out", torch.ones(1, d_ff), torch.ones(1, d))]).apply(model):
