@@ -58,7 +58,8 @@ while [ $# -gt 0 ]; do
 done
 SELECTED=()
 for stage in ${STAGES//,/ }; do
-  [[ " $ALL_STAGES " == *" $stage "* ]] || fail_usage "--stages: unknown stage '$stage' (expected some of ${ALL_STAGES// /,})"
+  [[ " $ALL_STAGES " == *" $stage "* ]] \
+    || fail_usage "--stages: unknown stage '$stage' (expected some of ${ALL_STAGES// /,})"
   SELECTED+=("$stage")
 done
 [ ${#SELECTED[@]} -gt 0 ] || fail_usage "--stages: no stage given"
@@ -153,7 +154,8 @@ stage_build() {
   fi
   step 60 build_check.log "$PY" -c "import torch, blens_fast._C, blens_fast._C_cuda as ext
 w = torch.zeros(256, 64, dtype=torch.bfloat16, device='cuda')
-print('extensions ok; CUDA projection variants:', list(ext.topk_variants()), 'auto for bf16:', ext.topk_auto_variant(w))" \
+print('extensions ok; CUDA projection variants:', list(ext.topk_variants()),
+      'auto for bf16:', ext.topk_auto_variant(w))" \
     || rc=$?
   if [ "$DRY" = 0 ]; then
     echo "ptxas resources of the projection kernels:"

@@ -53,7 +53,8 @@ def field(result, name):
 def assert_same_rows(result, reference, rows, label):
     for name in FIELDS:
         got, want = field(result, name), field(reference, name)[rows]
-        assert torch.equal(got, want), f"{label}: {name} differs in {int((got != want).reshape(len(got), -1).any(1).sum())} rows"
+        differing = int((got != want).reshape(len(got), -1).any(1).sum())
+        assert torch.equal(got, want), f"{label}: {name} differs in {differing} rows"
 
 
 @pytest.mark.parametrize("prologue_kind", [None, "layernorm", "rmsnorm"])
