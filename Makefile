@@ -7,7 +7,7 @@ DEMO_OUT ?= out/demo
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt setup.py $(wildcard csrc/cpu/*.cpp)
+$(STAMP): requirements.txt setup.py blens_fast/ops/build_flags.py $(wildcard csrc/cpu/*.cpp csrc/cpu/*.h)
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -r requirements.txt
 	$(PYTHON) -m pip install --no-build-isolation -e .

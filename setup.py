@@ -8,10 +8,13 @@ CUDA build and nvcc is found (CUDA_HOME); set BLENS_FAST_NO_CUDA=1 to skip it. I
 import glob
 import os
 import re
+import runpy
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# the one definition of the compiler flags, shared with the JIT build (blens_fast/ops/_extension.py)
+FLAGS = runpy.run_path(os.path.join(ROOT, "blens_fast", "ops", "build_flags.py"))
 
 
 def _extensions():
@@ -21,17 +24,13 @@ def _extensions():
     except ImportError as exc:  # pragma: no cover - needs torch at build time
         raise RuntimeError("blens_fast needs torch installed before building: "
                            "pip install torch, then pip install --no-build-isolation -e .") from exc
-    # portable flags only: no -march=native (the SIMD paths are chosen at run time in the sources)
-    cxx = ["-O3", "-fopenmp"]  # the C++ standard is torch's own default
     exts = [CppExtension("blens_fast._C", sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
-                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+                         extra_compile_args={"cxx": FLAGS["CPU_CXX_FLAGS"]}, extra_link_args=FLAGS["CPU_LINK_FLAGS"])]
     if torch.version.cuda and CUDA_HOME is not None and not os.environ.get("BLENS_FAST_NO_CUDA"):
         sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) +
                          glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         exts.append(CUDAExtension("blens_fast._C_cuda", sources,
-                                  extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc}))
+                                  extra_compile_args={"cxx": FLAGS["CUDA_CXX_FLAGS"], "nvcc": FLAGS["NVCC_FLAGS"]}))
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -304,7 +304,7 @@ def main(argv=None) -> int:
         gpu = "cpu_smoke"
     else:
         if not torch.cuda.is_available():
-            print("bench_gpu_roofline: no CUDA GPU here. Run it on a GPU machine (benchmarks/gpu_issue15.sh), or "
+            print("bench_gpu_roofline: no CUDA GPU here. Run it on a GPU machine (benchmarks/gpu_check.sh), or "
                   "use --smoke for a tiny CPU run of the plumbing.", file=sys.stderr)
             return 2
         device = torch.device("cuda")

@@ -12,6 +12,8 @@ import importlib
 import os
 from pathlib import Path
 
+from .build_flags import CPU_CXX_FLAGS, CPU_LINK_FLAGS
+
 _LOADED: dict[str, object] = {}
 _ERRORS: dict[str, str] = {}
 
@@ -37,7 +39,7 @@ def _jit_build_cpu():
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name="blens_fast_C", sources=[str(p) for p in CPU_SOURCES],
-                              extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                              extra_cflags=CPU_CXX_FLAGS, extra_ldflags=CPU_LINK_FLAGS,
                               build_directory=str(folder), verbose=False)
 
 

@@ -7,8 +7,9 @@ one pass). Arguments are checked here; the kernels live in their own files:
 ========== ==========================================================================================
 ``torch``  reference: chunked float32 ``matmul`` + ``torch.topk`` (memory bounded by one chunk of logits)
 ``naive``  the full ``N x V`` logits + selection (comparison only)
-``cpu``    C++ (``csrc/cpu/topk_cpu.cpp``): cache-sized blocks, each block's GEMM through torch's BLAS,
-           then a threshold selection and online log-sum-exp while the block is hot
+``cpu``    C++ (``csrc/cpu/topk_kernel.cpp``): cache-sized blocks, each block's logits from the kernel's own
+           exact GEMM (a row's results never depend on the threads or the other rows), then a threshold
+           selection and online log-sum-exp while the block is hot
 ``triton`` Triton (``ops/triton/topk.py``): GEMM tiles, per-tile top-k merged into a running top-k
 ``cuda``   CUDA (``csrc/cuda/``): tensor-core tile GEMM + warp-level top-k, the variant the binding picks
            for the weight and the GPU (``wgmma``, else ``mma``, else ``simple``); ``cuda:simple``,
@@ -226,8 +227,9 @@ class Prologue:
 
 @dataclass(frozen=True)
 class CpuTuning:
-    """Block sizes and GEMM mode of the C++ kernel (0 = chosen from the shapes; ``gemm_mode`` 1: float32 GEMM on
-    upcast 16-bit blocks, 2: the 16-bit batch-reduce GEMM with float32 output; see csrc/cpu/topk_cpu.cpp)."""
+    """Block sizes and GEMM mode of the C++ kernel (0 = chosen from the shapes; ``gemm_mode`` 1: the exact float32
+    GEMM on upcast 16-bit blocks, 2: the native 16-bit batch-reduce GEMM with float32 output; see
+    csrc/cpu/topk_kernel.cpp)."""
 
     block_rows: int = 0
     block_vocab: int = 0
@@ -263,8 +265,9 @@ def topk_bottomk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     **one** pass over the vocabulary (one GEMM): a :class:`TopBottomK`.
 
     ``targets``: token ids shaped like ``hidden``'s leading dimensions (or one id for every row), or None.
-    Arguments otherwise as in :func:`topk_logits`. A target's rank is exact up to float32 rounding: its logit
-    is computed on its own, so tokens within rounding of it may fall either way.
+    Arguments otherwise as in :func:`topk_logits`. A target's rank is exact on the C++ path's exact GEMM (its logit
+    is the pass's own dot product); elsewhere up to float32 rounding: its logit is computed on its own, so tokens
+    within rounding of it may fall either way.
     """
     hidden, weight, bias, k, lead = check_projection(hidden, weight, bias, k, impl, top=top, bottom=bottom)
     if hidden.dtype != weight.dtype:
@@ -336,10 +339,16 @@ def check_projection(hidden, weight, bias, k, impl, *, top=True, bottom=False):
     return hidden.reshape(-1, d), weight, bias, k, lead
 
 
-def target_logits(hidden, weight, bias, targets, prologue, chunk_rows: int = 1024) -> torch.Tensor:
+def target_logits(hidden, weight, bias, targets, prologue, impl: str = "torch",
+                  chunk_rows: int = 1024) -> torch.Tensor:
     """Each row's logit for its target, the way the kernels compute logits: the row normalised by the prologue
     and rounded to the weight dtype, times the target's weight row, in float32 (+ bias); ``chunk_rows`` rows at
-    a time (float32 temporaries stay small)."""
+    a time (float32 temporaries stay small). ``impl="cpu"``: the C++ kernel's own dot product, bit for bit the logit
+    its pass computes for that column (so the target's rank is exact); otherwise equal up to float32 rounding."""
+    if impl == "cpu":
+        from . import _extension
+
+        return _extension.extension("cpu").target_logits(hidden, weight, bias, *_prologue_args(prologue), targets)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_rows):
         rows = slice(start, start + chunk_rows)
@@ -358,7 +367,7 @@ def run_projection(hidden, weight, bias, k, impl, lead, *, top, bottom, targets,
                           aligned_rows=_aligned_rows(weight))
     tuning = tuning or CpuTuning()
     with torch.no_grad():
-        tau = target_logits(hidden, weight, bias, targets, prologue) if targets is not None else None
+        tau = target_logits(hidden, weight, bias, targets, prologue, chosen.name) if targets is not None else None
         p = prologue
         outputs = torch.ops.blens_fast.topk_bottomk(
             hidden, weight, bias, *((p.a, p.c, p.norm_weight, p.norm_bias) if p else (None,) * 4),

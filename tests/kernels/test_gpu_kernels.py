@@ -9,7 +9,7 @@
   weights, forced vocabulary splits and block groups (the cross-split threshold), N x V > 2^31;
 * random inputs: a valid top-k of the float64 truth within the fair bar (the same-dtype torch error + eps).
 
-Run on the GPU machine: ``python -m pytest -q tests/kernels/test_gpu_kernels.py`` (benchmarks/gpu_issue15.sh).
+Run on the GPU machine: ``python -m pytest -q tests/kernels/test_gpu_kernels.py`` (the tests stage of benchmarks/gpu_check.sh).
 """
 import importlib
 
