@@ -61,13 +61,13 @@ def throughput(args) -> dict:
     from blens_fast.bulk.records import Fields, open_source
     from blens_fast.bulk.run import ShardWorker, batches_by_length, build_spec
     from blens_fast.capture import loss_logits
-    from blens_fast.commands._common import parse_layers
+    from blens_fast._checks import parse_layers
     from blens_fast.context import load_model
 
     torch.set_num_threads(args.threads)
     ctx = load_model(args.model)
     source = open_source(counterfact_records(args.records))
-    spec = build_spec(ctx, source, Fields(), layers=parse_layers(args.layers), modules=("mlp.in", "mlp.out"),
+    spec = build_spec(ctx, source, Fields(), layers=parse_layers(args.layers, "--layers"), modules=("mlp.in", "mlp.out"),
                       k=args.k, batch_size=args.batch_size, max_tokens=None, shard_size=args.records, skip_bad=False,
                       unit_norm=False, impl="auto", stats=False, stats_rank=8, stats_seed=0)
     worker = ShardWorker(ctx, spec, source)

@@ -20,6 +20,24 @@ def cache_dir() -> Path:
     return Path(base) / "blens_fast"
 
 
+def make_folder(path, name: str = "output folder") -> Path:
+    """Create the folder ``path`` (and its parents) if needed and check it can be written: a ``ValueError`` naming
+    ``name``, the folder and why otherwise (never a bare errno)."""
+    folder = Path(path)
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{name} {str(path)!r} cannot be created: {error.strerror or error}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {str(path)!r} is not writable")
+    return folder
+
+
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 

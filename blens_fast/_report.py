@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write_json, atomic_write_text
+from ._io import atomic_write_json, atomic_write_text, make_folder
 
 
 def markdown_table(rows, *, columns: Sequence[str] | None = None, index: bool = False, floatfmt: str = ".4g") -> str:
@@ -52,7 +52,7 @@ def figure_png(fig, dpi: int = 120) -> bytes:
 def write_file(path, data: bytes | str) -> Path:
     """Write ``data`` to ``path``, creating its folder; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     if isinstance(data, str):
         path.write_text(data, encoding="utf-8")
     else:
@@ -92,8 +92,7 @@ def write_result(directory, name: str, result: Mapping, *, table_key: str | None
                  echo: bool = True) -> dict[str, Path]:
     """``name.json`` (all of ``result``) and ``name.md`` (its fields as bullets, then ``table``, markdown lines built
     by the caller, usually from ``result[table_key]``) in ``directory``; prints the fields when ``echo``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_folder(directory)
     paths = {"json": directory / f"{name}.json", "md": directory / f"{name}.md"}
     atomic_write_json(paths["json"], dict(result))
     lines = [f"# {name}", "", f"machine: {result.get('machine')} (load average {result.get('load_average')})", ""]

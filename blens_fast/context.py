@@ -49,6 +49,13 @@ class ModelContext:
         """``model, tokenizer = ctx``."""
         return iter((self.model, self.tokenizer))
 
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index):
+        """``ctx[0]`` is the model and ``ctx[1]`` the tokenizer, as ``model, tokenizer = ctx`` unpacks them."""
+        return (self.model, self.tokenizer)[index]
+
     def __repr__(self) -> str:
         return (f"ModelContext({self.adapter.name}, layers={self.num_layers}, d={self.lens.weight.shape[1]}, "
                 f"V={self.vocab_size}, {self.dtype}, {self.device})")
@@ -237,15 +244,23 @@ def with_context(fn=None, *, tokenizer: bool = True):
             if tokenizer:
                 if "tokenizer" in kwargs:
                     tok = kwargs.pop("tokenizer")
-                elif args:
+                elif args and not _is_text(args[0]):
                     tok, *args = args
                 else:
-                    raise TypeError(f"{fn.__name__}() needs a tokenizer: call {fn.__name__}(model, tokenizer, ...) "
-                                    f"or {fn.__name__}(ctx, ...)")
+                    found = f", and {args[0]!r} stands where it goes" if args else ""
+                    raise TypeError(f"{fn.__name__}(): the tokenizer is missing (a model was given{found}); call "
+                                    f"{fn.__name__}(model, tokenizer, ...) or {fn.__name__}(ctx, ...) with ctx = "
+                                    "bl.bind(model, tokenizer) or bl.load_model(...)")
             ctx = bind(model, tok, adapter=adapter)
         return fn(ctx, *args, **kwargs)
 
     return wrapper
+
+
+def _is_text(value) -> bool:
+    """A string or a list/tuple of strings: what a call's prompt or target looks like, never a tokenizer."""
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and len(value) > 0
+                                      and all(isinstance(v, str) for v in value))
 
 
 # -- loaders -------------------------------------------------------------------------------------------------

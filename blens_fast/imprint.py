@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 
 from ._checks import check_choice, check_positive_int
+from ._io import make_folder
 from ._report import figure_png, pyplot, write_file
 from .batching import target_log_probs
 from .capture import capture_examples, loss_logits
@@ -175,8 +176,7 @@ class ImprintShiftReport:
 
     def save(self, directory) -> dict[str, Path]:
         """Write ``imprint_shift.png``, ``imprint_shift.html``, ``imprint_shift.csv`` and ``imprint_shift_lens.csv``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_folder(directory)
         written = {"png": self.plot(directory / "imprint_shift.png"), "html": directory / "imprint_shift.html",
                    "csv": directory / "imprint_shift.csv", "lens": directory / "imprint_shift_lens.csv"}
         written["html"].write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Imprint and shift</title>"

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from ._checks import check_positive_int
+from ._io import make_folder
 from ._report import figure_png, pyplot, write_file
 from .capture import Capture, capture_examples
 from .context import ModelContext, with_context
@@ -183,7 +184,7 @@ class LensReport:
     def to_html(self, path) -> Path:
         """One self-contained page with the heatmaps and the tables."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Backward Lens</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
@@ -195,8 +196,7 @@ td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
     def save(self, directory) -> dict[str, Path]:
         """Write ``lens.png``, ``lens.html``, ``lens_tokens.csv``, ``lens_target_ranks.csv`` and
         ``lens_gradients.csv`` into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_folder(directory)
         written = {"png": self.plot(directory / "lens.png"), "html": self.to_html(directory / "lens.html")}
         for name, frame in (("tokens", self.to_pandas()), ("target_ranks", self.target_rank_table()),
                             ("gradients", self.gradients)):

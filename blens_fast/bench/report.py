@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._io import atomic_write_json, atomic_write_text
+from .._io import atomic_write_json, atomic_write_text, make_folder
 from .._report import markdown_table
 from ..reference import RANK_TOLERANCE
 from .meter import STAGES
@@ -25,8 +25,7 @@ def partial_path(directory, device, model_name: str) -> Path:
 
 def write_report(report: dict, directory) -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = make_folder(directory)
     stem = output_stem(report)
     paths = {kind: directory / f"{stem}.{kind}" for kind in ("json", "md", "png")}
     atomic_write_json(paths["json"], report)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .._checks import DTYPE_NAMES, check_device, check_dtype, check_positive_int
-from .._io import atomic_write_json
+from .._io import atomic_write_json, make_folder
 from .._report import machine_info
 from .._ui import progress_bar
 from ..batching import Example, token_batches
@@ -397,7 +397,7 @@ def run_bench(config: BenchConfig, *, log=print) -> dict:
     device = check_device(config.device)
     impl_used = TOPK.resolve(config.impl, device, k=config.k).name
     if config.out:
-        Path(config.out).mkdir(parents=True, exist_ok=True)
+        make_folder(config.out)
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)

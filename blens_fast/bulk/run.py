@@ -36,7 +36,8 @@ import pyarrow as pa
 import torch
 
 from .._checks import check_positive_int
-from .._io import atomic_write_json, atomic_write_table, atomic_write_text, read_json, remove_stale_temporaries
+from .._io import (atomic_write_json, atomic_write_table, atomic_write_text, make_folder, read_json,
+                   remove_stale_temporaries)
 from .._ui import progress_bar
 from ..batching import token_batches
 from ..capture import capture_examples
@@ -415,7 +416,7 @@ def execute(ctx: ModelContext, spec: RunSpec, source: RecordSource, out: Path, r
             progress: bool = True, log=log_to_stderr) -> Path:
     """Run ``spec`` into ``out`` as one rank of ``ranks``: lock, plan (rank 0), compute this rank's shards,
     finish (rank 0)."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     with FolderLock(out, ranks.rank):
         plan = None
         if ranks.rank == 0:

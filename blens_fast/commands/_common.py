@@ -8,9 +8,6 @@ with the same name and meaning wherever a subcommand needs them: ``--layers`` (l
 from __future__ import annotations
 
 import argparse
-import os
-import re
-from pathlib import Path
 
 MODEL_HELP = ("'default' (the shipped model) or a local Hugging Face folder: config.json, *.safetensors weights and "
               "the tokenizer files (default: default)")
@@ -50,23 +47,6 @@ def add_projection(parser) -> None:
     parser.add_argument("--impl", default="auto", help="projection kernel: auto, cpu, triton, cuda or torch")
 
 
-def parse_layers(text: str | None):
-    """``"0,2,-1"`` or ``"0-3"`` or ``"all"`` -> a tuple of ints (or None for all layers)."""
-    if text is None or text.strip().lower() == "all":
-        return None
-    layers: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        span = re.fullmatch(r"(\d+)-(\d+)", part)
-        if span:
-            layers.extend(range(int(span[1]), int(span[2]) + 1))
-        elif re.fullmatch(r"-?\d+", part):
-            layers.append(int(part))
-        else:
-            raise ValueError(f"--layers {text!r}: expected comma-separated layer indices or ranges like 0-3")
-    return tuple(layers)
-
-
 def int_list(text: str, option: str) -> tuple[int, ...]:
     """``"10,100,1000"`` -> ``(10, 100, 1000)`` (positive integers)."""
     try:
@@ -83,6 +63,7 @@ def setup(args) -> None:
     import torch
 
     from .._checks import check_device, check_dtype
+    from .._io import make_folder
 
     args.device = str(check_device(args.device, "--device"))
     args.dtype = check_dtype(args.dtype, "--dtype")
@@ -91,24 +72,7 @@ def setup(args) -> None:
             raise ValueError(f"--threads {args.threads}: expected at least 1")
         torch.set_num_threads(args.threads)
     if getattr(args, "out", None):
-        check_writable_folder(args.out, "--out")
-
-
-def check_writable_folder(path, option: str) -> Path:
-    """Create ``path`` (and its parents) if needed; a ``ValueError`` naming it when it cannot be written."""
-    folder = Path(path)
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder")
-            break
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{option} {str(path)!r} cannot be created: {error.strerror or error}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {str(path)!r} is not writable")
-    return folder
+        make_folder(args.out, "--out")
 
 
 def load(args):

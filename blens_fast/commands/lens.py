@@ -4,7 +4,8 @@ Example: blens lens --prompt "The mother tongue of Danielle Darrieux is" --targe
 """
 from __future__ import annotations
 
-from ._common import add_layers, add_projection, load, parse_layers
+from .._checks import parse_layers
+from ._common import add_layers, add_projection, load
 
 OUT_HELP = "folder for lens.png, lens.html and the CSV tables (default: print only)"
 
@@ -30,7 +31,7 @@ def run(args) -> int:
     as_str_list(args.prompt, "--prompt")  # fail fast, before loading a model
     as_str_list(args.target, "--target")
     check_positive_int(args.k, "--k")
-    layers = parse_layers(args.layers)
+    layers = parse_layers(args.layers, "--layers")
     ctx = load(args)
     report = lens(ctx, args.prompt, args.target, layers=layers, k=args.k, unit_norm=args.unit_norm, impl=args.impl,
                   loss=args.loss)

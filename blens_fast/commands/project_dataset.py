@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_batching, add_layers, add_projection, parse_layers
+from .._checks import parse_layers
+from ._common import add_batching, add_layers, add_projection
 
 OUT_HELP = "output folder (required; created; run again with the same arguments to resume)"
 
@@ -58,7 +59,7 @@ def run(args) -> int:
     if not args.out:
         raise ValueError("--out is required: the folder for the results (reused to resume)")
     project_dataset(args.model, args.input, args.out, device=args.device, dtype=args.dtype,
-                    layers=parse_layers(args.layers), modules=args.modules, k=args.k, batch_size=args.batch_size,
+                    layers=parse_layers(args.layers, "--layers"), modules=args.modules, k=args.k, batch_size=args.batch_size,
                     max_tokens=args.max_tokens, shard_size=args.shard_size, prompt_field=args.prompt_field,
                     target_field=args.target_field, id_field=args.id_field, skip_bad=args.skip_bad,
                     unit_norm=args.unit_norm, stats=args.stats, stats_rank=args.stats_rank, impl=args.impl,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_json, atomic_write_text
+from .._io import atomic_write_json, atomic_write_text, make_folder
 from .._ui import progress_bar
 from ..context import ModelContext
 from ..editing import calibrated_defaults, ff2_whitening
@@ -191,8 +191,7 @@ def write_results(rows: Sequence[dict], out_dir, *, name: str = "counterfact_eva
                   merge: bool = True) -> tuple[Path, Path]:
     """Write ``<name>.json`` and ``<name>.md`` under ``out_dir``. With ``merge``, rows already in the JSON with other
     labels (same ``n``) are kept, so separate runs build one table."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     rows = list(rows)
     if merge and json_path.is_file():
@@ -251,8 +250,7 @@ def run_tradeoff(ctx: ModelContext, records, *, n, out_dir, progress=True, refer
                                   "neighborhood_at_that_efficacy": {
                                       name: neighborhood_at_efficacy([p for p in points if p["variant"] == name],
                                                                      eff, family=family) for name in variants}}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir)
     json_path, png_path = out_dir / "counterfact_tradeoff.json", out_dir / "counterfact_tradeoff.png"
     slim = [{k: v for k, v in p.items() if k in ("variant", "key", "value", "settings", "memit_argmax",
                                                  "rome_probability", "skipped", "revert_failures", "n")}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import atomic_save_tensors
+from .._io import atomic_save_tensors, make_folder
 from ..context import ModelContext, bind
 
 FORMAT = "blens_fast.edit/2"
@@ -174,6 +174,7 @@ class Edit:
             steps.append({"layer": u.layer, "module": u.module})
         info = {k: v for k, v in self.info.items() if not k.startswith("_")}
         metadata = {"format": FORMAT, "steps": json.dumps(steps), "info": json.dumps(info, default=str)}
+        make_folder(Path(path).parent)
         return atomic_save_tensors(path, tensors, metadata)
 
     @classmethod

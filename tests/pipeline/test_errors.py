@@ -1,0 +1,66 @@
+"""Python errors as good as the CLI's (issue 24, item 6): a forgotten tokenizer is named, layers are spelled as on the
+command line, bad values are one error naming them, an output folder that cannot be made is named, and a context
+indexes as it unpacks."""
+import pytest
+
+import blens_fast
+from blens_fast.context import bind
+
+from ..helpers import make_tiny_model
+
+PROMPT, TARGET = "The mother tongue of Danielle Darrieux is", " French"
+
+
+@pytest.fixture(scope="module")
+def ctx(tokenizer):
+    return bind(make_tiny_model("gpt2"), tokenizer)
+
+
+@pytest.mark.parametrize("call", [
+    lambda model: blens_fast.lens(model, PROMPT, TARGET),
+    lambda model: blens_fast.capture(model, [PROMPT], [TARGET]),
+    lambda model: blens_fast.rank(model, [PROMPT], [TARGET]),
+    lambda model: blens_fast.edit(model, PROMPT, TARGET),
+])
+def test_a_forgotten_tokenizer_is_named(ctx, call):
+    with pytest.raises(TypeError, match=r"the tokenizer is missing .*The mother tongue"):
+        call(ctx.model)
+
+
+@pytest.mark.parametrize("spelling,expected", [
+    ("0-1", (0, 1)), ("0,-1", (0, 1)), ("1", (1,)), ("all", (0, 1)), ("0-1,1", (0, 1)), ([1, 0], (1, 0)),
+    (-1, (1,)),
+])
+def test_layers_are_spelled_as_on_the_command_line(ctx, spelling, expected):
+    assert ctx.check_layers(spelling) == expected
+    report = blens_fast.lens(ctx, PROMPT, TARGET, k=2, layers=spelling)
+    assert tuple(report.layers) == expected
+
+
+@pytest.mark.parametrize("layers,error,match", [
+    (1.0, TypeError, r"layers=1\.0: expected layer indices.*got a float"),
+    ([0, 1.0], TypeError, r"layers=\[0, 1\.0\]: expected layer indices.*got 1\.0, a float"),
+    ("0.5", ValueError, r"layers='0\.5': expected layer indices"),
+    ("1-0", ValueError, r"layers='1-0'.*runs backwards"),
+    (True, TypeError, r"layers=True: expected layer indices.*got a bool"),
+    ("0-7", ValueError, r"layer 2 is out of range: the model has 2 layers"),
+])
+def test_bad_layers_are_one_error_naming_the_value(ctx, layers, error, match):
+    with pytest.raises(error, match=match):
+        blens_fast.lens(ctx, PROMPT, TARGET, k=2, layers=layers)
+
+
+def test_an_output_folder_that_cannot_be_made_is_named(ctx, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    report = blens_fast.lens(ctx, PROMPT, TARGET, k=2, layers=[1])
+    with pytest.raises(ValueError, match=r"output folder '.*a_file/below': '.*a_file' is a file, not a folder"):
+        report.save(blocker / "below")
+    with pytest.raises(ValueError, match=r"output folder '/proc/.*' cannot be created"):
+        report.save("/proc/blens_no_such_folder/out")
+
+
+def test_a_context_indexes_as_it_unpacks(ctx):
+    model, tokenizer = ctx
+    assert ctx[0] is model and ctx[1] is tokenizer and ctx[-1] is tokenizer and len(ctx) == 2
+    assert list(ctx) == [model, tokenizer]
