@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import weakref
 from collections.abc import Mapping
 from contextlib import ExitStack, contextmanager
@@ -282,12 +283,13 @@ def load_model(path_or_name="default", *, device=None, dtype: torch.dtype | None
     device = check_device("cpu" if device is None else device)
     dtype = check_dtype(torch.float32 if dtype is None else dtype)
     transformers.utils.logging.disable_progress_bar()
-    if str(path_or_name) == "default":
+    source = model_source(path_or_name)
+    if source == "default":
         from .default_model import MODEL_DIR
 
         folder = Path(MODEL_DIR)
     else:
-        folder = Path(path_or_name)
+        folder = source
         _check_model_folder(folder, path_or_name)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -298,9 +300,31 @@ def load_model(path_or_name="default", *, device=None, dtype: torch.dtype | None
     return bind(model.to(device).eval(), tokenizer)
 
 
+#: the model names every ``--model`` and :func:`load_model` know besides folders
+BUILTIN_MODELS = ("default",)
+
+
+def model_source(spec, builtins=BUILTIN_MODELS) -> Path | str:
+    """The one rule for a model given by name (``--model`` of every subcommand, :func:`load_model`): an existing
+    folder wins over a built-in name (``builtins``: ``"default"``, and for ``blens bench`` its random models), so
+    ``./tiny`` and ``tiny`` mean the same folder when it exists. Returns the folder as a ``Path`` or the built-in
+    name; a ``ValueError`` when ``spec`` is neither."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"model must be a folder or a name ({', '.join(map(repr, builtins))}), got "
+                        f"{type(spec).__name__}: {spec!r}")
+    folder = Path(spec)
+    if folder.is_dir():
+        if str(spec) in builtins and not (folder / "config.json").is_file():
+            raise ValueError(f"model {str(spec)!r}: the folder {str(folder.resolve())!r} wins over the built-in "
+                             f"name {str(spec)!r} but holds no config.json: run elsewhere or rename the folder")
+        return folder
+    if str(spec) in builtins:
+        return str(spec)
+    raise ValueError(f"model {str(spec)!r}: no such folder (expected a local Hugging Face folder or "
+                     f"{' or '.join(map(repr, builtins)) if len(builtins) < 3 else 'one of ' + ', '.join(builtins)})")
+
+
 def _check_model_folder(folder: Path, spec) -> None:
-    if not folder.is_dir():
-        raise ValueError(f"model {str(spec)!r}: no such folder (expected 'default' or a local Hugging Face folder)")
     if not (folder / "config.json").is_file():
         raise ValueError(f"model folder {str(folder)!r} has no config.json: expected a transformers checkpoint")
     try:

@@ -25,7 +25,7 @@ from .._report import machine_info
 from .._ui import progress_bar
 from ..batching import Example, token_batches
 from ..capture import capture_examples
-from ..context import ModelContext, bind, load_model
+from ..context import BUILTIN_MODELS, ModelContext, bind, load_model, model_source
 from ..lens import factor_lists, lens_lists, lists_by_factor
 from ..lowrank import LowRankGradient
 from ..ops.topk import TOPK
@@ -99,9 +99,11 @@ def build_model(spec: str, *, depth: int | None = None, device="cpu", dtype: tor
                 seed: int = 0) -> tuple[ModelContext, ModelInfo]:
     """A random-init model of ``MODEL_SPECS[spec]`` with ``depth`` blocks (default: full depth, but
     :data:`CPU_GPTJ_DEPTH` for GPT-J on the CPU), or a loaded model (``"default"`` or a folder) of which the first
-    ``depth`` layers are analysed (default: all)."""
+    ``depth`` layers are analysed (default: all). A folder named like a random model wins over it
+    (:func:`~blens_fast.context.model_source`)."""
     device = torch.device(device)
-    if spec in MODEL_SPECS:
+    source = model_source(spec, (*BUILTIN_MODELS, *MODEL_SPECS))
+    if source in MODEL_SPECS:
         s = MODEL_SPECS[spec]
         if depth is None:
             depth = CPU_GPTJ_DEPTH if spec == "gpt-j" and device.type == "cpu" else s.depth
@@ -117,14 +119,12 @@ def build_model(spec: str, *, depth: int | None = None, device="cpu", dtype: tor
         about = s.about + (f"; {depth} of {s.depth} layers" if depth != s.depth else f"; all {s.depth} layers")
         name = spec if depth == s.depth else f"{spec}-{depth}layers"
         return ctx, ModelInfo(name, spec, about, depth, s.depth, True)
-    if spec != "default" and not Path(spec).is_dir():
-        raise ValueError(f"model {spec!r}: expected one of {', '.join(MODEL_SPECS)} (random initialisation at real "
-                         "dimensions), 'default' (the shipped model) or a local Hugging Face folder")
-    ctx = load_model(spec, device=device, dtype=dtype)
+    ctx = load_model(source, device=device, dtype=dtype)
     full = ctx.num_layers
     used = full if depth is None else check_positive_int(depth, "depth", upper=full)
-    name = "default" if spec == "default" else Path(spec).name
-    about = f"{'the shipped default model' if spec == 'default' else spec} (trained weights); " + (
+    shipped = source == "default"
+    name = "default" if shipped else Path(source).resolve().name
+    about = f"{'the shipped default model' if shipped else spec} (trained weights); " + (
         f"layers 0..{used - 1} of {full} analysed" if used != full else f"all {full} layers analysed")
     return ctx, ModelInfo(name if used == full else f"{name}-{used}layers", spec, about, used, full, False)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-MODEL_HELP = ("'default' (the shipped model) or a local Hugging Face folder: config.json, *.safetensors weights and "
-              "the tokenizer files (default: default)")
+MODEL_HELP = ("a local Hugging Face folder (config.json, *.safetensors weights and the tokenizer files) or 'default' "
+              "(the shipped model); an existing folder wins over a built-in name (default: default)")
 
 
 def shared_parser(*, out_default: str | None = None, out_help: str = "output folder",
