@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from .._ui import plural
 from ._common import load
 
 OUT_DEFAULT = "out/counterfact"
@@ -107,6 +108,22 @@ def _variant_runs(args) -> list[tuple[str, str, dict]]:
     return runs
 
 
+def summary_line(row: dict) -> str:
+    """One evaluated row on the terminal, every value labelled: both metric families, fluency, skipped edits, revert
+    failures and the time."""
+    from ..counterfact.harness import METRICS
+
+    parts = [f"{title} " + ", ".join(f"{metric} {row[family][metric]:.1f}%" for metric in METRICS)
+             for family, title in (("memit_argmax", "argmax"), ("rome_probability", "P(new) > P(true)"))]
+    if row.get("fluency_ppl") is not None:
+        parts.append(f"fluency perplexity {row['fluency_ppl']:.2f} (unedited {row['fluency_ppl_unedited']:.2f})")
+    if row["method"] != "none":
+        parts.append(f"skipped {row['skipped']} of {plural(row['n'], 'edit')}"
+                     + (" (left the model unchanged)" if row["skipped"] else ""))
+        parts.append(f"revert failures {row['revert_failures']}")
+    return f"{row['label']}: " + "; ".join(parts) + f" ({row['seconds']:.0f} s)"
+
+
 def run(args) -> int:
     from ..counterfact import calibrate, evaluate_counterfact, load as load_records, run_tradeoff, write_results
     from ..counterfact.harness import edit_options
@@ -152,10 +169,7 @@ def run(args) -> int:
         if method != "none":
             row["settings"].update(variant=options["_variant"], source=options["_source"])
         rows.append(row)
-        m, p = row["memit_argmax"], row["rome_probability"]
-        print(f"{label}: argmax {m['efficacy']:.1f}/{m['paraphrase']:.1f}/{m['neighborhood']:.1f}  "
-              f"P(new)>P(true) {p['efficacy']:.1f}/{p['paraphrase']:.1f}/{p['neighborhood']:.1f}  "
-              f"revert failures {row['revert_failures']}  ({row['seconds']:.0f} s)", flush=True)
+        print(summary_line(row), flush=True)
     meta = {"model": args.model, "records": args.records, "first_record": args.start, "n": args.n,
             "description": f"Records {args.start}-{args.start + args.n - 1} of {args.records}, model "
                            f"`{args.model}`; percentages. Efficacy/paraphrase: the new object wins; neighborhood: "

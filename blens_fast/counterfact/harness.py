@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 
 from .._checks import check_choice
 from .._ui import progress_bar
 from ..context import ModelContext, with_context
-from ..editing import Whitening, edit, ff2_whitening, resolve_settings
+from ..editing import EditSkipped, Whitening, edit, ff2_whitening, resolve_settings
 from ..forward import forward_hidden
 from .records import check_records, fact_texts
 
@@ -166,7 +167,10 @@ def evaluate_counterfact(ctx: ModelContext, records, *, method: str = "forward_s
         applied = None
         if method != "none":
             t0 = time.perf_counter()
-            applied = edit(ctx, record["prompt"], record["target_new"], method=method, progress=False, **settings)
+            with warnings.catch_warnings():  # skips are counted in the row instead
+                warnings.simplefilter("ignore", EditSkipped)
+                applied = edit(ctx, record["prompt"], record["target_new"], method=method, progress=False,
+                               **settings)
             edit_seconds += time.perf_counter() - t0
         try:
             scores = scorer.score(prepared, fluency=fluency)

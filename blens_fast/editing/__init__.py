@@ -7,6 +7,7 @@ per-model stack, save/load), :mod:`.forward_shift`, :mod:`.whitening`, :mod:`.au
 from __future__ import annotations
 
 import math
+import warnings
 
 from .._checks import as_str_list, check_choice, check_positive_int
 from ..context import ModelContext, with_context
@@ -18,8 +19,12 @@ from .whitening import Whitening, ff2_whitening
 
 METHODS = ("forward_shift", "gradient")
 
-__all__ = ["Edit", "METHODS", "Update", "Whitening", "applied_edits", "calibrated_defaults", "edit", "ff2_whitening",
-           "resolve_settings", "variant_name"]
+__all__ = ["Edit", "EditSkipped", "METHODS", "Update", "Whitening", "applied_edits", "calibrated_defaults", "edit",
+           "ff2_whitening", "resolve_settings", "variant_name"]
+
+
+class EditSkipped(UserWarning):
+    """An edit left some of its facts unchanged (``info["skipped"]``): the warning names each and why."""
 
 
 def resolve_settings(ctx: ModelContext, method: str = "forward_shift", *, layer=None, scale=None, margin=None,
@@ -117,5 +122,31 @@ def edit(ctx: ModelContext, prompt, target, *, method: str = "forward_shift", la
         raise TypeError(f"whiten must be True, False or a Whitening, got {type(whiten).__name__}")
     info.update(whiten=whitening is not None, normalize_key=bool(normalize_key) or whitening is not None,
                 skip_if_argmax=skip_if_argmax)
-    return forward_shift_edit(ctx, examples, layer, settings["scale"], settings["margin"], whitening, normalize_key,
-                              skip_if_argmax, info)
+    applied = forward_shift_edit(ctx, examples, layer, settings["scale"], settings["margin"], whitening,
+                                 normalize_key, skip_if_argmax, info)
+    _warn_skipped(applied.info)
+    return applied
+
+
+def _warn_skipped(info: dict) -> None:
+    """An :class:`EditSkipped` warning naming every fact the forward shift left unchanged, and why."""
+    from .auto_scale import MAX_SHIFT
+
+    auto = info["scale"] == "auto"
+    reasons = []
+    for prompt, target, skipped, already in zip(info["prompts"], info["targets"], info["skipped"],
+                                                info["already_argmax"]):
+        if not skipped:
+            continue
+        if already:
+            why = (f"the model already predicts it with a logit lead of at least margin={info['margin']:g}" if auto
+                   else "the model already predicts it (skip_if_argmax=True)")
+        else:
+            why = (f"no shift at layer {info['layer']} up to {MAX_SHIFT:g} x the residual's norm makes it the "
+                   "model's top prediction")
+        reasons.append(f"{prompt!r} -> {target!r}: {why}")
+    if reasons:
+        count = len(info["skipped"])
+        what = "the edit changes nothing" if len(reasons) == count else (
+            f"{len(reasons)} of its {count} facts {'is' if len(reasons) == 1 else 'are'} left unchanged")
+        warnings.warn(f"edit skipped ({what}): " + "; ".join(reasons), EditSkipped, stacklevel=4)
