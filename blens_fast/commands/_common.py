@@ -3,7 +3,9 @@ them.
 
 Shared by every subcommand: ``--model``, ``--device``, ``--dtype``, ``--threads``, ``--out``, ``--quiet``. Used
 with the same name and meaning wherever a subcommand needs them: ``--layers`` (layer indices), ``--batch-size``,
-``--max-tokens``, ``--k``, ``--impl``, ``--unit-norm``.
+``--max-tokens``, ``--k``, ``--impl``, ``--unit-norm``, and for every subcommand that reads records ``--records
+SOURCE --start N --n N`` (which records; :func:`add_records`) with ``--prompt-field``/``--target-field``/
+``--id-field`` where any records will do.
 """
 from __future__ import annotations
 
@@ -30,6 +32,29 @@ def shared_parser(*, out_default: str | None = None, out_help: str = "output fol
 
 def add_layers(parser, help_text: str = "layer indices, e.g. '0,2,-1' or '0-3' (default: all)") -> None:
     parser.add_argument("--layers", default=None, help=help_text)
+
+
+#: the CLI's spelling of the record selection (blens_fast.records.check_window)
+WINDOW_OPTIONS = ("--start", "--n")
+
+
+def add_records(parser, *, n_default: int | None = None, fields: bool = True,
+                kinds: str = "FILE.jsonl, FILE.json (a list), FILE.parquet") -> None:
+    """``--records SOURCE --start N --n N``: which records a subcommand reads, the same everywhere (with ``fields``,
+    also the record fields holding the prompt, the target and the id)."""
+    group = parser.add_argument_group("records")
+    group.add_argument("--records", default="counterfact", metavar="SOURCE",
+                       help=f"{kinds}, or 'counterfact': the shipped CounterFact edit file, whose records read as "
+                            "target = the true object, id = the case id (default: counterfact)")
+    group.add_argument("--start", type=int, default=0, metavar="N",
+                       help="position of the first record used, 0-based (default: 0)")
+    group.add_argument("--n", type=int, default=n_default, metavar="N",
+                       help=f"records used from --start (default: {n_default if n_default else 'all'})")
+    if fields:
+        group.add_argument("--prompt-field", default="prompt", help="the record field holding the prompt")
+        group.add_argument("--target-field", default="target", help="the record field holding the target")
+        group.add_argument("--id-field", default="id",
+                           help="the record field holding its id (default: the line or record number)")
 
 
 def add_batching(parser, *, batch_size: int, max_tokens: bool = True) -> None:
@@ -59,11 +84,13 @@ def int_list(text: str, option: str) -> tuple[int, ...]:
 
 
 def setup(args) -> None:
-    """Validate the shared options before any work (device, dtype, threads, a writable --out) and apply them."""
+    """Validate the shared options before any work (device, dtype, threads, a writable --out, the record selection)
+    and apply them."""
     import torch
 
     from .._checks import check_device, check_dtype
     from .._io import make_folder
+    from ..records import check_window
 
     args.device = str(check_device(args.device, "--device"))
     args.dtype = check_dtype(args.dtype, "--dtype")
@@ -73,6 +100,8 @@ def setup(args) -> None:
         torch.set_num_threads(args.threads)
     if getattr(args, "out", None):
         make_folder(args.out, "--out")
+    if hasattr(args, "records"):
+        check_window(args.start, args.n, WINDOW_OPTIONS)
 
 
 def load(args):

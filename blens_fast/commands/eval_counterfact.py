@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .._ui import plural
-from ._common import load
+from ._common import WINDOW_OPTIONS, add_records, load
 
 OUT_DEFAULT = "out/counterfact"
 OUT_HELP = "folder for counterfact_eval.json/.md (and the trade-off files)"
@@ -55,10 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="forward_shift",
                         help="comma-separated variant names (" + ", ".join(VARIANTS) + ") or 'all' "
                              "(default: forward_shift)")
-    parser.add_argument("--n", type=int, default=1000, help="records to evaluate (default: 1000)")
-    parser.add_argument("--start", type=int, default=0, help="index of the first record (default: 0)")
-    parser.add_argument("--records", default="counterfact",
-                        help="'counterfact' (the shipped edit file, default) or a CounterFact JSON / JSON Lines file")
+    add_records(parser, n_default=1000, fields=False, kinds="a CounterFact JSON / JSON Lines file (EasyEdit layout)")
     parser.add_argument("--layer", type=int, default=None, help="edit layer (default: calibrated)")
     parser.add_argument("--scale", type=_scale, default=None, help="shift scale or 'auto' (default: calibrated)")
     parser.add_argument("--margin", type=float, default=None, help="logit lead for --scale auto (default: calibrated)")
@@ -128,14 +125,11 @@ def run(args) -> int:
     from ..counterfact import calibrate, evaluate_counterfact, load as load_records, run_tradeoff, write_results
     from ..counterfact.harness import edit_options
     from ..editing import calibrated_defaults, variant_name
+    from ..records import check_held
 
-    if args.n < 1:
-        raise ValueError(f"--n {args.n}: expected at least 1")
-    if args.start < 0:
-        raise ValueError(f"--start {args.start}: expected 0 or more")
-    records = load_records(args.records)[args.start:]
-    if len(records) < args.n:
-        raise ValueError(f"--n {args.n} --start {args.start}: {args.records} has only {len(records)} records from there")
+    records = load_records(args.records)
+    check_held(repr(args.records), len(records), args.start, args.n, WINDOW_OPTIONS)
+    records = records[args.start:]
     runs = _variant_runs(args) if args.calibrate is None else []
     ctx = load(args)
     out = Path(args.out)

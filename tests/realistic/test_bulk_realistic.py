@@ -37,7 +37,7 @@ def test_stats_run_killed_and_resumed(tmp_path, gpt2_small_dims):
     data = tmp_path / "counterfact-20.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "blens_fast.cli", "project-dataset", "--input", str(data), "--out", str(out),
+    command = [sys.executable, "-m", "blens_fast.cli", "project-dataset", "--records", str(data), "--out", str(out),
                "--model", str(gpt2_small_dims), "--stats", "--batch-size", "4", "--threads", "1", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "BLENS_FAULT": "after_stats:3"}
     killed = subprocess.run(command, env=env, capture_output=True, text=True)
