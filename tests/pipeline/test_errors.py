@@ -64,3 +64,13 @@ def test_a_context_indexes_as_it_unpacks(ctx):
     model, tokenizer = ctx
     assert ctx[0] is model and ctx[1] is tokenizer and ctx[-1] is tokenizer and len(ctx) == 2
     assert list(ctx) == [model, tokenizer]
+
+
+def test_one_of_anything_is_singular(ctx):
+    from blens_fast._ui import plural
+
+    assert [plural(n, "prompt") for n in (0, 1, 2)] == ["0 prompts", "1 prompt", "2 prompts"]
+    with pytest.raises(ValueError, match=r"^got 1 prompt but 2 targets: expected one target per prompt$"):
+        blens_fast.rank(ctx, [PROMPT], [TARGET, TARGET])
+    with pytest.raises(ValueError, match=r"captured 1 example$"):
+        blens_fast.capture(ctx, [PROMPT], [TARGET], layers=[0]).gradient(0, "mlp.out", example=3)
