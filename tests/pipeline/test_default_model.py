@@ -116,3 +116,39 @@ def test_training_writes_a_loadable_folder_and_never_the_shipped_one(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "model").iterdir()}
     report = lens(load_model(tmp_path / "model"), "The mother tongue of Danielle Darrieux is", " French", k=2)
     assert report.layers == (0,)
+
+
+def test_padded_batches_pass_their_attention_mask(tokenizer):
+    """Issue 24: training, the quality report and first_token_top1 pad on the right and pass the mask, so transformers
+    does not warn about padded input without an attention mask."""
+    import logging
+
+    import transformers
+
+    from blens_fast.default_model import quality, train
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50257,
+                                                                 pad_token_id=tokenizer.pad_token_id)).eval()
+    texts = ["The cat sat", "A much longer sentence than that one"]
+    ids, labels = train.pad_batch([tokenizer(t).input_ids for t in texts], [0, 1], tokenizer.pad_token_id)
+    library = transformers.utils.logging.get_logger("transformers")
+    collect = Collect()
+    library.addHandler(collect)
+    try:
+        logging.Logger.warning_once.cache_clear()  # transformers warns once per process
+        first_token_top1(model, tokenizer, texts, [" on", " now"])
+        quality.perplexity(model, tokenizer, texts)
+        train.lm_loss(model, ids, labels)
+        assert not [m for m in collect.messages if "attention_mask" in m]
+        model.transformer(input_ids=ids)  # the check above can fail: without the mask, transformers warns
+        assert [m for m in collect.messages if "attention_mask" in m]
+    finally:
+        library.removeHandler(collect)
