@@ -152,3 +152,23 @@ def test_padded_batches_pass_their_attention_mask(tokenizer):
         assert [m for m in collect.messages if "attention_mask" in m]
     finally:
         library.removeHandler(collect)
+
+
+def test_auto_tokenizer_reads_the_shipped_tokenizer_folder(tokenizer_without_pad, tmp_path):
+    """Issue 24: ``AutoTokenizer.from_pretrained`` on the shipped folder (and on a copy of it, as a user would make)
+    gives the GPT-2 tokenizer that the raw vocab.json/merges.txt define, with the pad token load_default_tokenizer
+    sets."""
+    import shutil
+
+    import transformers
+
+    from blens_fast.default_model import TOKENIZER_DIR
+
+    copy = shutil.copytree(TOKENIZER_DIR, tmp_path / "tokenizer")
+    texts = [r["prompt"] + " " + r["target_new"] for r in load_counterfact()[:300]]
+    texts += ["a<|endoftext|>b", "  two  spaces\n\nand lines", "héllo wörld 日本語", ""]
+    for folder in (TOKENIZER_DIR, copy):
+        auto = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        assert len(auto) == 50257 and auto.get_vocab() == tokenizer_without_pad.get_vocab()
+        assert [auto(t).input_ids for t in texts] == [tokenizer_without_pad(t).input_ids for t in texts]
+        assert auto.pad_token == auto.eos_token == "<|endoftext|>" and auto.padding_side == "right"
