@@ -76,9 +76,11 @@ class Adapter:
 
     # -- modules of a model -------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The model's transformer blocks, in order."""
         return model.get_submodule(self.blocks)
 
     def num_layers(self, model: nn.Module) -> int:
+        """How many transformer blocks the model has."""
         return len(self.layers(model))
 
     def check_layers(self, model: nn.Module, layers, name: str = "layers") -> tuple[int, ...]:
@@ -100,9 +102,11 @@ class Adapter:
         return tuple(out)
 
     def module(self, model: nn.Module, layer: int, name: str) -> nn.Module:
+        """The linear module ``name`` (e.g. ``"mlp.out"``) of block ``layer``."""
         return self.layers(model)[layer].get_submodule(self.modules[name])
 
     def weight(self, model: nn.Module, layer: int, name: str) -> torch.Tensor:
+        """The weight of module ``name`` at block ``layer``, in the model's own layout."""
         return self.module(model, layer, name).weight
 
     # -- the lens -----------------------------------------------------------------------

@@ -40,6 +40,7 @@ class Capture:
 
     @property
     def num_examples(self) -> int:
+        """How many examples (prompt + target pairs) were captured."""
         return len(self.examples)
 
     def _key(self, layer: int, module: str) -> tuple[int, str]:

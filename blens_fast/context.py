@@ -64,18 +64,22 @@ class ModelContext:
     # -- facts -----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """The device of the model's lens (its unembedding)."""
         return self.lens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters."""
         return next(self.model.parameters()).dtype
 
     @property
     def num_layers(self) -> int:
+        """How many transformer blocks the model has."""
         return self.adapter.num_layers(self.model)
 
     @property
     def max_positions(self) -> int | None:
+        """The longest sequence the model reads (None when its config does not say)."""
         config = getattr(self.model, "config", None)
         for name in ("n_positions", "max_position_embeddings"):
             value = getattr(config, name, None)
@@ -85,6 +89,7 @@ class ModelContext:
 
     @property
     def vocab_size(self) -> int:
+        """The number of rows of the unembedding (the logits' width)."""
         return self.lens.weight.shape[0]
 
     @property
@@ -107,6 +112,7 @@ class ModelContext:
         return found
 
     def require_tokenizer(self):
+        """The tokenizer; a ``ValueError`` saying how to pass one when the context has none."""
         if self.tokenizer is None:
             raise ValueError("this call needs the model's tokenizer: pass it (bl.bind(model, tokenizer)), or load "
                              "the model with bl.load_model(...)")
@@ -118,12 +124,15 @@ class ModelContext:
         return self.adapter.check_layers(self.model, layers)
 
     def resolve_modules(self, names) -> tuple[str, ...]:
+        """Module names as this architecture spells them (``"mlp.in"`` is ``mlp.gate`` and ``mlp.up`` on gated MLPs)."""
         return self.adapter.resolve_modules(names)
 
     def module(self, layer: int, name: str) -> nn.Module:
+        """The linear module ``name`` (e.g. ``"mlp.out"``) of block ``layer``."""
         return self.adapter.module(self.model, layer, name)
 
     def weight(self, layer: int, name: str) -> torch.Tensor:
+        """The weight of module ``name`` at block ``layer``, in the model's own layout."""
         return self.adapter.weight(self.model, layer, name)
 
     @property

@@ -67,6 +67,7 @@ class ImprintShiftReport:
 
     @property
     def steps(self) -> int:
+        """How many optimizer steps were taken."""
         return len(self.target_prob) - 1
 
     def to_pandas(self) -> pd.DataFrame:

@@ -64,9 +64,11 @@ class LensReport:
 
     @property
     def num_positions(self) -> int:
+        """How many token positions the report covers."""
         return len(self.tokens)
 
     def token(self, token_id: int) -> str:
+        """The text of ``token_id`` (the id itself when the report has no vocabulary)."""
         return self.vocabulary[token_id] if self.vocabulary else str(token_id)
 
     def to_pandas(self) -> pd.DataFrame:

@@ -139,6 +139,7 @@ class GradientStats:
 
     @property
     def num_examples(self) -> int:
+        """How many examples the statistics were accumulated over."""
         return len(self.ids)
 
     def __getitem__(self, key) -> ModuleStats:

@@ -38,9 +38,11 @@ class Update:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The shape of the weight this step writes, ``(left columns, right columns)``."""
         return (self.left.shape[1], self.right.shape[1])
 
     def apply_to(self, weight: torch.Tensor) -> None:
+        """Add ``left^T @ right`` to ``weight`` in place (in its device and dtype)."""
         weight.addmm_(self.left.to(weight.device, weight.dtype).T, self.right.to(weight.device, weight.dtype))
 
 
@@ -67,18 +69,22 @@ class Edit:
     # -- description ---------------------------------------------------------------------
     @property
     def touched(self) -> tuple[tuple[int, str], ...]:
+        """Every ``(layer, module)`` the edit writes, in the order of its steps."""
         return tuple(dict.fromkeys((u.layer, u.module) for u in self.updates))
 
     @property
     def layers(self) -> tuple[int, ...]:
+        """The layers the edit writes, sorted."""
         return tuple(sorted({u.layer for u in self.updates}))
 
     @property
     def modules(self) -> tuple[str, ...]:
+        """The modules the edit writes, sorted."""
         return tuple(sorted({u.module for u in self.updates}))
 
     @property
     def applied(self) -> bool:
+        """Whether the edit is applied to a model now."""
         return self._ctx is not None
 
     @property
@@ -87,6 +93,7 @@ class Edit:
         return {key: self.delta(*key) for key in self.touched}
 
     def delta(self, layer: int, module: str) -> torch.Tensor:
+        """The dense sum of the steps on ``module`` at ``layer`` (float32, the weight's layout; for inspection)."""
         steps = [u for u in self.updates if (u.layer, u.module) == (layer, module)]
         if not steps:
             raise ValueError(f"this edit does not touch {module!r} at layer {layer}: it touches {list(self.touched)}")
