@@ -38,7 +38,7 @@ import torch
 from .._checks import check_positive_int, parse_layers
 from .._io import (atomic_write_json, atomic_write_table, atomic_write_text, make_folder, read_json,
                    remove_stale_temporaries)
-from .._ui import progress_bar
+from .._ui import plural, progress_bar
 from ..batching import token_batches
 from ..capture import capture_examples
 from ..context import ModelContext, load_model, with_context
@@ -658,6 +658,6 @@ def _merge_stats(out: Path, segments: list[Segment], ids: list[str]) -> dict[str
 
 
 def _summary_line(manifest: dict) -> str:
-    return (f"{manifest['records']} records ({manifest['rejected']} rejected), {manifest['rows']} rows in "
-            f"{len(manifest['shards'])} shards")
+    return (f"{plural(manifest['records'], 'record')} ({manifest['rejected']} rejected), {manifest['rows']} rows in "
+            f"{plural(len(manifest['shards']), 'shard')}")
 # pragma: no mutate end

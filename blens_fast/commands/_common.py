@@ -57,6 +57,59 @@ def add_records(parser, *, n_default: int | None = None, fields: bool = True,
                            help="the record field holding its id (default: the line or record number)")
 
 
+def selected_source(args):
+    """The records ``--records``/``--start``/``--n`` (and the field options, where the subcommand has them) select, as
+    a :class:`~blens_fast.bulk.records.RecordSource`; a selection past the input's end is an error naming what it
+    holds, before any model is loaded."""
+    from ..bulk.records import Fields, open_source
+    from ..records import check_held
+
+    fields = Fields(*(getattr(args, f"{name}_field", name) for name in ("prompt", "target", "id")))
+    source = open_source(args.records, fields)
+    check_held(f"input {source.label!r}", source.count(), args.start, args.n, WINDOW_OPTIONS)
+    return source.select(args.start, args.n), fields
+
+
+def add_loss(parser) -> None:
+    parser.add_argument("--loss", choices=("teacher_forced", "last_position"), default="teacher_forced",
+                        help="teacher_forced (default: ranks refer to the target's first token) or last_position "
+                             "(the paper authors' code: every target token scored at the prompt's last position, "
+                             "ranks refer to its last token)")
+
+
+def _scale(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--scale {text!r}: expected a number or 'auto'") from None
+
+
+def add_edit_settings(parser) -> None:
+    """The settings of an edit (:func:`blens_fast.edit`), missing ones coming from the model's calibration."""
+    group = parser.add_argument_group("edit settings (default: the model's calibration, else the uncalibrated "
+                                      "default: the last layer, scale auto)")
+    group.add_argument("--layer", type=int, default=None, help="edit layer (default: calibrated)")
+    group.add_argument("--scale", type=_scale, default=None, help="shift scale or 'auto' (default: calibrated)")
+    group.add_argument("--margin", type=float, default=None, help="logit lead for --scale auto (default: calibrated)")
+    group.add_argument("--whiten", action="store_true", help="whitened key (forward_shift)")
+    group.add_argument("--normalize-key", action="store_true", help="key a_n/(a_n.a_n) (forward_shift)")
+    group.add_argument("--lr", type=float, default=None, help="gradient step size (default: calibrated)")
+    group.add_argument("--steps", type=int, default=None, help="gradient steps (default: calibrated)")
+    group.add_argument("--calibration", default=None, metavar="FILE",
+                       help="a calibration file written by eval-counterfact --calibrate (default: the model's "
+                            "shipped one, if any)")
+
+
+def edit_settings(args) -> dict:
+    """The edit settings the options give, as :func:`blens_fast.edit` keywords (the ones left out are resolved from
+    the calibration)."""
+    given = {"layer": args.layer, "scale": args.scale, "margin": args.margin, "lr": args.lr, "steps": args.steps}
+    flags = {"whiten": args.whiten, "normalize_key": args.normalize_key}
+    return {**{k: v for k, v in given.items() if v is not None}, **{k: True for k, v in flags.items() if v}}
+
+
 def add_batching(parser, *, batch_size: int, max_tokens: bool = True) -> None:
     parser.add_argument("--batch-size", type=int, default=batch_size,
                         help=f"records per forward + backward (default {batch_size})")

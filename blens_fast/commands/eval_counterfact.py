@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .._ui import plural
-from ._common import WINDOW_OPTIONS, add_records, load
+from ._common import WINDOW_OPTIONS, add_edit_settings, add_records, edit_settings, load
 
 OUT_DEFAULT = "out/counterfact"
 OUT_HELP = "folder for counterfact_eval.json/.md (and the trade-off files)"
@@ -42,29 +42,12 @@ VARIANTS = {
 }
 
 
-def _scale(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--scale {text!r}: expected a number or 'auto'") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="forward_shift",
                         help="comma-separated variant names (" + ", ".join(VARIANTS) + ") or 'all' "
                              "(default: forward_shift)")
     add_records(parser, n_default=1000, fields=False, kinds="a CounterFact JSON / JSON Lines file (EasyEdit layout)")
-    parser.add_argument("--layer", type=int, default=None, help="edit layer (default: calibrated)")
-    parser.add_argument("--scale", type=_scale, default=None, help="shift scale or 'auto' (default: calibrated)")
-    parser.add_argument("--margin", type=float, default=None, help="logit lead for --scale auto (default: calibrated)")
-    parser.add_argument("--whiten", action="store_true", help="whitened key (forward_shift)")
-    parser.add_argument("--normalize-key", action="store_true", help="key a_n/(a_n.a_n) (forward_shift)")
-    parser.add_argument("--lr", type=float, default=None, help="gradient step size (default: calibrated)")
-    parser.add_argument("--steps", type=int, default=None, help="gradient steps (default: calibrated)")
-    parser.add_argument("--calibration", default=None, metavar="FILE",
-                        help="a calibration file written by --calibrate (default: the model's shipped one, if any)")
+    add_edit_settings(parser)
     parser.add_argument("--label", default=None, help="row label (default: the variant's)")
     parser.add_argument("--no-baseline", action="store_true", help="do not add the unedited row")
     parser.add_argument("--no-fluency", action="store_true", help="skip the fluency perplexity")
@@ -86,13 +69,7 @@ def _variant_runs(args) -> list[tuple[str, str, dict]]:
         label, method, options = VARIANTS[name]
         options = dict(options)
         if len(names) == 1:
-            extra = {"layer": args.layer, "scale": args.scale, "margin": args.margin, "lr": args.lr,
-                     "steps": args.steps}
-            if args.whiten:
-                extra["whiten"] = True
-            if args.normalize_key:
-                extra["normalize_key"] = True
-            options.update({k: v for k, v in extra.items() if v is not None})
+            options.update(edit_settings(args))
             if method == "forward_shift" and (args.whiten or args.normalize_key or args.scale == "auto"):
                 label = "forward shift" + (", whitened" if args.whiten else ", normalised key" if args.normalize_key
                                            else "") + (", auto scale" if args.scale == "auto" else "")

@@ -5,7 +5,7 @@ Example: blens lens --prompt "The mother tongue of Danielle Darrieux is" --targe
 from __future__ import annotations
 
 from .._checks import parse_layers
-from ._common import add_layers, add_projection, load
+from ._common import add_layers, add_loss, add_projection, load
 
 OUT_HELP = "folder for lens.png, lens.html and the CSV tables (default: print only)"
 
@@ -16,10 +16,7 @@ def add_arguments(parser) -> None:
                         help="the target object, e.g. ' Paris' (a leading space is added if missing)")
     add_layers(parser)
     add_projection(parser)
-    parser.add_argument("--loss", choices=("teacher_forced", "last_position"), default="teacher_forced",
-                        help="teacher_forced (default: ranks refer to the target's first token) or last_position "
-                             "(the paper authors' code: every target token scored at the prompt's last position, "
-                             "ranks refer to its last token)")
+    add_loss(parser)
     parser.add_argument("--positions", choices=("last", "all"), default="last",
                         help="positions shown on the terminal (files always hold all)")
 

@@ -5,8 +5,8 @@ Each record of --records (JSON Lines, a JSON list, Parquet, or 'counterfact': th
 OUT/rows and OUT/records, which pandas, pyarrow.dataset and Hugging Face datasets read as they are. Killed and started
 again with the same arguments, a run resumes where it stopped; shards whose files are damaged are recomputed; other
 arguments into the same --out are refused, and so is a second process while one runs. Under `torchrun
---nproc_per_node N -m blens_fast.cli project-dataset ...` the records are split across the processes and the result
-is the same whatever N is.
+--nproc_per_node N -m blens_fast.cli -- project-dataset --records ...` the records are split across the processes
+and the result is the same whatever N is (the `--` keeps torchrun from reading --start and --n as its own options).
 
 Example: blens project-dataset --records facts.jsonl --out out/facts --k 10 --batch-size 16
 CounterFact: blens project-dataset --records counterfact --n 1000 --out out/cf --stats
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from .._checks import parse_layers
-from ._common import WINDOW_OPTIONS, add_batching, add_layers, add_projection, add_records
+from ._common import add_batching, add_layers, add_projection, add_records, selected_source
 
 OUT_HELP = "output folder (required; created; run again with the same arguments to resume)"
 
@@ -50,17 +50,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..bulk.records import Fields, open_source
     from ..bulk.run import RunOptions, log_to_stderr, project_dataset
-    from ..records import check_held
 
     if not args.out:
         raise ValueError("--out is required: the folder for the results (reused to resume)")
-    source = open_source(args.records)
-    check_held(f"input {source.label!r}", source.count(), args.start, args.n, WINDOW_OPTIONS)  # before the model
+    _, fields = selected_source(args)  # a selection past the input's end fails before the model loads
     options = RunOptions(layers=parse_layers(args.layers, "--layers"), modules=args.modules, k=args.k,
                          batch_size=args.batch_size, max_tokens=args.max_tokens, shard_size=args.shard_size,
-                         fields=Fields(args.prompt_field, args.target_field, args.id_field), start=args.start,
+                         fields=fields, start=args.start,
                          n=args.n, skip_bad=args.skip_bad, unit_norm=args.unit_norm, impl=args.impl,
                          stats=args.stats, stats_rank=args.stats_rank)
     project_dataset(args.model, args.records, args.out, options=options, device=args.device, dtype=args.dtype,
