@@ -74,3 +74,16 @@ def test_one_of_anything_is_singular(ctx):
         blens_fast.rank(ctx, [PROMPT], [TARGET, TARGET])
     with pytest.raises(ValueError, match=r"captured 1 example$"):
         blens_fast.capture(ctx, [PROMPT], [TARGET], layers=[0]).gradient(0, "mlp.out", example=3)
+
+
+def test_progress_false_prints_nothing(ctx, tmp_path, capfd):
+    """Issue 24: the public calls with a ``progress`` switch are silent with ``progress=False`` (stdout and stderr, at
+    the file descriptor: bars and summaries alike)."""
+    records = blens_fast.counterfact.load(n=3)
+    prompts, targets = [r["prompt"] for r in records], [r["target"] for r in records]
+    blens_fast.rank(ctx, prompts * 4, targets * 4, layers=[0], batch_size=2, progress=False)
+    blens_fast.gradient_stats(ctx, records, layers=[0], rank=2, progress=False)
+    blens_fast.project_dataset(ctx, records, tmp_path / "out", k=1, layers=[0], progress=False)
+    blens_fast.evaluate_counterfact(ctx, records, n=2, layer=1, scale=0.5, fluency=False, progress=False)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured
