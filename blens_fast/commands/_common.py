@@ -57,14 +57,22 @@ def add_records(parser, *, n_default: int | None = None, fields: bool = True,
                            help="the record field holding its id (default: the line or record number)")
 
 
+def record_fields(args):
+    """The record fields the ``--prompt-field``/``--target-field``/``--id-field`` options name (the defaults where a
+    subcommand has none)."""
+    from ..bulk.records import Fields
+
+    return Fields(*(getattr(args, f"{name}_field", name) for name in ("prompt", "target", "id")))
+
+
 def selected_source(args):
-    """The records ``--records``/``--start``/``--n`` (and the field options, where the subcommand has them) select, as
-    a :class:`~blens_fast.bulk.records.RecordSource`; a selection past the input's end is an error naming what it
-    holds, before any model is loaded."""
-    from ..bulk.records import Fields, open_source
+    """The records ``--records``/``--start``/``--n`` (and the field options) select, as a
+    :class:`~blens_fast.bulk.records.RecordSource` and its fields; a selection past the input's end is an error
+    naming what it holds, before any model is loaded."""
+    from ..bulk.records import open_source
     from ..records import check_held
 
-    fields = Fields(*(getattr(args, f"{name}_field", name) for name in ("prompt", "target", "id")))
+    fields = record_fields(args)
     source = open_source(args.records, fields)
     check_held(f"input {source.label!r}", source.count(), args.start, args.n, WINDOW_OPTIONS)
     return source.select(args.start, args.n), fields

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from .._checks import parse_layers
-from ._common import add_batching, add_layers, add_projection, add_records, selected_source
+from ._common import add_batching, add_layers, add_projection, add_records, record_fields, selected_source
 
 OUT_HELP = "output folder (required; created; run again with the same arguments to resume)"
 
@@ -54,7 +54,9 @@ def run(args) -> int:
 
     if not args.out:
         raise ValueError("--out is required: the folder for the results (reused to resume)")
-    _, fields = selected_source(args)  # a selection past the input's end fails before the model loads
+    if args.start or args.n is not None:
+        selected_source(args)  # a selection past the input's end fails before the model loads
+    fields = record_fields(args)
     options = RunOptions(layers=parse_layers(args.layers, "--layers"), modules=args.modules, k=args.k,
                          batch_size=args.batch_size, max_tokens=args.max_tokens, shard_size=args.shard_size,
                          fields=fields, start=args.start,
