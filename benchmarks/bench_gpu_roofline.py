@@ -10,7 +10,8 @@ bfloat16; the top-k list, as ``topk_logits``) it times, side by side in one run,
 
 * ``gemm``: ``torch.matmul(h, W.T, out=logits)``, the GEMM alone writing the N x V bf16 logits (the yardstick);
 * ``cuda``: ``blens_fast._C_cuda.topk_logits`` (the variant the binding picks: wgmma / mma / simple), and each
-  variant by hand (``cuda:wgmma``, ``cuda:mma``, ``cuda:simple``: the first CUDA kernel);
+  variant (``cuda:wgmma``, ``cuda:mma``, ``cuda:simple``: the first CUDA kernel), implementations of their own for
+  ``impl=`` and the tuning table;
 * ``triton``: ``triton_topk`` (autotuned), and ``triton:fixed`` (the fixed configuration);
 * ``torch``: ``blens_fast.ops.topk.topk_logits(impl="torch")``, the chunked reference.
 
@@ -47,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import median_seconds, timed  # noqa: E402
 
 from blens_fast.ops import reference, tuning  # noqa: E402
+from blens_fast.ops.registry import triton_interpreting  # noqa: E402
+from blens_fast.ops.topk import TOPK  # noqa: E402
 
 DIMS = {"gptj": (4096, 50400), "gpt2": (768, 50257)}
 SMOKE_DIMS = {"tiny64": (64, 1000), "tiny96": (96, 1003)}
@@ -149,7 +152,7 @@ def make_impls(device, names, k):
             impls[name] = (lambda h, w, k, top, bottom, t=None, tau=None, var=var: reference.Lists(
                 *ext.topk_logits_variant(h, w, None, None, None, None, None, k, top, bottom, t, tau, var, 0, 0)),
                 "all")
-        elif name in ("triton", "triton:fixed") and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET")):
+        elif name in ("triton", "triton:fixed") and (device.type == "cuda" or triton_interpreting()):
             from blens_fast.ops.triton.topk import triton_topk
 
             auto = None if name == "triton" else False
@@ -295,7 +298,7 @@ def main(argv=None) -> int:
         impls_wanted = [x for x in args.impls.split(",") if x in ("gemm", "torch", "cpu", "triton", "triton:fixed")]
         if "cpu" not in impls_wanted:
             impls_wanted.append("cpu")
-        if not os.environ.get("TRITON_INTERPRET"):
+        if not triton_interpreting():
             impls_wanted = [x for x in impls_wanted if not x.startswith("triton")]
         gpu = "cpu_smoke"
     else:
@@ -401,7 +404,7 @@ def main(argv=None) -> int:
                 # the tuning table: dispatcher names only, correct ones only
                 good = {name: rec["ms"] for name, rec in shape["impls"].items()
                         if "ms" in rec and rec.get("random_ok", True) and rec.get("exact_ok", True)}
-                times = {name: ms for name, ms in good.items() if name in ("cuda", "triton", "torch", "cpu")}
+                times = {name: ms for name, ms in good.items() if name in TOPK.implementations}
                 extra = {name: ms for name, ms in good.items() if name not in times}
                 extra["gemm"] = gemm_ms
                 if times:

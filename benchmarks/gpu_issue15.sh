@@ -127,12 +127,14 @@ PYEOF
     echo "variant $VAR: $R"
     [ "$R" = OK ] && GOOD="$GOOD $VAR"
   done
+  # every variant that passed is an implementation of its own (impl="cuda:<variant>"); impl="cuda" (the binding's
+  # own choice) only when the variant it picks for bf16 passed
+  AUTO=$(timeout 60 $PY -c "import torch, blens_fast._C_cuda as e; print(e.topk_auto_variant(torch.zeros(8, 64, dtype=torch.bfloat16, device='cuda')))" 2>/dev/null | tail -1)
   IMPLS="gemm"
+  case " $GOOD " in *" $AUTO "*) IMPLS="$IMPLS,cuda";; esac
   for VAR in $GOOD; do IMPLS="$IMPLS,cuda:$VAR"; done
-  BEST=$(echo $GOOD | awk '{print $1}')
-  if [ -n "$BEST" ]; then IMPLS="gemm,cuda${IMPLS#gemm}"; export BLENS_CUDA_TOPK_VARIANT="$BEST"; fi
   IMPLS="$IMPLS,triton,triton:fixed,torch"
-  echo "benchmark impls: $IMPLS (the binding's auto pinned to '${BEST:-none}')"
+  echo "benchmark impls: $IMPLS (the binding picks '${AUTO:-none}' for bf16)"
 
   echo "== 4. roofline benchmark (left $(left) s)"
   t0=$(date +%s)

@@ -21,8 +21,8 @@ import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 
 from ._checks import check_positive_int
@@ -31,6 +31,9 @@ from ._report import figure_png, pyplot, write_file
 from .capture import Capture, capture_examples
 from .context import ModelContext, with_context
 from .project import project_lists
+
+if TYPE_CHECKING:  # pandas (and the pyarrow it loads) only when a table is asked for
+    import pandas as pd
 
 #: list name -> (module part whose factor is read, factor, largest first?)
 LISTS = {
@@ -74,6 +77,8 @@ class LensReport:
     def to_pandas(self) -> pd.DataFrame:
         """Long format: ``layer, module, position, input_token, list, rank, token_id, token, logit, prob,
         degenerate`` (rows of degenerate vectors are kept, flagged)."""
+        import pandas as pd
+
         frames = []
         for name, (part, _, _) in LISTS.items():
             idx, logit, prob = self.indices[name], self.logits[name], self.probs[name]
@@ -93,6 +98,8 @@ class LensReport:
 
     def target_rank_table(self) -> pd.DataFrame:
         """Long format: ``layer, position, input_token, list, target_rank, degenerate`` (1 = the list's first)."""
+        import pandas as pd
+
         rows = []
         for name, ranks in self.target_rank.items():
             for li, layer in enumerate(self.layers):
@@ -264,6 +271,8 @@ def analyze(ctx: ModelContext, cap: Capture, *, k: int = 10, unit_norm: bool = F
     token ids instead of token texts. All vectors of all examples go through the fused projection together
     (:func:`lens_lists`).
     """
+    import pandas as pd
+
     check_positive_int(k, "k", upper=ctx.vocab_size)
     per_list = lens_lists(ctx, cap, k=k, unit_norm=unit_norm, impl=impl)
     vocabulary = ctx.vocabulary if ctx.tokenizer is not None else ()

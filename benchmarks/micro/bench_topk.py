@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from microbench import DEVICES, IMPLS, Case, dtype_name, paths, require
+from microbench import DEVICES, FAST_PATHS, Case, dtype_name, paths, require
 
 from blens_fast.ops.topk import available_impls, topk_logits
 
@@ -37,7 +37,7 @@ YARDSTICKS = ("gemm", "gemm+topk")
 
 
 def fast_paths(case: TopkCase) -> tuple[str, ...]:
-    impls = IMPLS[case.device]
+    impls = FAST_PATHS[case.device]
     return tuple(i for i in impls if i != "torch") if case.device == "cpu" and case.n == LARGE_N else impls
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 #: implementations timed per device: the torch reference on both, the C++ kernel on the CPU, Triton and CUDA on a GPU
-IMPLS = {"cpu": ("torch", "cpu"), "cuda": ("torch", "triton", "cuda")}
-DEVICES = tuple(IMPLS)
+FAST_PATHS = {"cpu": ("torch", "cpu"), "cuda": ("torch", "triton", "cuda")}
+DEVICES = tuple(FAST_PATHS)
 #: timed and warm-up rounds of every path on a GPU, where a call takes milliseconds
 GPU_ROUNDS = (20, 3)
 
@@ -37,7 +37,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def paths(cases, yardsticks, fast_paths=lambda case: IMPLS[case.device]):
+def paths(cases, yardsticks, fast_paths=lambda case: FAST_PATHS[case.device]):
     """``parametrize("case, path")`` over every case's yardsticks, then its fast paths (default: the implementations
     of its device); the cases of a GPU are skipped where there is none."""
     params = []

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._io import atomic_write_json, atomic_write_text, make_folder
-from .._report import markdown_table
+from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text, make_folder
+from .._report import figure_png, markdown_table, pyplot
 from .._ui import plural
 from ..reference import RANK_TOLERANCE
 from .meter import STAGES
@@ -164,16 +164,11 @@ def _scaling_rows(runs: list[dict]) -> list[dict]:
 
 def plot_report(report: dict, path) -> Path:
     """Peak memory and time per stage of both ways (log scale), and blens_fast's scaling with N and T."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     main = _main_run(report)
     sweeps = [(s, key, label) for s, key, label in (
         ([r for r in report["runs"] if r["tokens"] == main["tokens"]], "prompts", "N (prompts)"),
         ([r for r in report["runs"] if r["prompts"] == main["prompts"]], "tokens", "T (positions)")) if len(s) > 1]
-    fig, axes = plt.subplots(1, 2 + len(sweeps), figsize=(5.2 * (2 + len(sweeps)), 4.2), squeeze=False)
+    fig, axes = pyplot().subplots(1, 2 + len(sweeps), figsize=(5.2 * (2 + len(sweeps)), 4.2), squeeze=False)
     axes = axes[0]
     for ax, (field, unit, scale, title) in zip(axes[:2], (
             ("peak_bytes_beyond_weights", "MiB", 2**20, "peak memory beyond weights"),
@@ -185,10 +180,7 @@ def plot_report(report: dict, path) -> Path:
         _scaling_panel(ax, main, sweep, key, label)
     fig.suptitle(f"{report['model']['about']} | {report['dtype']} | {report['machine']}", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return atomic_write_bytes(path, figure_png(fig, dpi=110))
 
 
 def _stage_bars(ax, main: dict, field: str, scale: float) -> None:

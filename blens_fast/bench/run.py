@@ -29,6 +29,7 @@ from ..context import BUILTIN_MODELS, ModelContext, bind, load_model, model_sour
 from ..lens import factor_lists, lens_lists, lists_by_factor
 from ..lowrank import LowRankGradient
 from ..ops.topk import TOPK
+from ..records import load_counterfact
 from ..reference import LIST_FACTORS, RankRule, ReferenceLens, TokenList, mlp_modules, reference_lens
 from .meter import STAGES, Meter, OutOfMemory, memory_method
 
@@ -137,10 +138,8 @@ def make_prompts(tokenizer, n: int, tokens: int | None = None, *, offset: int = 
     ``tokens`` positions long (prompt + object - 1) by continuing it with the following records' prompts or cutting
     it, on token boundaries.
     """
-    from ..counterfact import load
-
     check_positive_int(n, "prompts")
-    records = load("counterfact")
+    records = load_counterfact()
     prompts, targets = [], []
     for i in range(n):
         record = records[(offset + i) % len(records)]

@@ -14,6 +14,7 @@ from itertools import islice
 from pathlib import Path
 
 from .._io import file_sha256
+from ..records import load_counterfact
 
 #: the input name of the shipped CounterFact edit file, read through :func:`blens_fast.counterfact.load`
 COUNTERFACT = "counterfact"
@@ -127,14 +128,12 @@ def _field_error(value, fields: Fields) -> str | None:
 
 def open_source(input, fields: Fields = Fields()) -> RecordSource:
     """The :class:`RecordSource` of ``input``: a path (``.jsonl``, ``.json`` holding a list or JSON Lines,
-    ``.parquet``), ``"counterfact"`` (the shipped CounterFact edit file, as :func:`blens_fast.counterfact.load`
+    ``.parquet``), ``"counterfact"`` (the shipped CounterFact edit file, as :func:`blens_fast.records.load_counterfact`
     gives it: ``id`` = case id, ``target`` = true object), or records in memory (mappings or ``(prompt, target)``
     pairs)."""
     if isinstance(input, (str, Path)) or hasattr(input, "__fspath__"):
         if str(input) == COUNTERFACT:
-            from ..counterfact import load
-
-            return _memory(load(COUNTERFACT), COUNTERFACT, fields)
+            return _memory(load_counterfact(COUNTERFACT), COUNTERFACT, fields)
         return _file(Path(input))
     if isinstance(input, (bytes, Mapping)) or not isinstance(input, Iterable):
         raise TypeError(f"input must be a file path, 'counterfact' or a list of records, got {type(input).__name__}")

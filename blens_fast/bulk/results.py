@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 from .._checks import check_choice
 from .._io import read_json
 from .rows import SCHEMAS
-from .run import STATS_TABLES, plan_shards, shard_count
-from .shards import ShardEntry, manifest_entries, manifest_outputs, read_manifest, read_segments, shard_file
+from .shards import (STATS_TABLES, ShardEntry, manifest_entries, manifest_outputs, plan_shards, read_manifest,
+                     read_segments, shard_count, shard_file)
 
 TABLES = ("rows", "records", "rejected", *(f"stats_{name}" for name in STATS_TABLES.values()))
 _REJECTED_COLUMNS = ["line", "index", "id", "reason", "record"]

@@ -1,5 +1,5 @@
-"""The bulk run: the :class:`RunOptions` asked for, the frozen :class:`RunSpec` they resolve to and its fingerprint, the shard planner, the capture/commit loop,
-``torchrun`` ranks, and the final merge.
+"""The bulk run: the :class:`RunOptions` asked for, the frozen :class:`RunSpec` they resolve to and its
+fingerprint, the capture/commit loop, ``torchrun`` ranks, and the final merge.
 
 Plan. Shard ``j`` holds the input records ``j * shard_size .. (j + 1) * shard_size - 1`` (by position, bad ones
 included); inside a shard the valid records are sorted by token count and cut into batches of at most
@@ -47,8 +47,9 @@ from ..records import check_held, check_window
 from ..stats import StatsAccumulator, module_shapes, sketch_sizes
 from .records import Fields, Record, RecordSource, open_source
 from .rows import LENS_MODULES, records_table, report_columns, rows_table
-from .shards import (FORMAT, SEGMENTS, SHARD_TABLES, Digest, FolderLock, Segment, ShardCommitter, ShardEntry,
-                     holds_results, manifest_outputs, read_manifest, read_segments, reset_faults)
+from .shards import (FORMAT, SEGMENTS, SHARD_TABLES, STATS_TABLES, Digest, FolderLock, Plan, Segment, ShardCommitter,
+                     ShardEntry, holds_results, manifest_outputs, plan_shards, read_manifest, read_segments,
+                     reset_faults, shard_count)
 
 #: the default shard size gives at least this many shards (when each holds at least MIN_AUTO_SHARD_SIZE and at most
 #: MAX_AUTO_SHARD_SIZE records)
@@ -56,9 +57,6 @@ AUTO_SHARDS = 32
 #: a shard is a commit and a pair of Parquet files: tiny inputs get a few shards, not a file per record
 MIN_AUTO_SHARD_SIZE = 8
 MAX_AUTO_SHARD_SIZE = 256
-#: the merged statistics of a run with ``stats=True``: file name -> GradientStats table
-STATS_TABLES = {"stats/summary.parquet": "summary", "stats/spectrum.parquet": "spectrum",
-                "stats/norms.parquet": "norms"}
 STATS_STATE = "stats/state.safetensors"
 REJECTED = "rejected.jsonl"
 
@@ -68,10 +66,6 @@ def auto_shard_size(records: int) -> int:
     one-record files), 32 shards from 256 records on (every rank of up to 32 gets work), and large inputs get shards
     of 256 records."""
     return min(MAX_AUTO_SHARD_SIZE, max(MIN_AUTO_SHARD_SIZE, math.ceil(records / AUTO_SHARDS)))
-
-
-def shard_count(records: int, shard_size: int) -> int:
-    return max(1, math.ceil(records / shard_size))
 
 
 # -- what is asked ---------------------------------------------------------------------------------------------
@@ -212,7 +206,7 @@ def _differences(old, new, prefix: str = "") -> list[str]:
 
 
 # Outside mutation testing's core (setup.cfg), which here is the resume decisions (what a restart finds, keeps and
-# redoes: plan_shards, _prepare and what they call; shard commits are in shards.py): the run's settings, torchrun
+# redoes: _prepare and what it calls; plan_shards and shard commits are in shards.py): the run's settings, torchrun
 # plumbing, the lens batches, argument handling, and the orchestration after the plan (_compute, _finish).
 # pragma: no mutate start
 def build_spec(ctx: ModelContext, source: RecordSource, options: RunOptions) -> RunSpec:
@@ -293,45 +287,6 @@ def process_group():
             dist.destroy_process_group()
 
 # pragma: no mutate end
-
-
-# -- the plan ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Plan:
-    """What a session finds and has to do: ``done``: verified committed shards; ``todo``: ``(shard, with
-    statistics)`` still to compute, ascending; ``void``: segments whose statistics are unusable; ``notes``: what
-    was found damaged (log lines)."""
-
-    done: dict
-    todo: tuple[tuple[int, bool], ...]
-    void: tuple[Segment, ...]
-    notes: tuple[str, ...]
-
-
-def plan_shards(out: Path, segments: list[Segment], shard_count: int, with_stats: bool) -> Plan:
-    """Which shards are done and which must be computed (see the module docstring); reads and hashes the files."""
-    notes, void, valid = [], [], []
-    for segment in segments:
-        why = segment.stats_problem(out) if with_stats and any(e.stats for e in segment.shards) else None
-        if why:
-            notes.append(f"segment {segment.name}: its statistics file {why}; its shards will be recomputed")
-            void.append(segment)
-        else:
-            valid.append(segment)
-    counted = {e.shard for s in valid for e in s.shards if e.stats or not with_stats}
-    done: dict[int, ShardEntry] = {}
-    problems: dict[int, str] = {}
-    for entry in (e for s in valid for e in s.shards):
-        if entry.shard in done or entry.shard not in counted:
-            continue
-        why = entry.problem(out)
-        if why:
-            problems[entry.shard] = why
-        else:
-            done[entry.shard] = entry
-    notes += [f"{problems[j]}: recomputing it" for j in sorted(set(problems) - set(done))]
-    todo = tuple((j, with_stats and j not in counted) for j in range(shard_count) if j not in done)
-    return Plan(done, todo, tuple(void), tuple(notes))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The output folder of a bulk run: the shard committer (atomic writes, segments, each shard's size and sha256), the
-manifest and the folder lock.
+manifest, the folder lock, and the plan (which shards a session finds done and which it must compute).
 
 Layout::
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import math
 import os
 import re
 import signal
@@ -36,6 +37,9 @@ from .._io import atomic_write_json, atomic_write_table, file_sha256, read_json
 FORMAT = 2
 SHARD_TABLES = ("rows", "records")
 SEGMENTS = "segments"
+#: the merged statistics of a run with ``stats=True``: file name -> GradientStats table
+STATS_TABLES = {"stats/summary.parquet": "summary", "stats/spectrum.parquet": "spectrum",
+                "stats/norms.parquet": "norms"}
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -292,3 +296,45 @@ def manifest_entries(manifest: dict, out: Path) -> list[ShardEntry]:
 
 def manifest_outputs(manifest: dict, out: Path) -> dict[str, Digest]:
     return {name: Digest.from_json(d, str(out / "manifest.json")) for name, d in manifest.get("outputs", {}).items()}
+
+
+def shard_count(records: int, shard_size: int) -> int:
+    return max(1, math.ceil(records / shard_size))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a session finds and has to do: ``done``: verified committed shards; ``todo``: ``(shard, with
+    statistics)`` still to compute, ascending; ``void``: segments whose statistics are unusable; ``notes``: what
+    was found damaged (log lines)."""
+
+    done: dict
+    todo: tuple[tuple[int, bool], ...]
+    void: tuple[Segment, ...]
+    notes: tuple[str, ...]
+
+
+def plan_shards(out: Path, segments: list[Segment], shard_count: int, with_stats: bool) -> Plan:
+    """Which shards are done and which must be computed (see "Resume" in :mod:`.run`); reads and hashes the files."""
+    notes, void, valid = [], [], []
+    for segment in segments:
+        why = segment.stats_problem(out) if with_stats and any(e.stats for e in segment.shards) else None
+        if why:
+            notes.append(f"segment {segment.name}: its statistics file {why}; its shards will be recomputed")
+            void.append(segment)
+        else:
+            valid.append(segment)
+    counted = {e.shard for s in valid for e in s.shards if e.stats or not with_stats}
+    done: dict[int, ShardEntry] = {}
+    problems: dict[int, str] = {}
+    for entry in (e for s in valid for e in s.shards):
+        if entry.shard in done or entry.shard not in counted:
+            continue
+        why = entry.problem(out)
+        if why:
+            problems[entry.shard] = why
+        else:
+            done[entry.shard] = entry
+    notes += [f"{problems[j]}: recomputing it" for j in sorted(set(problems) - set(done))]
+    todo = tuple((j, with_stats and j not in counted) for j in range(shard_count) if j not in done)
+    return Plan(done, todo, tuple(void), tuple(notes))

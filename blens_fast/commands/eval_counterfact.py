@@ -133,12 +133,9 @@ def run(args) -> int:
     runs = [(label, method, edit_options(ctx, method, options, calibration=args.calibration,
                                          progress=not args.quiet)) for label, method, options in runs]
     rows = []
-    for label, method, options in runs:
+    for label, method, settings in runs:
         row = evaluate_counterfact(ctx, records, method=method, n=args.n, label=label, fluency=not args.no_fluency,
-                                   progress=not args.quiet, **{k: v for k, v in options.items()
-                                                               if not k.startswith("_")})
-        if method != "none":
-            row["settings"].update(variant=options["_variant"], source=options["_source"])
+                                   progress=not args.quiet, settings=settings)
         rows.append(row)
         print(summary_line(row), flush=True)
     meta = {"model": args.model, "records": args.records, "first_record": args.start, "n": args.n,

@@ -12,7 +12,7 @@ from ..editing import ff2_whitening
 from ..forward import forward_hidden
 from .harness import evaluate_counterfact
 from .records import check_records
-from .tradeoff import MARGIN_GRID, last_layer_sweep
+from .tradeoff import MARGIN_GRID, Sweep, last_layer_sweep
 
 #: efficacy (MEMIT-style argmax, percent) a calibrated setting must reach on the calibration records
 CALIBRATION_EFFICACY = 95.0
@@ -72,10 +72,11 @@ def calibrate(ctx: ModelContext, records, *, n: int | None = None, start: int = 
 
     key_norms = {layer: median_key_norm(ctx, records[:n_other], layer) for layer in range(last + 1)}
     variants = {
-        "forward_shift": ({}, "scale", [s / key_norms[last] for s in SHIFT_GRID]),
-        "forward_shift_whitened": ({"whiten": True}, "scale", list(SHIFT_GRID)),
-        "forward_shift_normalized_auto": ({"normalize_key": True, "scale": "auto"}, "margin", list(MARGIN_GRID)),
-        "forward_shift_whitened_auto": ({"whiten": True, "scale": "auto"}, "margin", list(MARGIN_GRID)),
+        "forward_shift": Sweep({"layer": last}, "scale", tuple(s / key_norms[last] for s in SHIFT_GRID)),
+        "forward_shift_whitened": Sweep({"layer": last, "whiten": True}, "scale", SHIFT_GRID),
+        "forward_shift_normalized_auto": Sweep({"layer": last, "normalize_key": True, "scale": "auto"}, "margin",
+                                               MARGIN_GRID),
+        "forward_shift_whitened_auto": Sweep({"layer": last, "whiten": True, "scale": "auto"}, "margin", MARGIN_GRID),
     }
     for point in last_layer_sweep(ctx, records, variants, n=n, progress=progress):
         keep(point["variant"], last, point["key"], point["value"], point)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from .._checks import check_choice
 from .._ui import progress_bar
 from ..context import ModelContext, with_context
-from ..editing import EditSkipped, Whitening, edit, ff2_whitening, resolve_settings
+from ..editing import EditSettings, EditSkipped, edit, resolve_settings
 from ..forward import forward_hidden
 from .records import check_records, fact_texts
 
@@ -43,6 +44,21 @@ def record_pairs(record) -> list[tuple[str, str]]:
             (r["locality_prompt"], r["target_new"]), (r["locality_prompt"], r["locality_ground_truth"])]
 
 
+@dataclass(frozen=True)
+class ScorerBatch:
+    """One record's six (prompt, object) pairs and the fluency sentences as one right-padded batch (``ids``,
+    ``mask``), with the scored positions: ``rows``, ``positions`` and the ``tokens`` read there, the pairs' first
+    (``n_scored`` of them, pair by pair, in :func:`record_pairs` order), then the fluency sentences'."""
+
+    examples: list
+    ids: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+    tokens: torch.Tensor
+    n_scored: int
+
+
 class Scorer:
     """Scores one record's six (prompt, object) pairs and the fluency sentences in one forward pass."""
 
@@ -51,7 +67,7 @@ class Scorer:
         tokenizer = ctx.require_tokenizer()
         self.fluency = [s for s in (tuple(tokenizer(t)["input_ids"]) for t in fluency_texts) if len(s) > 1]
 
-    def prepare(self, record) -> dict:
+    def prepare(self, record) -> ScorerBatch:
         pairs = record_pairs(record)
         examples = self.ctx.tokenize([p for p, _ in pairs], [o for _, o in pairs])
         sequences = [e.input_ids for e in examples] + list(self.fluency)
@@ -67,14 +83,12 @@ class Scorer:
             tokens.extend(s[1:])
         ids, mask = self.ctx.pad(sequences)
         device = self.ctx.device
-        return {"examples": examples, "ids": ids, "mask": mask, "rows": torch.tensor(rows, device=device),
-                "positions": torch.tensor(positions, device=device), "tokens": torch.tensor(tokens, device=device),
-                "n_scored": sum(len(e.target_ids) for e in examples)}
+        return ScorerBatch(examples, ids, mask, torch.tensor(rows, device=device),
+                           torch.tensor(positions, device=device), torch.tensor(tokens, device=device),
+                           sum(len(e.target_ids) for e in examples))
 
-    def score(self, prepared, *, fluency: bool = True) -> dict:
-        ids, mask = prepared["ids"], prepared["mask"]
-        rows, positions, tokens = prepared["rows"], prepared["positions"], prepared["tokens"]
-        n_scored = prepared["n_scored"]
+    def score(self, batch: ScorerBatch, *, fluency: bool = True) -> dict:
+        ids, mask, rows, positions, tokens = batch.ids, batch.mask, batch.rows, batch.positions, batch.tokens
         if not fluency:
             keep = rows < 6
             rows, positions, tokens = rows[keep], positions[keep], tokens[keep]
@@ -82,10 +96,10 @@ class Scorer:
             ids, mask = ids[:6, :width], mask[:6, :width]
         hidden = forward_hidden(self.ctx, ids, mask).hidden
         logits = self.ctx.lens.logits(hidden[rows, positions])
-        result, token_lp = metrics(logits, prepared["examples"], rows, tokens, n_scored)
-        if fluency and len(token_lp) > n_scored:
-            result["fluency_nll"] = (-token_lp[n_scored:].sum()).item()
-            result["fluency_tokens"] = len(token_lp) - n_scored
+        result, token_lp = metrics(logits, batch.examples, rows, tokens, batch.n_scored)
+        if fluency and len(token_lp) > batch.n_scored:
+            result["fluency_nll"] = (-token_lp[batch.n_scored:].sum()).item()
+            result["fluency_tokens"] = len(token_lp) - batch.n_scored
         return result
 
 
@@ -109,30 +123,20 @@ def metrics(logits, examples, rows, tokens, n_scored) -> tuple[dict, torch.Tenso
     }, token_lp
 
 
-def edit_options(ctx: ModelContext, method: str, options: dict, *, calibration=None, progress: bool = True) -> dict:
-    """The complete, checked edit settings of a run (resolved once, before any record is scored); ``whiten=True``
-    becomes the layer's :class:`~blens_fast.editing.Whitening`, estimated once."""
+def edit_options(ctx: ModelContext, method: str, options: dict, *, calibration=None,
+                 progress: bool = True) -> EditSettings | None:
+    """The complete, checked edit settings of a run (resolved once, before any record is scored; None for
+    ``method="none"``); ``whiten=True`` becomes the layer's :class:`~blens_fast.editing.Whitening`, estimated once."""
     if method == "none":
-        return {}
-    options = dict(options)
-    whiten = options.pop("whiten", False)
-    settings = resolve_settings(ctx, method, whiten=whiten, calibration=calibration, **{
-        k: options.pop(k, None) for k in ("layer", "scale", "margin", "steps", "lr")},
-        normalize_key=bool(options.get("normalize_key", False)))
-    keys = ("layer", "steps", "lr") if method == "gradient" else ("layer", "scale", "margin")
-    resolved = {**options, **{k: settings[k] for k in keys if settings.get(k) is not None}}
-    if whiten is True:
-        whiten = ff2_whitening(ctx, settings["layer"], progress=progress)
-    if whiten is not False:
-        resolved["whiten"] = whiten
-    resolved["_variant"], resolved["_source"] = settings["variant"], settings["source"]
-    return resolved
+        return None
+    return resolve_settings(ctx, method, calibration=calibration, **options).with_whitening(ctx, progress=progress)
 
 
 @with_context
 def evaluate_counterfact(ctx: ModelContext, records, *, method: str = "forward_shift", n: int | None = None,
                          label: str | None = None, fluency_texts=None, fluency: bool = True, progress: bool = True,
-                         details: bool = False, calibration=None, **edit_kwargs) -> dict:
+                         details: bool = False, calibration=None, settings: EditSettings | None = None,
+                         **edit_kwargs) -> dict:
     """Edit, score and revert for each of the first ``n`` records; returns one row of metrics (percent).
 
     Called as ``evaluate_counterfact(model, tokenizer, records)`` or ``evaluate_counterfact(ctx, records)``;
@@ -140,7 +144,8 @@ def evaluate_counterfact(ctx: ModelContext, records, *, method: str = "forward_s
     unedited model), ``"forward_shift"`` or ``"gradient"``; ``edit_kwargs`` go to :func:`blens_fast.edit`
     (``layer``, ``scale``, ``whiten``, ``normalize_key``, ``margin``, ``lr``, ``steps``...); missing settings are
     resolved once before any work (``calibration=PATH`` as in :func:`blens_fast.edit`), and ``whiten=True`` is
-    estimated once. ``fluency_texts``: the sentences whose perplexity measures the fluency cost; default: the
+    estimated once; ``settings``: an :class:`~blens_fast.editing.EditSettings` instead of ``edit_kwargs`` (its method
+    is the run's). ``fluency_texts``: the sentences whose perplexity measures the fluency cost; default: the
     true-fact sentences of the 2 records after the evaluated ones (the first 2 when there are none). After each revert
     every ``mlp.out`` weight is compared bit for bit with a copy taken before the run (``revert_failures``; a failure
     is repaired from that copy), and all parameters' fingerprint at the end (``parameters_restored``).
@@ -148,8 +153,17 @@ def evaluate_counterfact(ctx: ModelContext, records, *, method: str = "forward_s
     method = "none" if method is None else method
     check_choice(method, "method", METHODS)
     records, n = check_records(records, n)
-    options = edit_options(ctx, method, edit_kwargs, calibration=calibration, progress=progress)
-    settings = {k: v for k, v in options.items() if not k.startswith("_")}
+    if settings is None:
+        settings = edit_options(ctx, method, edit_kwargs, calibration=calibration, progress=progress)
+    elif not isinstance(settings, EditSettings):
+        raise TypeError(f"settings must be an EditSettings (from resolve_settings), got {type(settings).__name__}")
+    elif edit_kwargs or calibration is not None:
+        raise ValueError("settings= already holds every setting: leave out "
+                         f"{', '.join(sorted(edit_kwargs) or ['calibration'])}")
+    elif settings.method != method:
+        raise ValueError(f"settings= are for method={settings.method!r}: pass that method, got method={method!r}")
+    else:
+        settings = settings.with_whitening(ctx, progress=progress)
     if fluency_texts is None:
         fluency_texts = fact_texts(records[n:n + 2] if len(records) >= n + 2 else records[:2])
     scorer = Scorer(ctx, fluency_texts if fluency else ())
@@ -169,8 +183,7 @@ def evaluate_counterfact(ctx: ModelContext, records, *, method: str = "forward_s
             t0 = time.perf_counter()
             with warnings.catch_warnings():  # skips are counted in the row instead
                 warnings.simplefilter("ignore", EditSkipped)
-                applied = edit(ctx, record["prompt"], record["target_new"], method=method, progress=False,
-                               **settings)
+                applied = edit(ctx, record["prompt"], record["target_new"], settings=settings, progress=False)
             edit_seconds += time.perf_counter() - t0
         try:
             scores = scorer.score(prepared, fluency=fluency)
@@ -194,7 +207,7 @@ def evaluate_counterfact(ctx: ModelContext, records, *, method: str = "forward_s
     row = {
         "label": label or method,
         "method": method,
-        "settings": settings_record(options),
+        "settings": {} if settings is None else settings.to_record(),
         "n": n,
         **{FAMILIES[family]: {m: 100.0 * totals[family][m] / n for m in METRICS} for family in FAMILIES},
         "fluency_ppl": ppl_sum / n if ntok else None,
@@ -227,17 +240,3 @@ def _restore(ctx: ModelContext, snapshot: dict) -> int:
 def _fluency_ppl(scorer: Scorer, record) -> float:
     scores = scorer.score(scorer.prepare(record), fluency=True)
     return math.exp(scores["fluency_nll"] / scores["fluency_tokens"])
-
-
-def settings_record(options: dict) -> dict:
-    """The settings of a run as plain JSON values (a Whitening as its description)."""
-    out = {}
-    for key, value in options.items():
-        key = key.lstrip("_")
-        if isinstance(value, Whitening):
-            out[key] = f"Whitening(layer={value.layer}, ridge={value.ridge}, tokens={value.num_tokens})"
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            out[key] = value
-        else:
-            out[key] = repr(value)
-    return out

@@ -1,48 +1,23 @@
-"""CounterFact records (EasyEdit layout) and the texts and queries made of them.
+"""CounterFact records (EasyEdit layout) for the editing harness: their check and the queries made of them.
 
-Fields of a record: ``case_id``, ``prompt``, ``subject``, ``ground_truth`` (the true object), ``target_new`` (the
-counterfactual object), ``rephrase_prompt``, ``locality_prompt`` and ``locality_ground_truth``. :func:`load` also
-gives every record ``id`` (its ``case_id``) and ``target`` (its true object), so that CounterFact records read as
-(prompt, target) records everywhere (:mod:`blens_fast.records`): the lens and the statistics of a fact the model
-knows.
+:func:`load` and :func:`fact_texts` are :func:`blens_fast.records.load_counterfact` and
+:func:`blens_fast.records.fact_texts` (read below every layer that uses them); :func:`load` gives every record ``id``
+(its ``case_id``) and ``target`` (its true object), so that CounterFact records read as (prompt, target) records
+everywhere: the lens and the statistics of a fact the model knows.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from .._checks import check_positive_int
 from .._ui import plural
+from ..records import fact_texts, load_counterfact as load
 
-#: the shipped edit file (10,000 records; see its SOURCE.md)
-SHIPPED = Path(__file__).resolve().parents[1] / "data" / "counterfact" / "counterfact-edit.json"
+__all__ = ["FIELDS", "check_records", "fact_queries", "fact_texts", "load"]
+
 #: every field a record needs for the editing harness
 FIELDS = ("prompt", "rephrase_prompt", "locality_prompt", "locality_ground_truth", "ground_truth", "target_new")
-
-
-def load(name_or_path="counterfact", n: int | None = None) -> list[dict]:
-    """The first ``n`` (default: all) records of ``"counterfact"`` (the shipped edit file) or of a JSON (a list) or
-    JSON Lines file in the same layout, each with ``id`` and ``target`` added (module docstring)."""
-    path = SHIPPED if str(name_or_path) == "counterfact" else Path(name_or_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CounterFact records {str(name_or_path)!r}: no such file (expected 'counterfact' "
-                                "or a JSON / JSON Lines file)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{str(path)!r} is not JSON or JSON Lines ({error})") from None
-    if n is not None:
-        records = records[:check_positive_int(n, "n")]
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"{str(path)!r}: record {i} is a {type(record).__name__}, expected an object")
-        if "ground_truth" in record:
-            record.setdefault("target", record["ground_truth"])
-        record.setdefault("id", record.get("case_id", i))
-    return records
 
 
 def check_records(records, n: int | None, fields=FIELDS) -> tuple[list, int]:
@@ -72,14 +47,3 @@ def fact_queries(records: Iterable[dict], kind: str = "prompt") -> tuple[list[st
         prompts.append(r[kind])
         objects.append(" " + r[answer_key])
     return prompts, objects
-
-
-def fact_texts(records: Iterable[dict]) -> list[str]:
-    """The true-fact sentences of the records, three per record, in record order: ``prompt + " " + ground_truth``,
-    ``rephrase_prompt + " " + ground_truth`` and ``locality_prompt + " " + locality_ground_truth``."""
-    texts = []
-    for r in records:
-        texts.append(r["prompt"] + " " + r["ground_truth"])
-        texts.append(r["rephrase_prompt"] + " " + r["ground_truth"])
-        texts.append(r["locality_prompt"] + " " + r["locality_ground_truth"])
-    return texts

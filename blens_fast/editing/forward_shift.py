@@ -27,41 +27,38 @@ import torch
 from ..context import ModelContext
 from ..forward import forward_hidden
 from .auto_scale import auto_shifts
+from .settings import EditSettings
 from .update import Edit, Update
 from .whitening import Whitening
 
 
-def forward_shift_edit(ctx: ModelContext, examples, layer: int, scale, margin, whitening: Whitening | None,
-                       normalize_key: bool, skip_if_argmax: bool, info: dict) -> Edit:
-    """Build and apply the forward-shift edit of ``examples`` at ``layer`` (arguments already checked)."""
-    auto = scale == "auto"
+def forward_shift_edit(ctx: ModelContext, examples, settings: EditSettings, info: dict) -> Edit:
+    """Build and apply the forward-shift edit of ``examples`` (``settings`` resolved, its whitening estimated)."""
+    layer = settings.layer
     ids, mask = ctx.pad([e.prompt_ids for e in examples])
     last = mask.sum(1) - 1
     rows = torch.arange(len(examples), device=ctx.device)
-    found = forward_hidden(ctx, ids, mask, ff2_layers=[layer], pre_norm=auto)
+    found = forward_hidden(ctx, ids, mask, ff2_layers=[layer], pre_norm=settings.auto)
     logits = ctx.lens.logits(found.hidden[rows, last])
     ff2 = found.ff2_inputs[layer]
     cdt = torch.float64 if ff2.dtype == torch.float64 else torch.float32
     a = ff2[rows, last].to(cdt)
     tokens = torch.tensor([e.target_ids[0] for e in examples], device=ctx.device)
     already = logits.argmax(-1) == tokens
-    keep = ~already if (skip_if_argmax and not auto) else torch.ones_like(already)
     if not torch.isfinite(a).all():
         raise ValueError("the FF2 input at the prompt's last token is not finite: check the model's weights")
+    keep = kept_facts(settings, already)
     if bool((a.norm(dim=-1)[keep] == 0).any()):
         raise ValueError("the FF2 input at the prompt's last token is zero: no key can address it")
-    keys = edit_keys(a, keep, whitening, normalize_key)
+    keys = edit_keys(a, keep, settings.whiten or None, settings.normalize_key)
     embed = ctx.embedding_matrix[tokens].to(cdt)
-    if auto:
-        shift = auto_shifts(ctx, found.pre_norm[rows, last].float(), embed, tokens, float(margin)).to(cdt)
-        response = (keys * a).sum(-1)
-        scales = torch.where(shift > 0, shift / response, torch.zeros_like(shift))
-        keep = keep & (shift > 0)
-        info.update(scale="auto", margin=float(margin), shifts=shift.tolist())
+    shifts = None
+    if settings.auto:
+        shifts = auto_shifts(ctx, found.pre_norm[rows, last].float(), embed, tokens, settings.margin).to(cdt)
+        info.update(scale="auto", margin=settings.margin, shifts=shifts.tolist())
     else:
-        scales = torch.full((len(examples),), float(scale), device=ctx.device, dtype=cdt)
-        info.update(scale=float(scale))
-    scales = torch.where(keep, scales, torch.zeros_like(scales))
+        info.update(scale=settings.scale)
+    scales, keep = shift_scales(settings, keys, a, already, shifts)
     info.update(scales=scales.tolist(), skipped=(~keep).tolist(), already_argmax=already.tolist())
     edited = keep.nonzero().flatten()
     updates = []
@@ -71,6 +68,28 @@ def forward_shift_edit(ctx: ModelContext, examples, layer: int, scale, margin, w
         left, right = (k, e) if ctx.adapter.weight_layout == "in_out" else (e, k)
         updates.append(Update(layer, "mlp.out", left.contiguous(), right.contiguous()))
     return Edit(updates, info).apply(ctx)
+
+
+def kept_facts(settings: EditSettings, already: torch.Tensor, shifts: torch.Tensor | None = None) -> torch.Tensor:
+    """Which facts are edited: with ``skip_if_argmax`` (fixed scales only) not those whose target already is the
+    argmax; with ``scale="auto"`` only those with a wanted shift (``shifts`` > 0)."""
+    keep = ~already if settings.skip_if_argmax and not settings.auto else torch.ones_like(already)
+    return keep if shifts is None else keep & (shifts > 0)
+
+
+def shift_scales(settings: EditSettings, keys: torch.Tensor, a: torch.Tensor, already: torch.Tensor,
+                 shifts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per fact (rows of ``keys`` and of ``a``, its FF2 input at the prompt's last token), the scale of its outer
+    product and whether it is edited at all: ``settings.scale``, or for ``scale="auto"`` the wanted shift divided by
+    the key's response ``key . a_n`` (``shifts``, from :func:`.auto_scale.auto_shifts`); 0 where not edited.
+    At any position p the edit then moves the residual stream by ``scale * (key . a_p) * e_target``."""
+    keep = kept_facts(settings, already, shifts)
+    if settings.auto:
+        response = (keys * a).sum(-1)
+        scales = torch.where(keep, shifts / response, torch.zeros_like(shifts))
+    else:
+        scales = torch.where(keep, torch.full_like(keys[:, 0], settings.scale), torch.zeros_like(keys[:, 0]))
+    return scales, keep
 
 
 def edit_keys(a: torch.Tensor, keep: torch.Tensor, whitening: Whitening | None, normalize_key: bool) -> torch.Tensor:

@@ -17,6 +17,7 @@ from .._io import atomic_save_tensors, cache_dir
 from .._ui import progress_bar
 from ..context import ModelContext, with_context
 from ..forward import eval_mode
+from ..records import fact_texts, load_counterfact
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,7 @@ _CACHE: dict[str, Whitening] = {}
 def default_whitening_texts() -> list[str]:
     """True-fact sentences of records 2,000-3,999 of the shipped CounterFact edit file (6,000 sentences): outside
     both the evaluated records (0-999) and the default model's calibration records (1,000-1,999)."""
-    from ..counterfact.records import fact_texts, load
-
-    return fact_texts(load()[2000:4000])
+    return fact_texts(load_counterfact()[2000:4000])
 
 
 @with_context

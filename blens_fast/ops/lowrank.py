@@ -10,9 +10,13 @@ For examples whose factors are stacked row-wise (example ``e`` owns rows ``offse
 
 No ``p x q`` matrix is formed: the cost is ``O(N (p + q) (s1 + s2))`` for the sketches plus
 ``O(sum_e T_e^2 (p + q))`` for the norms. ``impl``: ``"torch"`` (the reference, products in the accumulators'
-dtype), ``"cpu"`` (the C++ ``torch.library`` op ``blens_fast::lowrank_sketch_update``), ``"cuda"`` (the same op's
+dtype), ``"cpu"`` (the C++ kernel, the compiled op ``blens_fast::lowrank_sketch_update``), ``"cuda"`` (the same op's
 CUDA kernel), ``"triton"``, or ``"auto"`` (the registry's policy, :mod:`blens_fast.ops.registry`). Every impl
 returns what ``"torch"`` returns, to float32 rounding.
+
+As for the projection (:mod:`.topk`), the dispatch runs inside a ``torch.library`` op, ``blens_fast::sketch_update``
+(it writes ``y`` and ``w`` in place), with its fake implementation beside it, so the call traces under fake tensors
+and ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from . import _extension
 from .lowrank_reference import sketch_update_reference
 from .registry import Implementation, Operation, triton_unavailable
 
-_OP = "lowrank_sketch_update"
+#: the compiled kernels' op (csrc/cpu/lowrank_cpu.cpp defines it, csrc/cuda/lowrank_binding.cpp adds its CUDA kernel)
+_KERNEL = "lowrank_sketch_update"
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,20 +40,9 @@ def _has_kernel(dispatch_key: str) -> bool:
     if dispatch_key == "CUDA":
         _extension.unavailable("cuda")
     try:
-        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"blens_fast::{_OP}", dispatch_key)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"blens_fast::{_KERNEL}", dispatch_key)
     except RuntimeError:  # the op is not registered at all
         return False
-    _register_fake()
-    return found
-
-
-@functools.lru_cache(maxsize=None)
-def _register_fake() -> None:
-    """Shapes of the compiled op for fake tensors and ``torch.compile``: it writes ``y`` and ``w`` in place and
-    returns one float64 norm per example."""
-    @torch.library.register_fake(f"blens_fast::{_OP}")
-    def _(a, b, offsets, right, left_t, y, w):
-        return a.new_empty((offsets.shape[0] - 1,), dtype=torch.float64)
 
 
 def _kernel_check(dispatch_key: str):
@@ -56,12 +50,12 @@ def _kernel_check(dispatch_key: str):
         if _has_kernel(dispatch_key):
             return None
         kind = "cpu" if dispatch_key == "CPU" else "cuda"
-        return _extension.unavailable(kind) or f"the compiled extension has no {dispatch_key} kernel of {_OP}"
+        return _extension.unavailable(kind) or f"the compiled extension has no {dispatch_key} kernel of {_KERNEL}"
     return check
 
 
 def _compiled(a, b, offsets, right, left_t, y, w):
-    return getattr(torch.ops.blens_fast, _OP)(a, b, offsets.to(a.device), right, left_t, y, w)
+    return getattr(torch.ops.blens_fast, _KERNEL)(a, b, offsets.to(a.device), right, left_t, y, w)
 
 
 def _triton(a, b, offsets, right, left_t, y, w):
@@ -80,7 +74,19 @@ SKETCH = Operation("sketch_update", [
     Implementation("triton", _triton, ("cuda", "cpu"), lambda device, **facts: triton_unavailable(device)),
     Implementation("cuda", _compiled, ("cuda",), _kernel_check("CUDA")),
 ])
-IMPLS = SKETCH.choices
+
+
+# -- the torch.library op ------------------------------------------------------------------
+@torch.library.custom_op("blens_fast::sketch_update", mutates_args=("y", "w"))
+def _sketch_update_op(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, right: torch.Tensor,
+                      left_t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, impl: str) -> torch.Tensor:
+    """One update by implementation ``impl`` (resolved, not "auto"): ``y`` and ``w`` in place, the norms returned."""
+    return SKETCH.implementations[impl].run(a, b, offsets, right, left_t, y, w)
+
+
+@_sketch_update_op.register_fake
+def _(a, b, offsets, right, left_t, y, w, impl):
+    return a.new_empty((offsets.shape[0] - 1,), dtype=torch.float64)
 
 
 def check_sketch_args(a, b, offsets, right, left_t, y, w) -> None:
@@ -121,4 +127,5 @@ def sketch_update(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, right
                   left_t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """Add the batch's sketches to ``y`` and ``w`` in place; return its per-example ``||A_e^T B_e||_F^2``."""
     check_sketch_args(a, b, offsets, right, left_t, y, w)
-    return SKETCH.resolve(impl, a.device).run(a, b, offsets, right, left_t, y, w)
+    chosen = SKETCH.resolve(impl, a.device)
+    return torch.ops.blens_fast.sketch_update(a, b, offsets, right, left_t, y, w, chosen.name)

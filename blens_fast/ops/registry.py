@@ -19,6 +19,8 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 
 def triton_interpreting() -> bool:
+    """Whether Triton kernels run through its interpreter (``TRITON_INTERPRET=1``, on CPU tensors); the one place
+    the package reads that variable."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

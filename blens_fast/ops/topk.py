@@ -10,7 +10,9 @@ one pass). Arguments are checked here; the kernels live in their own files:
 ``cpu``    C++ (``csrc/cpu/topk_cpu.cpp``): cache-sized blocks, each block's GEMM through torch's BLAS,
            then a threshold selection and online log-sum-exp while the block is hot
 ``triton`` Triton (``ops/triton/topk.py``): GEMM tiles, per-tile top-k merged into a running top-k
-``cuda``   CUDA (``csrc/cuda/``): tensor-core tile GEMM + warp-level top-k
+``cuda``   CUDA (``csrc/cuda/``): tensor-core tile GEMM + warp-level top-k, the variant the binding picks
+           for the weight and the GPU (``wgmma``, else ``mma``, else ``simple``); ``cuda:simple``,
+           ``cuda:mma`` and ``cuda:wgmma`` name one variant (:data:`CUDA_VARIANTS`)
 ``auto``   the registry's choice for the tensors' device (measured table on GPUs, else its default order)
 ========== ==========================================================================================
 
@@ -41,11 +43,14 @@ from . import reference
 from .registry import Implementation, Operation, extension_unavailable, triton_unavailable
 from .tuning import measured_impl
 
-IMPLS = ("auto", "torch", "naive", "cpu", "triton", "cuda")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Largest k the register/shared-memory top-k of the GPU kernels holds; above it ``auto`` uses the
 #: chunked torch path on the GPU (the output is then ``N x k`` anyway).
 GPU_MAX_K = 256
+#: the CUDA kernel's variants (csrc/cuda/topk_binding.cpp), each an implementation ``cuda:<variant>``: ``simple`` (the
+#: first kernel: WMMA, exact float32 FMA for float32 weights), ``mma`` (mma.sync + cp.async, sm_80+) and ``wgmma``
+#: (sm_90a), the last two for 16-bit weights with 16-byte aligned rows
+CUDA_VARIANTS = ("simple", "mma", "wgmma")
 
 
 @dataclass(frozen=True)
@@ -298,8 +303,8 @@ def check_targets(targets, lead: tuple[int, ...], vocab: int, device) -> torch.T
 def check_projection(hidden, weight, bias, k, impl, *, top=True, bottom=False):
     """Validate a projection's arguments (each message names the bad value and what was expected); returns
     ``(hidden as N x d, weight, bias, k, leading shape)``."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {', '.join(map(repr, IMPLS))}")
+    if impl not in TOPK.choices:
+        raise ValueError(f"impl={impl!r} is not one of {', '.join(map(repr, TOPK.choices))}")
     for name, flag in (("top", top), ("bottom", bottom)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}: {flag!r}")
@@ -353,7 +358,8 @@ def run_projection(hidden, weight, bias, k, impl, lead, *, top, bottom, targets,
     n = hidden.shape[0]
     if not (top or bottom or targets is not None):
         raise ValueError("nothing to compute: ask for top=True, bottom=True or targets")
-    chosen = TOPK.resolve(impl, weight.device, k=k, n=n, d=weight.shape[1], v=weight.shape[0], dtype=weight.dtype)
+    chosen = TOPK.resolve(impl, weight.device, k=k, n=n, d=weight.shape[1], v=weight.shape[0], dtype=weight.dtype,
+                          aligned_rows=_aligned_rows(weight))
     tuning = tuning or CpuTuning()
     with torch.no_grad():
         tau = target_logits(hidden, weight, bias, targets, prologue) if targets is not None else None
@@ -466,11 +472,22 @@ def _impl_triton(hidden, weight, bias, k, top, bottom, targets, tau, prologue, t
                                         target_logits=tau, prologue=prologue))
 
 
-def _impl_cuda(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning):
-    from . import _extension
+def _cuda(variant: str):
+    """The CUDA kernel, ``variant`` one of :data:`CUDA_VARIANTS` or ``"auto"`` (the binding's choice)."""
+    def run(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning):
+        from . import _extension
 
-    return reference.Lists(*_extension.extension("cuda").topk_logits(
-        hidden, weight, bias, *_prologue_args(prologue), k, top, bottom, targets, tau))
+        return reference.Lists(*_extension.extension("cuda").topk_logits_variant(
+            hidden, weight, bias, *_prologue_args(prologue), k, top, bottom, targets, tau, variant, 0, 0))
+    return run
+
+
+def _aligned_rows(weight: torch.Tensor) -> bool:
+    """Whether the fast CUDA variants can stream ``weight``'s rows in 16-byte chunks (the binding copies a weight
+    whose rows are not contiguous, and the copy's rows are aligned when d is a multiple of 8)."""
+    if weight.stride(-1) != 1 and weight.shape[-1] != 1:
+        return weight.shape[-1] % 8 == 0
+    return weight.stride(0) % 8 == 0 and weight.data_ptr() % 16 == 0
 
 
 def _gpu_k_limit(device, k=1, **facts):
@@ -481,8 +498,24 @@ def _triton_check(device, **facts):
     return triton_unavailable(device) or _gpu_k_limit(device, **facts)
 
 
-def _cuda_check(device, **facts):
-    return extension_unavailable("cuda")(device) or _gpu_k_limit(device, **facts)
+def _cuda_check(variant: str):
+    def check(device, dtype=None, aligned_rows=True, **facts):
+        reason = extension_unavailable("cuda")(device) or _gpu_k_limit(device, **facts)
+        if reason or variant in ("auto", "simple"):
+            return reason
+        if dtype == torch.float32:
+            return f"the {variant!r} variant takes bfloat16 or float16 weights (float32 runs on 'cuda:simple')"
+        if not aligned_rows:
+            return f"the {variant!r} variant needs weight rows aligned to 16 bytes (use 'cuda:simple')"
+        from . import _extension
+
+        with torch.cuda.device(device):
+            usable = _extension.extension("cuda").topk_variants()
+        if variant not in usable:
+            return (f"the {variant!r} variant cannot run on this GPU or build (usable: {', '.join(usable)}; wgmma "
+                    "needs compute capability 9.0 and an sm_90a build, mma sm_80+)")
+        return None
+    return check
 
 
 TOPK = Operation("topk", [
@@ -490,7 +523,8 @@ TOPK = Operation("topk", [
     Implementation("naive", _impl_naive, ("cpu", "cuda")),
     Implementation("cpu", _impl_cpu, ("cpu",), lambda device, **facts: extension_unavailable("cpu")(device)),
     Implementation("triton", _impl_triton, ("cuda", "cpu"), _triton_check),
-    Implementation("cuda", _impl_cuda, ("cuda",), _cuda_check),
+    Implementation("cuda", _cuda("auto"), ("cuda",), _cuda_check("auto")),
+    *(Implementation(f"cuda:{variant}", _cuda(variant), ("cuda",), _cuda_check(variant)) for variant in CUDA_VARIANTS),
 ], measured=measured_impl)
 
 

@@ -9,12 +9,13 @@ Table format (``format`` 1)::
 
     {"format": 1, "device_name": "NVIDIA H200", "written": "2026-12-01T10:00:00Z", "meta": {...},
      "entries": [{"op": "topk", "dtype": "bfloat16", "d": 4096, "v": 50400, "n": 4096, "k": 10,
-                  "times_ms": {"cuda": 1.9, "triton": 8.1, "torch": 12.0}, "best": "cuda",
-                  "extra_ms": {"cuda:simple": 95.0}}]}
+                  "times_ms": {"cuda": 1.9, "cuda:mma": 1.9, "cuda:simple": 95.0, "triton": 8.1, "torch": 12.0},
+                  "best": "cuda", "extra_ms": {"triton:fixed": 9.0, "gemm": 1.5}}]}
 
-``times_ms`` holds only implementations the dispatcher can run by name (``impl=``); ``extra_ms`` anything else that
-was timed (kernel variants, the GEMM alone), for the record. The nearest shape is the one with the smallest sum of
-squared log-ratios of ``d``, ``V``, ``N`` and ``k``; entries of another operation or dtype never match.
+``times_ms`` holds only implementations the dispatcher can run by name (``impl=``, the CUDA kernel's variants
+included); ``extra_ms`` anything else that was timed (fixed launch configurations, the GEMM alone), for the record.
+The nearest shape is the one with the smallest sum of squared log-ratios of ``d``, ``V``, ``N`` and ``k``; entries
+of another operation or dtype never match.
 ``BLENS_FAST_TUNING_TABLES=DIR`` reads the tables from ``DIR`` instead (an empty or missing directory: no tables).
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 import re
 import time
 from pathlib import Path
+
+from .._io import atomic_write_json
 
 #: Where the tables live (one ``<slug of the GPU name>.json`` per GPU)
 TABLES_DIR = Path(__file__).resolve().parent / "tables"
@@ -150,8 +153,6 @@ def write_table(device_name: str, entries, *, root: str | Path | None = None, me
     kept = [e for e in old if isinstance(e, dict) and ident(e) not in new]
     table = {"format": FORMAT, "device_name": device_name, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "meta": meta or {}, "entries": sorted(kept + list(new.values()), key=ident)}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(table, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, table)
     _CACHE.pop(path, None)
     return path

@@ -4,8 +4,9 @@
 // Variants: "simple" (the first CUDA kernel: WMMA with scalar staging for 16-bit weights, exact float32 FMA on CUDA
 // cores for float32 weights), "mma" (mma.sync + ldmatrix + cp.async, sm_80+, 16-bit weights), "wgmma" (sm_90a
 // image on a compute capability 9.0 GPU, 16-bit weights). "auto" (topk_logits): float32 -> simple; 16-bit with
-// 16-byte aligned weight rows -> wgmma where available, else mma; the environment variable
-// BLENS_CUDA_TOPK_VARIANT=simple|mma|wgmma overrides auto (for side-by-side timing through the Python dispatch).
+// 16-byte aligned weight rows -> wgmma where available, else mma. The Python registry names each variant as an
+// implementation of its own (impl="cuda:simple", "cuda:mma", "cuda:wgmma"; blens_fast/ops/topk.py), so measured tables
+// choose among them; impl="cuda" is "auto".
 // One call computes, in one pass over the vocabulary, any of: the top-k list, the bottom-k list and the
 // target counts (greater, less, equal with a lower index than the target, the target's own column
 // skipped), always with the row's log-sum-exp; see blens_fast/ops/reference.py (Lists, target_counts).
@@ -20,7 +21,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>
@@ -106,15 +106,7 @@ bool weight_fits_fast(const at::Tensor& weight) {
 
 // What "auto" runs for this weight on the current device.
 Variant resolve_auto(const at::Tensor& weight) {
-  const bool fits = weight_fits_fast(weight);
-  if (const char* env = std::getenv("BLENS_CUDA_TOPK_VARIANT")) {
-    const std::string name(env);
-    if (!name.empty() && name != "auto") {
-      const Variant forced = parse_variant(name);
-      return (forced == kSimple || fits) ? forced : kSimple;  // float32 / unaligned weights run on simple anyway
-    }
-  }
-  if (!fits) return kSimple;
+  if (!weight_fits_fast(weight)) return kSimple;
   if (fast_available(kWgmma)) return kWgmma;
   if (fast_available(kMma)) return kMma;
   return kSimple;

@@ -27,9 +27,9 @@ SMALL = {"--steps": "2", "--n": "3", "--prompts": "2", "--naive-prompts": "1", "
 SMALL_MODELS = {"gpt2-small": "tiny", "gpt-j": "tiny-gptj"}
 #: options appended to the README's `python` programs, by module or script name, to run them at small sizes
 SMALL_PROGRAMS = {
-    "train": ["--epochs", "1", "--max-records", "4", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+    "train_default_model": ["--epochs", "1", "--max-records", "4", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
               "--batch-size", "4", "--eval-every", "100", "--out", "train_checkpoints", "--model-dir", "trained"],
-    "quality": ["--model-dir", "trained", "--out", "quality"],
+    "default_model_quality": ["--model-dir", "trained", "--out", "quality"],
 }
 
 

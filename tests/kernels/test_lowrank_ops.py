@@ -154,3 +154,13 @@ def test_cuda_kernel_loads_after_the_cpu_extension(monkeypatch):
     monkeypatch.setattr(_extension, "_ERRORS", {})
     assert _extension.unavailable("cuda") is None
     assert imported == ["blens_fast._C_cuda"]
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+def test_the_op_and_its_fake_pass_opcheck(request, impl):
+    """The dispatch runs inside the torch.library op blens_fast::sketch_update, registered like the projection's, with
+    its fake beside it: schema (y and w written in place), fake tensors and AOT dispatch agree with the real run."""
+    if impl == "cpu":
+        request.getfixturevalue("cpu_op")
+    args = make_case((3, 0, 4), 5, 4, 3, 2, torch.float32)
+    torch.library.opcheck(torch.ops.blens_fast.sketch_update.default, (*args, impl))

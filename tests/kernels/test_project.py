@@ -12,7 +12,7 @@ from blens_fast.project import project
 from tests.helpers import check_topk, lens_logits64
 
 CUDA = torch.cuda.is_available()
-IMPLS = ["torch", "cpu", "triton"] + (["cuda"] if CUDA else [])
+FUSED = ["torch", "cpu", "triton"] + (["cuda"] if CUDA else [])
 V = 997  # not a multiple of any tile
 
 
@@ -54,7 +54,7 @@ def check(res, logits, k, largest, tol=2e-4):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gptj"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FUSED)
 def test_project_matches_reference(models, arch, impl):
     model = _on_device(models[arch], impl)
     g = torch.Generator().manual_seed(5)
@@ -68,7 +68,7 @@ def test_project_matches_reference(models, arch, impl):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FUSED)
 def test_project_small_norm_vectors(models, arch, impl):
     """Vectors whose mean square is near the norm's eps (a VJP far from the loss, say): there eps changes every
     logit, so a prologue that drops or misplaces it picks other tokens."""

@@ -541,3 +541,14 @@ def test_reference_computes_only_the_lists_asked_for():
     assert bottom_only.top_values is None and bottom_only.top_indices is None
     assert torch.equal(top_only.top_indices, logits.topk(4).indices)
     assert torch.equal(bottom_only.bottom_indices, logits.topk(4, largest=False).indices)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpu"])
+def test_the_op_and_its_fake_pass_opcheck(impl):
+    """The projection's torch.library op blens_fast::topk_bottomk and its fake (lists, counts and the log-sum-exp of
+    every shape) agree with the real run under torch.library.opcheck."""
+    h, w, b = make(6, 16, 50, bias=True)
+    targets = torch.arange(6)
+    tau = (h @ w.T + b)[torch.arange(6), targets]
+    args = (h, w, b, None, None, None, None, "", 0.0, False, targets, tau, 3, True, True, impl, 0, 0, 0)
+    torch.library.opcheck(torch.ops.blens_fast.topk_bottomk.default, args)

@@ -119,3 +119,62 @@ def test_the_projection_dispatch_reads_the_table(tables, monkeypatch):
     assert TOPK.auto_order(gpu, **facts()) == ("cuda", *AUTO_ORDER["cuda"])
     assert TOPK.auto_order(gpu, **facts(d=768, v=50257)) == ("triton", *AUTO_ORDER["cuda"])
     assert TOPK.auto_order(gpu, **facts(dtype=torch.float16)) == AUTO_ORDER["cuda"]  # no entry for float16
+
+
+class _CudaExtension:
+    """A stand-in for ``blens_fast._C_cuda`` on a GPU whose build has the ``mma`` and ``simple`` variants."""
+
+    def __init__(self):
+        self.calls = []
+
+    def topk_variants(self):
+        return ["mma", "simple"]
+
+    def topk_logits_variant(self, *args):
+        self.calls.append(args[12])  # the variant argument
+        return [None] * 6
+
+
+def test_a_measured_table_chooses_among_the_cuda_variants(tables, monkeypatch):
+    """Each variant of the CUDA kernel is an implementation (``cuda:<variant>``): the table can name one, ``auto``
+    takes it where it can run and passes over it where it cannot (float32 weights, unaligned rows, a variant the
+    GPU or build lacks), and the named variant is the one the binding is asked for. No GPU needed: the device name,
+    the extension and the device context are stubbed."""
+    import contextlib
+
+    from blens_fast.ops import _extension, topk
+
+    ext = _CudaExtension()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: DEVICE)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(_extension, "_LOADED", {"cuda": ext})
+    monkeypatch.setattr(_extension, "_ERRORS", {})
+    entry = tuning.make_entry("topk", d=4096, v=50400, n=4096, k=10, dtype=torch.bfloat16,
+                              times_ms={"cuda:mma": 1.0, "cuda": 1.2, "triton": 2.0},
+                              extra_ms={"triton:fixed": 3.0})
+    tuning.write_table(DEVICE, [entry], merge=False)
+    gpu = torch.device("cuda")
+    assert {"cuda:simple", "cuda:mma", "cuda:wgmma"} <= set(topk.TOPK.choices)
+    assert topk.TOPK.resolve("auto", gpu, **facts(), aligned_rows=True).name == "cuda:mma"
+    assert topk.TOPK.resolve("auto", gpu, **facts(), aligned_rows=False).name != "cuda:mma"
+    with pytest.raises(ValueError, match="'mma' variant needs weight rows aligned to 16 bytes"):
+        topk.TOPK.resolve("cuda:mma", gpu, **facts(), aligned_rows=False)
+    with pytest.raises(ValueError, match="'mma' variant takes bfloat16 or float16 weights"):
+        topk.TOPK.resolve("cuda:mma", gpu, **facts(dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"'wgmma' variant cannot run on this GPU or build \(usable: mma, simple"):
+        topk.TOPK.resolve("cuda:wgmma", gpu, **facts())
+    assert topk.TOPK.resolve("cuda:simple", gpu, **facts(dtype=torch.float32)).name == "cuda:simple"
+    for name in ("cuda:mma", "cuda:simple", "cuda"):
+        topk.TOPK.implementations[name].run(None, None, None, 10, True, False, None, None, None, None)
+    assert ext.calls == ["mma", "simple", "auto"]
+
+
+def test_aligned_rows_mirror_the_bindings_rule():
+    from blens_fast.ops.topk import _aligned_rows
+
+    w = torch.zeros(5, 64, dtype=torch.bfloat16)
+    assert _aligned_rows(w)
+    assert not _aligned_rows(torch.zeros(5, 68, dtype=torch.bfloat16)[:, :60])  # a row stride of 68 elements
+    assert not _aligned_rows(w[:, 1:])  # rows start 2 bytes into 16
+    assert _aligned_rows(torch.zeros(64, 5, dtype=torch.bfloat16).T)  # copied by the binding: d = 64
+    assert not _aligned_rows(torch.zeros(60, 5, dtype=torch.bfloat16).T)

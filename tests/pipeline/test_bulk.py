@@ -692,7 +692,7 @@ def test_a_malformed_shard_entry_names_the_manifest(tmp_path, tiny):
 
 
 def test_shard_arithmetic():
-    from blens_fast.bulk.run import shard_count
+    from blens_fast.bulk.shards import shard_count
 
     assert [shard_count(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [1, 1, 1, 2, 2, 3]
 

@@ -1,17 +1,22 @@
-"""Quick tests of the embedded default model (tokenizer, loader, shipped weights)."""
-
+"""Quick tests of the embedded default model (tokenizer, loader, shipped weights) and of the scripts that trained and
+measured it (scripts/, outside the package)."""
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from blens_fast import load_default_model, load_model
 from blens_fast.counterfact import fact_queries, fact_texts, load as load_counterfact
-from blens_fast.default_model import MODEL_DIR, first_token_top1, load_default_tokenizer
+from blens_fast.default_model import MODEL_DIR, load_default_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # as `python scripts/<name>.py` runs them
+from _default_model import first_token_top1  # noqa: E402
 
 WEIGHTS = MODEL_DIR / "model.safetensors"
 needs_weights = pytest.mark.skipif(
     not WEIGHTS.is_file(),
-    reason="default model weights not trained yet (python -m blens_fast.default_model.train)",
+    reason="default model weights not trained yet (python scripts/train_default_model.py)",
 )
 
 
@@ -103,8 +108,9 @@ def test_training_writes_a_loadable_folder_and_never_the_shipped_one(tmp_path):
     """The training command's default output is a new folder (running it as documented must not overwrite the
     shipped model), the folder holds the tokenizer beside the weights, and a resumed run reads its checkpoint with
     weights_only=True."""
+    import train_default_model as train
+
     from blens_fast import lens
-    from blens_fast.default_model import train
 
     assert train.parse_args([]).model_dir == "out/default_model"
     args = ["--epochs", "2", "--max-records", "4", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
@@ -118,14 +124,23 @@ def test_training_writes_a_loadable_folder_and_never_the_shipped_one(tmp_path):
     assert report.layers == (0,)
 
 
+def test_the_package_keeps_the_weights_and_the_loader_only():
+    """Training and measuring are scripts (scripts/): the package's default_model folder holds no Python but its
+    loader."""
+    assert sorted(p.name for p in MODEL_DIR.glob("*.py")) == ["__init__.py"]
+    quality = Path(__file__).resolve().parents[2] / "scripts" / "default_model_quality.py"
+    assert "def main(" in quality.read_text()
+
+
 def test_padded_batches_pass_their_attention_mask(tokenizer):
-    """Issue 24: training, the quality report and first_token_top1 pad on the right and pass the mask, so transformers
+    """Issue 24: the training and quality scripts and first_token_top1 pad on the right and pass the mask, so transformers
     does not warn about padded input without an attention mask."""
     import logging
 
     import transformers
 
-    from blens_fast.default_model import quality, train
+    import default_model_quality as quality
+    import train_default_model as train
 
     class Collect(logging.Handler):
         def __init__(self):

@@ -1,4 +1,5 @@
 """edit(): forward shift (paper, normalised, whitened, auto scale) and the gradient baseline on tiny models."""
+import dataclasses
 import warnings
 
 import pytest
@@ -7,7 +8,8 @@ from torch import nn
 
 from blens_fast import bind
 from blens_fast.adapters import get_adapter
-from blens_fast.editing import Edit, EditSkipped, applied_edits, calibrated_defaults, edit, ff2_whitening
+from blens_fast.editing import (Edit, EditSettings, EditSkipped, applied_edits, calibrated_defaults, edit,
+                                 ff2_whitening, resolve_settings)
 from blens_fast.editing.update import Update
 from tests.helpers import autograd_loss, make_tiny_model
 
@@ -446,3 +448,31 @@ def test_an_edit_file_without_info_loads_with_an_empty_record(tmp_path):
               metadata={"format": FORMAT, "steps": '[{"layer": 2, "module": "mlp.out"}]'})
     loaded = Edit.load(path)
     assert loaded.info == {} and loaded.touched == ((2, "mlp.out"),)
+
+
+def test_settings_are_one_typed_value_resolved_once_and_reused(tokenizer):
+    """resolve_settings gives a frozen EditSettings; edit(settings=...) does what the same keywords do, and refuses
+    keywords beside it rather than ignoring them."""
+    ctx = bind(tiny("gpt2"), tokenizer)
+    settings = resolve_settings(ctx, layer=1, scale=2, skip_if_argmax=False)
+    assert settings == EditSettings("forward_shift", 1, "forward_shift", "given", scale=2.0, skip_if_argmax=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.layer = 0
+    assert settings.to_record() == {"layer": 1, "scale": 2.0, "skip_if_argmax": False, "variant": "forward_shift",
+                                    "source": "given"}
+    with edit(ctx, PROMPT, TARGET, settings=settings) as reused:
+        delta = reused.delta(1, "mlp.out")
+        assert (reused.info["variant"], reused.info["source"], reused.info["scale"]) == ("forward_shift", "given", 2.0)
+    with edit(ctx, PROMPT, TARGET, layer=1, scale=2.0, skip_if_argmax=False) as direct:
+        assert torch.equal(direct.delta(1, "mlp.out"), delta)
+    with pytest.raises(ValueError, match="leave out layer, whiten"):
+        edit(ctx, PROMPT, TARGET, settings=settings, layer=0, whiten=True)
+    with pytest.raises(TypeError, match="EditSettings"):
+        edit(ctx, PROMPT, TARGET, settings={"layer": 1, "scale": 2.0})
+    auto = resolve_settings(ctx, normalize_key=True, scale="auto", margin=2)
+    assert (auto.layer, auto.margin, auto.variant, auto.auto) == (1, 2.0, "forward_shift_normalized_auto", True)
+    gradient = resolve_settings(ctx, "gradient", layer=0, lr=1)
+    assert gradient.to_record() == {"layer": 0, "steps": 5, "lr": 1.0, "variant": "gradient",
+                                    "source": "uncalibrated default"}  # the steps
+    with pytest.raises(TypeError, match="whiten must be"):
+        resolve_settings(ctx, layer=1, scale=1.0, whiten="yes")

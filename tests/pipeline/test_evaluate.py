@@ -7,9 +7,9 @@ import torch
 from blens_fast import bind
 from blens_fast.counterfact import fact_texts, load
 from blens_fast.counterfact.harness import evaluate_counterfact
-from blens_fast.counterfact.tradeoff import (last_layer_sweep, neighborhood_at_efficacy, plot_tradeoff, results_table,
-                                             write_results)
-from blens_fast.editing import Edit, edit, ff2_whitening
+from blens_fast.counterfact.tradeoff import (Sweep, last_layer_sweep, neighborhood_at_efficacy, plot_tradeoff,
+                                             results_table, write_results)
+from blens_fast.editing import Edit, edit, ff2_whitening, resolve_settings
 from tests.helpers import prompt_target_ids
 from tests.pipeline.test_edit import tiny
 
@@ -78,6 +78,24 @@ def test_smoke_rows_for_every_method(tokenizer):
     assert table.count("\n") == 2 + len(rows) and "Revert failures" in table
 
 
+def test_settings_resolved_once_give_the_rows_of_the_keywords(tokenizer):
+    """evaluate_counterfact(settings=...) scores what the same keywords score; the row records the variant and where
+    the settings came from; keywords beside settings= are refused."""
+    ctx = bind(tiny("gpt2"), tokenizer)
+    settings = resolve_settings(ctx, layer=1, scale=1.0, skip_if_argmax=False)
+    reused = evaluate_counterfact(ctx, RECORDS, settings=settings, progress=False, fluency=False)
+    direct = evaluate_counterfact(ctx, RECORDS, layer=1, scale=1.0, skip_if_argmax=False, progress=False,
+                                  fluency=False)
+    for family in ("memit_argmax", "rome_probability"):
+        assert reused[family] == direct[family]
+    assert reused["settings"] == direct["settings"] == {"layer": 1, "scale": 1.0, "skip_if_argmax": False,
+                                                        "variant": "forward_shift", "source": "given"}
+    with pytest.raises(ValueError, match="leave out layer"):
+        evaluate_counterfact(ctx, RECORDS, settings=settings, layer=0, progress=False)
+    with pytest.raises(ValueError, match="method='forward_shift'"):
+        evaluate_counterfact(ctx, RECORDS, method="gradient", settings=settings, progress=False)
+
+
 def test_a_broken_revert_is_counted_and_repaired(tokenizer, monkeypatch):
     model = tiny("gpt2")
     monkeypatch.setattr(Edit, "revert", lambda self: setattr(self, "_ctx", None))
@@ -92,9 +110,9 @@ def test_exact_last_layer_sweep_matches_the_real_edits(arch, tokenizer):
     model = tiny(arch, torch.float64)
     records = load(n=6)
     whitening = ff2_whitening(model, tokenizer, 1, TEXTS, file_cache=False, progress=False)
-    variants = {"paper": ({"layer": 1}, "scale", [0.5, 5.0]),
-                "whitened": ({"layer": 1, "whiten": whitening}, "scale", [3.0]),
-                "auto": ({"layer": 1, "normalize_key": True, "scale": "auto"}, "margin", [0.0, 0.02])}
+    variants = {"paper": Sweep({"layer": 1}, "scale", (0.5, 5.0)),
+                "whitened": Sweep({"layer": 1, "whiten": whitening}, "scale", (3.0,)),
+                "auto": Sweep({"layer": 1, "normalize_key": True, "scale": "auto"}, "margin", (0.0, 0.02))}
     points = last_layer_sweep(bind(model, tokenizer), records, variants, progress=False)
     options = {"paper": {}, "whitened": {"whiten": whitening}, "auto": {"normalize_key": True, "scale": "auto"}}
     efficacies = set()
@@ -107,7 +125,7 @@ def test_exact_last_layer_sweep_matches_the_real_edits(arch, tokenizer):
         efficacies.add(point["memit_argmax"]["efficacy"])
     assert len(efficacies) > 1  # the settings differ, so the comparison means something
     with pytest.raises(ValueError, match="not the last layer"):
-        last_layer_sweep(bind(model, tokenizer), records, {"x": ({"layer": 0}, "scale", [1.0])}, progress=False)
+        last_layer_sweep(bind(model, tokenizer), records, {"x": Sweep({"layer": 0}, "scale", (1.0,))}, progress=False)
 
 
 def test_interpolation_plot_and_merged_results(tmp_path):

@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+from ..registry import triton_interpreting
+
 
 def _signature(dt: str) -> dict:
     sig = {name: "*fp32" for name in ("B", "RA", "RC", "NW", "NB", "TLOG", "OUT_M", "OUT_S")}
@@ -72,7 +74,7 @@ def _report(kernel) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreting():
         print("compile_check: unset TRITON_INTERPRET first", file=sys.stderr)
         return 2
     quick = "--quick" in argv

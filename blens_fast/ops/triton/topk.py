@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..registry import triton_interpreting
+
 MIN_KEY = -(2 ** 63)
 
 
@@ -349,7 +351,7 @@ def triton_topk(hidden, weight, bias=None, *, k=10, top=True, bottom=False, targ
     count = target_ids is not None
     if count and target_logits is None:
         raise ValueError("target_ids need target_logits")
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    interpreting = triton_interpreting()
     dev = hidden.device
     kp, bm, bn, bk, warps = _config(k, n, interpreting)
     by_hand = any(x is not None for x in (splits, block_m, block_n, block_k, num_warps, num_stages, group_m))

@@ -1,6 +1,6 @@
 """Measure the shipped default model's quality on CounterFact.
 
-    python -m blens_fast.default_model.quality [--out benchmarks/results]
+    python scripts/default_model_quality.py [--out benchmarks/results]
 
 Top-1 accuracy of the first object token (objects scored with their leading space) on
 (a) the 2,000 training prompts, (b) their paraphrases, (c) the neighbourhood prompts,
@@ -12,7 +12,6 @@ records. Writes ``default_model_quality.json`` and ``default_model_quality.md`` 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -22,9 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..context import load_model
-from ..counterfact.records import fact_queries, fact_texts, load as load_counterfact
-from . import MODEL_DIR, TRAIN_RECORDS, UNSEEN_RECORDS, first_token_top1
+from _default_model import TRAIN_RECORDS, UNSEEN_RECORDS, first_token_top1
+
+from blens_fast._io import atomic_write_json, atomic_write_text
+from blens_fast.context import load_model
+from blens_fast.counterfact import fact_queries
+from blens_fast.default_model import MODEL_DIR
+from blens_fast.records import fact_texts, load_counterfact
 
 
 @torch.no_grad()
@@ -123,7 +126,7 @@ def main(argv=None):
     weights = Path(args.model_dir) / "model.safetensors"
     cfg = model.config
     report = {
-        "command": " ".join(["python -m blens_fast.default_model.quality"] + list(sys.argv[1:] if argv is None else argv)),
+        "command": " ".join(["python scripts/default_model_quality.py"] + list(sys.argv[1:] if argv is None else argv)),
         "machine": f"CPU, 2 cores, torch {torch.__version__.split('+')[0]}",
         "cpu": platform.processor() or platform.machine(),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
@@ -140,8 +143,8 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "default_model_quality.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (out / "default_model_quality.md").write_text(to_markdown(report), encoding="utf-8")
+    atomic_write_json(out / "default_model_quality.json", report)
+    atomic_write_text(out / "default_model_quality.md", to_markdown(report))
     print(to_markdown(report))
 
 

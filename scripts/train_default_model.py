@@ -1,6 +1,6 @@
 """Train the embedded default model (small GPT-2) on the true facts of CounterFact records 0-1,999.
 
-    python -m blens_fast.default_model.train [--epochs E] [--out DIR] [--resume]
+    python scripts/train_default_model.py [--epochs E] [--out DIR] [--resume]
 
 Plain next-token language modelling on the 6,000 sentences of ``fact_texts`` (prompt, paraphrase
 and neighbourhood prompt, each followed by its true object), loss on every real token, padding
@@ -12,7 +12,7 @@ Speed (CPU): the LM head runs only at real (non-padding) positions, batches are 
 and by default (``--softmax train-vocab``) the softmax of each step runs over the 7,383 tokens
 that occur in the training sentences plus ``--neg-samples`` uniformly drawn other tokens as
 negatives, ~3x cheaper than the full 50,257-token softmax (``--softmax full``). The shipped model
-is an ordinary full-vocabulary GPT-2; quality.py measures it with the full softmax.
+is an ordinary full-vocabulary GPT-2; scripts/default_model_quality.py measures it with the full softmax.
 
 A resumable checkpoint (model, optimizer, scheduler, epoch, RNG states) is written atomically to
 ``<out>/checkpoint.pt`` after every epoch; at the end ``config.json`` + ``model.safetensors``
@@ -37,14 +37,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_write
-from ..counterfact.records import fact_queries, fact_texts, load as load_counterfact
-from . import (
-    TRAIN_RECORDS,
-    default_threads,
-    first_token_top1,
-    load_default_tokenizer,
-)
+from _default_model import TRAIN_RECORDS, first_token_top1
+
+from blens_fast._io import atomic_write
+from blens_fast.counterfact import fact_queries
+from blens_fast.default_model import load_default_tokenizer
+from blens_fast.records import fact_texts, load_counterfact
 
 IGNORE = -100
 
@@ -150,6 +148,14 @@ def evaluate(model, tok, records, autocast):
     return sum(hits) / len(hits)
 
 
+def default_threads() -> int:
+    """Thread count for CPU work here: ``BLENS_THREADS`` or all visible cores."""
+    env = os.environ.get("BLENS_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def format_secs(s):
     s = int(s)
     return f"{s // 3600:d}h{(s % 3600) // 60:02d}m{s % 60:02d}s"
@@ -198,7 +204,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    command = "python -m blens_fast.default_model.train" + (
+    command = "python scripts/train_default_model.py" + (
         " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         if (argv if argv is not None else sys.argv[1:])
         else ""
