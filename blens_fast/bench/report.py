@@ -115,8 +115,8 @@ def markdown_report(report: dict, *, png_name: str | None = None) -> str:
         a = main["agreement"]
         lines += ["", f"## Agreement ({'PASS' if main['agree'] else 'FAIL'} at >= {cfg['agreement']:.3g})", "",
                   f"On the {plural(a['prompts_compared'], 'prompt')} both ways ran ({a['rows_compared']} projected "
-                  "rows in all; in rows whose list holds exactly equal logits, e.g. a zero vector, the order of tied tokens "
-                  "is undefined and the values are compared instead): "
+                  "rows in all; in rows whose list holds exactly equal logits, e.g. a zero vector, the order of tied "
+                  "tokens is undefined and the values are compared instead): "
                   + ", ".join(f"{key.replace('_', ' ')} {v:.4g}" for key, v in a.items() if key != "prompts_compared"),
                   "", AGREEMENT_NOTE]
     if len(report["runs"]) > 1:

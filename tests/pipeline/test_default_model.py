@@ -133,8 +133,8 @@ def test_the_package_keeps_the_weights_and_the_loader_only():
 
 
 def test_padded_batches_pass_their_attention_mask(tokenizer):
-    """Issue 24: the training and quality scripts and first_token_top1 pad on the right and pass the mask, so transformers
-    does not warn about padded input without an attention mask."""
+    """Issue 24: the training and quality scripts and first_token_top1 pad on the right and pass the mask, so
+    transformers does not warn about padded input without an attention mask."""
     import logging
 
     import transformers
