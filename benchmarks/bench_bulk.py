@@ -58,18 +58,17 @@ def throughput(args) -> dict:
     import torch
 
     from blens_fast.batching import target_log_probs
-    from blens_fast.bulk.records import Fields, open_source
-    from blens_fast.bulk.run import ShardWorker, batches_by_length, build_spec
+    from blens_fast.bulk.records import open_source
+    from blens_fast.bulk.run import RunOptions, ShardWorker, batches_by_length, build_spec
     from blens_fast.capture import loss_logits
-    from blens_fast.commands._common import parse_layers
+    from blens_fast._checks import parse_layers
     from blens_fast.context import load_model
 
     torch.set_num_threads(args.threads)
     ctx = load_model(args.model)
     source = open_source(counterfact_records(args.records))
-    spec = build_spec(ctx, source, Fields(), layers=parse_layers(args.layers), modules=("mlp.in", "mlp.out"),
-                      k=args.k, batch_size=args.batch_size, max_tokens=None, shard_size=args.records, skip_bad=False,
-                      unit_norm=False, impl="auto", stats=False, stats_rank=8, stats_seed=0)
+    spec = build_spec(ctx, source, RunOptions(layers=parse_layers(args.layers, "--layers"), k=args.k,
+                                              batch_size=args.batch_size, shard_size=args.records))
     worker = ShardWorker(ctx, spec, source)
     records = list(source.records())
     batches = [[example for _, example in batch]
@@ -129,7 +128,7 @@ def resume(args) -> dict:
     out = work / "out"
     launcher = [sys.executable, "-m", "blens_fast.cli"] if args.nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "-m", "blens_fast.cli"]
-    command = launcher + ["project-dataset", "--input", str(data), "--out", str(out), "--model", args.model,
+    command = launcher + ["project-dataset", "--records", str(data), "--out", str(out), "--model", args.model,
                           "--batch-size", str(args.batch_size), "--k", str(args.k), "--shard-size", args.shard_size,
                           "--threads", str(args.threads), "--quiet"]
     if args.layers:

@@ -56,13 +56,13 @@ def memory(args) -> dict:
 
 def accuracy(args) -> dict:
     from blens_fast import capture, load_model
-    from blens_fast.commands._common import parse_layers
+    from blens_fast._checks import parse_layers
     from blens_fast.counterfact import load
     from blens_fast.stats import gradient_stats
 
     ctx = load_model(args.model)
     records = load("counterfact", args.records)
-    layers = parse_layers(args.layers)
+    layers = parse_layers(args.layers, "--layers")
     stats_seconds, stats = timed(lambda: gradient_stats(ctx, records, layers=layers, rank=args.rank,
                                                         batch_size=args.batch_size, sketch_size=args.sketch_size,
                                                         seed=args.seed, progress=False))

@@ -1,7 +1,8 @@
 """Argument checks shared by the public calls: each names the bad value and what was expected."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -31,6 +32,46 @@ def check_positive_int(value, name: str, *, upper: int | None = None) -> int:
         bound = f"between 1 and {upper}" if upper is not None else "at least 1"
         raise ValueError(f"{name}={value} is out of range: expected {bound}")
     return value
+
+
+LAYERS_EXPECTED = "layer indices: an int, a list of ints, or a string like '0,2,-1' or '0-3' (or 'all')"
+
+
+def parse_layers(value, name: str = "layers") -> tuple[int, ...] | None:
+    """Layer indices as the CLI and the Python calls both spell them, before they meet a model: ``None`` or
+    ``"all"`` (every layer: None), an int, a sequence of ints, or a string ``"0,2,-1"`` / ``"0-3"`` / ``"0-1,5"``.
+    Anything else is one error naming ``value`` and what was expected."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _parse_layer_text(value, name)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, Iterable) and not isinstance(value, (bytes, bytearray, dict)):
+        items = tuple(value.tolist() if isinstance(value, torch.Tensor) else value)
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise TypeError(f"{name}={value!r}: expected {LAYERS_EXPECTED}; got {item!r}, "
+                                f"a {type(item).__name__}")
+        return items
+    raise TypeError(f"{name}={value!r}: expected {LAYERS_EXPECTED}; got a {type(value).__name__}")
+
+
+def _parse_layer_text(text: str, name: str) -> tuple[int, ...] | None:
+    if text.strip().lower() == "all":
+        return None
+    layers: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        span = re.fullmatch(r"(\d+)-(\d+)", part)
+        if span and int(span[1]) <= int(span[2]):
+            layers.extend(range(int(span[1]), int(span[2]) + 1))
+        elif re.fullmatch(r"-?\d+", part):
+            layers.append(int(part))
+        else:
+            raise ValueError(f"{name}={text!r}: expected {LAYERS_EXPECTED}"
+                             + (f" (the range {part!r} runs backwards)" if span else ""))
+    return tuple(layers)
 
 
 def check_choice(value, name: str, choices: Sequence[str]) -> str:

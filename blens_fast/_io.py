@@ -91,15 +91,20 @@ def refuse_symlinks(folder, what: str = "output folder") -> None:
 
 
 def make_folder(path, what: str = "output folder") -> Path:
-    """``path`` as an existing folder (created with its parents if needed); a ``ValueError`` naming it when it is a
-    file or cannot be created."""
+    """Create the folder ``path`` (and its parents) if needed and check it can be written: a ``ValueError`` naming
+    ``what``, the folder and why otherwise (never a bare errno)."""
     folder = Path(path)
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+            break
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"{what} {str(path)!r} is a file (or lies under one): expected a folder") from None
     except OSError as error:
         raise ValueError(f"{what} {str(path)!r} cannot be created: {error.strerror or error}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(path)!r} is not writable")
     return folder
 
 

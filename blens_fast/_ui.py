@@ -1,4 +1,4 @@
-"""What long work shows while it runs: one progress bar style, on stderr."""
+"""What the user reads while work runs: one progress bar style (on stderr) and counted nouns."""
 from __future__ import annotations
 
 import sys
@@ -11,3 +11,8 @@ def progress_bar(iterable=None, *, total=None, desc: str, unit: str = "it", enab
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, initial=initial, leave=leave,
                 file=sys.stderr, dynamic_ncols=True)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``"1 prompt"``, ``"3 prompts"``, ``"0 records"`` (``nouns``: an irregular plural)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"

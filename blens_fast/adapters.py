@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ._checks import parse_layers
+from ._ui import plural
 from .ops.topk_reference import logits_block, normalize_rows
 
 Layout = Literal["in_out", "out_in"]
@@ -122,29 +124,29 @@ class Adapter:
 
     # -- modules of a model -------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The model's transformer blocks, in order."""
         return model.get_submodule(self.blocks)
 
     def num_layers(self, model: nn.Module) -> int:
+        """How many transformer blocks the model has."""
         return len(self.layers(model))
 
-    def check_layers(self, model: nn.Module, layers) -> tuple[int, ...]:
-        """Validate layer indices (negative ones count from the end); ``None`` means all."""
+    def check_layers(self, model: nn.Module, layers, name: str = "layers") -> tuple[int, ...]:
+        """Validate layer indices (negative ones count from the end; spelled as :func:`~blens_fast._checks.parse_layers`
+        reads them, e.g. ``[0, 2, -1]`` or ``"0-3"``); ``None`` or ``"all"`` means all."""
         n = self.num_layers(model)
-        if layers is None:
+        parsed = parse_layers(layers, name)
+        if parsed is None:
             return tuple(range(n))
-        if isinstance(layers, int):
-            layers = (layers,)
         out: list[int] = []
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise TypeError(f"layer indices must be ints, got {layer!r}")
+        for layer in parsed:
             if not -n <= layer < n:
-                raise ValueError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+                raise ValueError(f"layer {layer} is out of range: the model has {plural(n, 'layer')} (0..{n - 1})")
             index = layer % n
             if index not in out:
                 out.append(index)
         if not out:
-            raise ValueError("layers is empty: expected at least one layer index")
+            raise ValueError(f"{name} is empty: expected at least one layer index")
         return tuple(out)
 
     def module(self, model: nn.Module, layer: int, name: str) -> nn.Module:

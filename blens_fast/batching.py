@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import as_str_list, check_choice
+from ._ui import plural
 
 LOSSES = ("teacher_forced", "last_position")
 
@@ -82,7 +83,8 @@ def tokenize_examples(tokenizer, prompts, targets, *, max_positions: int | None 
     targets = as_str_list(targets, "targets")
     check_choice(loss, "loss", LOSSES)
     if len(prompts) != len(targets):
-        raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets: expected one target per prompt")
+        raise ValueError(f"got {plural(len(prompts), 'prompt')} but {plural(len(targets), 'target')}: expected one "
+                         "target per prompt")
     examples = []
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
         target_text = target if target[:1].isspace() else " " + target

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._checks import as_str_list, check_positive_int
+from ._ui import plural
 from .batching import Example, loss_positions, target_log_probs
 from .context import ModelContext, with_context
 from .forward import eval_mode
@@ -39,6 +40,7 @@ class Capture:
 
     @property
     def num_examples(self) -> int:
+        """How many examples (prompt + target pairs) were captured."""
         return len(self.examples)
 
     def _key(self, layer: int, module: str) -> tuple[int, str]:
@@ -55,7 +57,7 @@ class Capture:
         if example is None:
             return LowRankGradient(torch.cat(self.x[key]), torch.cat(self.delta[key]))
         if not -self.num_examples <= example < self.num_examples:
-            raise ValueError(f"example {example} is out of range: captured {self.num_examples} examples")
+            raise ValueError(f"example {example} is out of range: captured {plural(self.num_examples, 'example')}")
         return LowRankGradient(self.x[key][example], self.delta[key][example])
 
     def gradients(self, module: str) -> LowRankGradient:

@@ -18,6 +18,8 @@ COMMANDS = {
     "project-dataset": "project_dataset",
     "bench": "bench",
     "imprint-shift": "imprint_shift",
+    "rank": "rank",
+    "edit": "edit",
 }
 
 

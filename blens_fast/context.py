@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import weakref
 import zlib
 from collections.abc import Mapping
@@ -57,6 +58,13 @@ class ModelContext:
         """``model, tokenizer = ctx``."""
         return iter((self.model, self.tokenizer))
 
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index):
+        """``ctx[0]`` is the model and ``ctx[1]`` the tokenizer, as ``model, tokenizer = ctx`` unpacks them."""
+        return (self.model, self.tokenizer)[index]
+
     def __repr__(self) -> str:
         return (f"ModelContext({self.adapter.name}, layers={self.num_layers}, d={self.lens.weight.shape[1]}, "
                 f"V={self.vocab_size}, {self.dtype}, {self.device})")
@@ -64,18 +72,22 @@ class ModelContext:
     # -- facts -----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """The device of the model's lens (its unembedding)."""
         return self.lens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters."""
         return next(self.model.parameters()).dtype
 
     @property
     def num_layers(self) -> int:
+        """How many transformer blocks the model has."""
         return self.adapter.num_layers(self.model)
 
     @property
     def max_positions(self) -> int | None:
+        """The longest sequence the model reads (None when its config does not say)."""
         config = getattr(self.model, "config", None)
         for name in ("n_positions", "max_position_embeddings"):
             value = getattr(config, name, None)
@@ -85,6 +97,7 @@ class ModelContext:
 
     @property
     def vocab_size(self) -> int:
+        """The number of rows of the unembedding (the logits' width)."""
         return self.lens.weight.shape[0]
 
     @property
@@ -107,6 +120,7 @@ class ModelContext:
         return found
 
     def require_tokenizer(self):
+        """The tokenizer; a ``ValueError`` saying how to pass one when the context has none."""
         if self.tokenizer is None:
             raise ValueError("this call needs the model's tokenizer: pass it (bl.bind(model, tokenizer)), or load "
                              "the model with bl.load_model(...)")
@@ -138,6 +152,7 @@ class ModelContext:
         return int(shapes[0][0]), int(d_out)
 
     def module(self, layer: int, name: str) -> nn.Module:
+        """The linear module ``name`` (e.g. ``"mlp.out"``) of block ``layer``."""
         return self.adapter.module(self.model, layer, name)
 
     def weight(self, layer: int, name: str) -> torch.Tensor:
@@ -314,15 +329,23 @@ def with_context(fn=None, *, tokenizer: bool = True):
             if tokenizer:
                 if "tokenizer" in kwargs:
                     tok = kwargs.pop("tokenizer")
-                elif args:
+                elif args and not _is_text(args[0]):
                     tok, *args = args
                 else:
-                    raise TypeError(f"{fn.__name__}() needs a tokenizer: call {fn.__name__}(model, tokenizer, ...) "
-                                    f"or {fn.__name__}(ctx, ...)")
+                    found = f", and {args[0]!r} stands where it goes" if args else ""
+                    raise TypeError(f"{fn.__name__}(): the tokenizer is missing (a model was given{found}); call "
+                                    f"{fn.__name__}(model, tokenizer, ...) or {fn.__name__}(ctx, ...) with ctx = "
+                                    "bl.bind(model, tokenizer) or bl.load_model(...)")
             ctx = bind(model, tok, adapter=adapter)
         return fn(ctx, *args, **kwargs)
 
     return wrapper
+
+
+def _is_text(value) -> bool:
+    """A string or a list/tuple of strings: what a call's prompt or target looks like, never a tokenizer."""
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and len(value) > 0
+                                      and all(isinstance(v, str) for v in value))
 
 
 # -- loaders -------------------------------------------------------------------------------------------------
@@ -343,12 +366,13 @@ def load_model(path_or_name="default", *, device=None, dtype: torch.dtype | None
 
     device = check_device("cpu" if device is None else device)
     dtype = check_dtype(torch.float32 if dtype is None else dtype)
-    if str(path_or_name) == "default":
+    source = model_source(path_or_name)
+    if source == "default":
         from .default_model import MODEL_DIR
 
         folder = Path(MODEL_DIR)
     else:
-        folder = Path(path_or_name)
+        folder = source
     files, weight_map = checkpoint.weight_files(folder, path_or_name)
     default = _is_default(folder)
     if not default:
@@ -357,6 +381,30 @@ def load_model(path_or_name="default", *, device=None, dtype: torch.dtype | None
     model = checkpoint.load_checkpoint(folder, files, weight_map, config, dtype)
     tokenizer = _load_tokenizer(folder, default)
     return bind(model.to(device).eval(), tokenizer)
+
+
+#: the model names every ``--model`` and :func:`load_model` know besides folders
+BUILTIN_MODELS = ("default",)
+
+
+def model_source(spec, builtins=BUILTIN_MODELS) -> Path | str:
+    """The one rule for a model given by name (``--model`` of every subcommand, :func:`load_model`): an existing
+    folder wins over a built-in name (``builtins``: ``"default"``, and for ``blens bench`` its random models), so
+    ``./tiny`` and ``tiny`` mean the same folder when it exists. Returns the folder as a ``Path`` or the built-in
+    name; a ``ValueError`` when ``spec`` is neither."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"model must be a folder or a name ({', '.join(map(repr, builtins))}), got "
+                        f"{type(spec).__name__}: {spec!r}")
+    folder = Path(spec)
+    if folder.is_dir():
+        if str(spec) in builtins and not (folder / "config.json").is_file():
+            raise ValueError(f"model {str(spec)!r}: the folder {str(folder.resolve())!r} wins over the built-in "
+                             f"name {str(spec)!r} but holds no config.json: run elsewhere or rename the folder")
+        return folder
+    if str(spec) in builtins:
+        return str(spec)
+    raise ValueError(f"model {str(spec)!r}: no such folder (expected a local Hugging Face folder or "
+                     f"{' or '.join(map(repr, builtins)) if len(builtins) < 3 else 'one of ' + ', '.join(builtins)})")
 
 
 def _is_default(folder: Path) -> bool:

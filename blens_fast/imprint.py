@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from ._checks import check_choice, check_positive_int
+from ._io import make_folder
 from ._report import figure_png, pyplot, write_file
 from .batching import target_log_probs
 from .capture import capture_examples, loss_logits
@@ -67,17 +68,18 @@ class ImprintShiftReport:
 
     @property
     def steps(self) -> int:
+        """How many optimizer steps were taken."""
         return len(self.target_prob) - 1
 
     def to_pandas(self) -> pd.DataFrame:
-        """Long format: ``step, layer, module, position, quantity, value`` (``position`` is -1 for per-layer
-        quantities, ``layer`` -1 for the target's probability). ``step`` s of an update quantity is the step from
-        weights s to s + 1."""
-        rows = [dict(step=s, layer=-1, module="", position=-1, quantity="target_prob", value=float(p))
+        """Long format: ``step, layer, module, position, quantity, value``; what a row is not about is missing
+        (``pd.NA``/None): ``position`` for per-layer quantities, ``layer``, ``module`` and ``position`` for the target's
+        probability. ``step`` s of an update quantity is the step from weights s to s + 1."""
+        rows = [dict(step=s, layer=None, module=None, position=None, quantity="target_prob", value=float(p))
                 for s, p in enumerate(self.target_prob)]
         for (layer, module), values in self.imprint.items():
             for s, value in enumerate(values.tolist()):
-                rows.append(dict(step=s, layer=layer, module=module, position=-1, quantity="imprint", value=value))
+                rows.append(dict(step=s, layer=layer, module=module, position=None, quantity="imprint", value=value))
                 for position, match in enumerate(self.key_match[(layer, module)][s].tolist()):
                     rows.append(dict(step=s, layer=layer, module=module, position=position, quantity="key_match",
                                      value=match))
@@ -87,9 +89,9 @@ class ImprintShiftReport:
                                         ("shift_baseline_mean", self.shift_baseline[s, li, 0]),
                                         ("shift_baseline_std", self.shift_baseline[s, li, 1]),
                                         ("shift_target_rank", self.shift_target_rank[s, li])):
-                    rows.append(dict(step=s, layer=layer, module="mlp.out", position=-1, quantity=quantity,
+                    rows.append(dict(step=s, layer=layer, module="mlp.out", position=None, quantity=quantity,
                                      value=float(value)))
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows).astype({"layer": "Int64", "position": "Int64"})
 
     def lens_ranks(self) -> pd.DataFrame:
         """The target's rank in every lens list, per step: ``step, layer, position, list, target_rank, degenerate``."""
@@ -101,17 +103,17 @@ class ImprintShiftReport:
         return pd.concat(frames, ignore_index=True)
 
     def first_entry(self, k: int = 10, list_name: str = "ff2_bottom") -> pd.DataFrame:
-        """Per layer, the first step at which the target is among the top ``k`` of ``list_name`` at the last position
-        (-1: never), and its rank then."""
+        """Per layer, the first step at which the target is among the top ``k`` of ``list_name`` at the last position,
+        and its rank then (both missing, ``pd.NA``, when it never is)."""
         ranks = self.lens_ranks()
         last = ranks[(ranks.list == list_name) & (ranks.position == ranks.position.max()) & ~ranks.degenerate]
         rows = []
         for layer in self.layers:
             hits = last[(last.layer == layer) & (last.target_rank <= k)]
-            first = int(hits.step.min()) if len(hits) else -1
+            first = int(hits.step.min()) if len(hits) else None
             rows.append(dict(layer=layer, list=list_name, k=k, first_step=first,
-                             rank=int(hits[hits.step == first].target_rank.iloc[0]) if first >= 0 else None))
-        return pd.DataFrame(rows)
+                             rank=int(hits[hits.step == first].target_rank.iloc[0]) if first is not None else None))
+        return pd.DataFrame(rows).astype({"first_step": "Int64", "rank": "Int64"})
 
     def __str__(self) -> str:
         lines = [f"Imprint and shift  prompt={self.prompt!r} target={self.target!r} ({self.optimizer}, lr {self.lr:g}, "
@@ -131,36 +133,50 @@ class ImprintShiftReport:
         return write_file(path, self._png())
 
     def _png(self) -> bytes:
-        plt = pyplot()
+        return figure_png(self._figure(), dpi=110)
 
+    def _figure(self):
+        """The four panels. Steps and layers are integers and ticked as such; lines of several layers are drawn side
+        by side around each step (and with their own markers), so that equal values (an SGD imprint is exactly 1 at
+        every layer) do not hide one another."""
+        from matplotlib.ticker import MaxNLocator
+
+        plt = pyplot()
         fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
         steps = range(self.steps + 1)
         axes[0].plot(list(steps), self.target_prob.tolist(), "o-")
         axes[0].set(title=f"P({self.target_token!r}) per step", xlabel="weights after step", ylim=(0, 1.02))
-        for (layer, module), values in self.imprint.items():
-            axes[1].plot(range(self.steps), values.tolist(), "o-", label=f"layer {layer} {module}")
+        series = list(self.imprint.items())
+        for i, ((layer, module), values) in enumerate(series):
+            axes[1].plot(_dodged(self.steps, i, len(series)), values.tolist(), marker=MARKERS[i % len(MARKERS)],
+                         label=f"layer {layer} {module}")
         axes[1].set(title="FF1 imprint: update share in span{x_i}", xlabel="step", ylim=(0, 1.05))
         axes[1].legend(fontsize=7)
         for li, layer in enumerate(self.layers):
-            line, = axes[2].plot(range(self.steps), self.shift_cosine[:, li].tolist(), "o-", label=f"layer {layer}")
+            x = _dodged(self.steps, li, len(self.layers))
+            line, = axes[2].plot(x, self.shift_cosine[:, li].tolist(), marker=MARKERS[li % len(MARKERS)],
+                                 label=f"layer {layer}")
             mean, std = self.shift_baseline[:, li, 0], self.shift_baseline[:, li, 1]
-            axes[2].fill_between(range(self.steps), (mean - 2 * std).tolist(), (mean + 2 * std).tolist(),
-                                 color=line.get_color(), alpha=0.15)
+            axes[2].fill_between(x, (mean - 2 * std).tolist(), (mean + 2 * std).tolist(), color=line.get_color(),
+                                 alpha=0.15)
         axes[2].axhline(0, color="grey", lw=0.5)
         axes[2].set(title="FF2 shift: cos(dO, target row)\nband: random tokens, mean +- 2 sd", xlabel="step")
         axes[2].legend(fontsize=7)
+        for ax in axes[:3]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ranks = self.lens_ranks()
         last = ranks[(ranks.list == "ff2_bottom") & (ranks.position == ranks.position.max())]
         grid = last.pivot_table(index="layer", columns="step", values="target_rank")
         image = axes[3].imshow(grid.apply(lambda c: c.map(lambda v: max(v, 1))).transform("log10").to_numpy(),
                                aspect="auto", cmap="viridis_r", vmin=0)
         axes[3].set(title=f"log10 rank of {self.target_token!r} in ff2_bottom\n(last position; yellow: rank 1)",
-                    xlabel="step",
-                    ylabel="layer", yticks=range(len(grid.index)), yticklabels=[str(i) for i in grid.index])
+                    xlabel="weights after step", xticks=range(len(grid.columns)),
+                    xticklabels=[str(s) for s in grid.columns], ylabel="layer", yticks=range(len(grid.index)),
+                    yticklabels=[str(i) for i in grid.index])
         fig.colorbar(image, ax=axes[3], fraction=0.04)
         fig.suptitle(f"{self.prompt!r} -> {self.target!r}: {self.optimizer}, lr {self.lr:g}", fontsize=10)
         fig.tight_layout()
-        return figure_png(fig, dpi=110)
+        return fig
 
     def _html_body(self) -> str:
         image = base64.b64encode(self._png()).decode()
@@ -183,6 +199,18 @@ class ImprintShiftReport:
                 "html": write_file(directory / "imprint_shift.html", page),
                 "csv": write_file(directory / "imprint_shift.csv", self.to_pandas().to_csv(index=False)),
                 "lens": write_file(directory / "imprint_shift_lens.csv", self.lens_ranks().to_csv(index=False))}
+
+
+#: markers of the lines of one panel, in order
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+#: how far apart (in steps) the lines of one panel are drawn around each step
+DODGE = 0.3
+
+
+def _dodged(steps: int, i: int, count: int) -> list[float]:
+    """The x positions of line ``i`` of ``count``: the steps ``0 .. steps - 1`` moved by at most ``DODGE / 2``."""
+    offset = 0.0 if count == 1 else DODGE * (i / (count - 1) - 0.5)
+    return [s + offset for s in range(steps)]
 
 
 def imprint_fraction(x: torch.Tensor, update_io: torch.Tensor) -> float:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._checks import check_positive_int
+from ._io import make_folder
 from ._report import figure_png, pyplot, write_file
 from .capture import Capture, capture_examples
 from .context import ModelContext, with_context
@@ -61,9 +62,11 @@ class LensReport:
 
     @property
     def num_positions(self) -> int:
+        """How many token positions the report covers."""
         return len(self.tokens)
 
     def token(self, token_id: int) -> str:
+        """The text of ``token_id`` (the id itself when the report has no vocabulary)."""
         return self.vocabulary[token_id] if self.vocabulary else str(token_id)
 
     def to_pandas(self) -> pd.DataFrame:

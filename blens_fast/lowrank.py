@@ -76,14 +76,17 @@ class LowRankGradient:
     # -- shape -------------------------------------------------------------------------------------
     @property
     def batch_shape(self) -> tuple[int, ...]:
+        """The leading batch dimensions (``()`` for one gradient)."""
         return tuple(self.x.shape[:-2])
 
     @property
     def d_in(self) -> int:
+        """The weight's input width (the length of each ``x_i``)."""
         return self.x.shape[-1]
 
     @property
     def d_out(self) -> int:
+        """The weight's output width (the length of each ``delta_i``)."""
         return self.delta.shape[-1]
 
     @property
@@ -228,6 +231,7 @@ class LowRankGradient:
         return out.reshape(*batch, *out.shape[1:])
 
     def to(self, *args, **kwargs) -> "LowRankGradient":
+        """The gradient with both factors moved or cast as ``torch.Tensor.to`` does."""
         return LowRankGradient(self.x.to(*args, **kwargs), self.delta.to(*args, **kwargs), self.lengths)
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ from itertools import islice
 from pathlib import Path
 
 from ._checks import check_positive_int
+from ._ui import plural
 
 #: the shipped CounterFact edit file (10,000 records; see its SOURCE.md)
 COUNTERFACT_FILE = Path(__file__).resolve().parent / "data" / "counterfact" / "counterfact-edit.json"
@@ -81,3 +82,25 @@ def fact_texts(records: Iterable[dict]) -> list[str]:
         texts.append(r["rephrase_prompt"] + " " + r["ground_truth"])
         texts.append(r["locality_prompt"] + " " + r["locality_ground_truth"])
     return texts
+
+
+def check_window(start, n, names: tuple[str, str] = ("start", "n")) -> tuple[int, int | None]:
+    """The record selection every reader of records shares (``--start``/``--n`` on the command line, ``start=``/
+    ``n=`` in Python): the records at positions ``start .. start + n - 1`` of the input (0-based, bad records
+    included; all from ``start`` when ``n`` is None)."""
+    if isinstance(start, bool) or not isinstance(start, int):
+        raise TypeError(f"{names[0]}={start!r}: expected the 0-based index of the first record, an int")
+    if start < 0:
+        raise ValueError(f"{names[0]}={start}: expected 0 or more (the 0-based index of the first record)")
+    return start, None if n is None else check_positive_int(n, names[1])
+
+
+def check_held(source: str, total: int, start: int, n: int | None, names: tuple[str, str] = ("start", "n")) -> None:
+    """A ``ValueError`` when the selection asks for records ``source`` does not have (it holds ``total``): the
+    selection must start inside the input and, with ``n``, end inside it."""
+    if start < total and (n is None or start + n <= total):
+        return
+    asked = (f"{names[0]}={start}, {names[1]}={n} asks for records {start}..{start + n - 1}" if n is not None
+             else f"{names[0]}={start} asks for records from {start} on")
+    raise ValueError(f"{source} holds {plural(total, 'record')} (0..{total - 1}): {asked}" if total else
+                     f"{source} holds no records: {asked}")

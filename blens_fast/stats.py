@@ -45,7 +45,7 @@ import torch
 
 from ._checks import check_positive_int
 from ._io import atomic_save_tensors
-from ._ui import progress_bar
+from ._ui import plural, progress_bar
 from .capture import Capture, capture_examples
 from .context import ModelContext, with_context
 from .lists import LENS_MODULES
@@ -140,6 +140,7 @@ class GradientStats:
 
     @property
     def num_examples(self) -> int:
+        """How many examples the statistics were accumulated over."""
         return len(self.ids)
 
     def __getitem__(self, key) -> ModuleStats:
@@ -330,7 +331,7 @@ class StatsAccumulator:
         ``||grad_i||_F`` (float64) of this batch."""
         ids = list(range(len(self.ids), len(self.ids) + cap.num_examples)) if ids is None else list(ids)
         if len(ids) != cap.num_examples:
-            raise ValueError(f"got {len(ids)} ids for {cap.num_examples} captured examples")
+            raise ValueError(f"got {plural(len(ids), 'id')} for {plural(cap.num_examples, 'captured example')}")
         missing = [key for key in self.sketches if key not in cap.x]
         if missing:
             raise ValueError(f"the capture has no {missing[0]}: it holds {sorted(cap.x)}")

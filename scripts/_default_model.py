@@ -46,7 +46,8 @@ def first_token_top1(
                 else contextlib.nullcontext()
             )
             with ctx:
-                hidden = model.transformer(input_ids=ids).last_hidden_state
+                mask = enc.attention_mask.to(device)
+                hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
                 h_last = hidden[torch.arange(ids.shape[0], device=device), last]
                 logits = model.lm_head(h_last)
             hits.extend((logits.argmax(-1) == targets).tolist())

@@ -37,7 +37,7 @@ def perplexity(model, tokenizer, texts, batch_size=128):
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[start : start + batch_size]), padding=True, return_tensors="pt")
         ids, mask = enc.input_ids, enc.attention_mask.bool()
-        hidden = model.transformer(input_ids=ids).last_hidden_state[:, :-1]
+        hidden = model.transformer(input_ids=ids, attention_mask=enc.attention_mask).last_hidden_state[:, :-1]
         keep = mask[:, 1:]
         logits = model.lm_head(hidden[keep]).float()
         nll_sum += F.cross_entropy(logits, ids[:, 1:][keep], reduction="sum").item()

@@ -100,7 +100,7 @@ def lm_loss(model, ids, labels, candidates=None, cand_index=None):
     With ``candidates`` (a 1-D tensor of token ids containing every target token) the softmax
     runs over those tokens only, ``cand_index`` mapping a vocabulary id to its position in
     ``candidates``; without, over the full vocabulary."""
-    hidden = model.transformer(input_ids=ids).last_hidden_state[:, :-1]
+    hidden = model.transformer(input_ids=ids, attention_mask=(labels != IGNORE).long()).last_hidden_state[:, :-1]
     tgt = labels[:, 1:]
     keep = tgt != IGNORE
     h = hidden[keep]

@@ -10,6 +10,8 @@ model's weights).
 from __future__ import annotations
 
 import gc
+import os
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -55,8 +57,13 @@ class Meter:
             from torch.profiler import ProfilerActivity, profile
 
             self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            with self._profiler:
+            with native_stderr_silenced():  # the profiler's C++ side logs its start and stop there
+                self._profiler.start()
+            try:
                 yield self
+            finally:
+                with native_stderr_silenced():
+                    self._profiler.stop()
             self._replay()
         else:
             yield self
@@ -106,6 +113,22 @@ class Meter:
     @property
     def total_seconds(self) -> float:
         return sum(self.seconds.values())
+
+
+@contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 points at /dev/null inside (what C++ libraries print there is dropped; Python's stderr is
+    flushed first and works again after)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def memory_method(device: torch.device) -> str:

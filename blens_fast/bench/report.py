@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .._io import atomic_write_bytes, atomic_write_json, atomic_write_text, make_folder
 from .._report import figure_png, markdown_table, pyplot
+from .._ui import plural
 from ..lens_reference import RANK_TOLERANCE
 from .meter import STAGES
 
@@ -75,8 +76,9 @@ def markdown_report(report: dict, *, png_name: str | None = None) -> str:
         f"# Backward Lens benchmark: {report['model']['about']}",
         "",
         f"- machine: {report['machine']}",
-        f"- torch {report['torch']}, device {report['device']}, dtype {report['dtype']}, {report['threads']} threads",
-        f"- N = {main['prompts']} CounterFact prompts, "
+        f"- torch {report['torch']}, device {report['device']}, dtype {report['dtype']}, "
+        f"{plural(report['threads'], 'thread')}",
+        f"- N = {plural(main['prompts'], 'CounterFact prompt')}, "
         + (f"T = {t} positions each" if t else f"CounterFact length ({main['positions_mean']:.1f} positions on "
                                               f"average, at most {main['positions_max']})")
         + f"; layers analysed: {report['model']['depth']} (FF1's input projection and mlp.out); k = {cfg['k']}"
@@ -93,13 +95,13 @@ def markdown_report(report: dict, *, png_name: str | None = None) -> str:
         if rec.get("seconds_profiled_pass") and not rec.get("time_from_profiled_pass"):
             lines.append(f"- {way}: {rec['seconds_measured']:.3g} s in the timed pass, "
                          f"{rec['seconds_profiled_pass']:.3g} s in the profiled memory pass over "
-                         f"{rec['memory_prompts']} prompts")
+                         f"{plural(rec['memory_prompts'], 'prompt')}")
     if naive.get("extrapolated"):
-        lines.append(f"- **the naive way ran on {naive['prompts_run']} of the {main['prompts']} prompts**: its "
-                     "times are its measured time x N / prompts run (a loop over prompts, so linear in N); its "
+        lines.append(f"- **the naive way ran on {naive['prompts_run']} of the {plural(main['prompts'], 'prompt')}**: "
+                     "its times are its measured time x N / prompts run (a loop over prompts, so linear in N); its "
                      "memory is the peak over the prompts it ran (per prompt, so flat in N)")
     longest = " (the longest ones)" if report["device"] == "cpu" and cfg.get("memory_prompts") else ""
-    lines.append(f"- memory pass over {fast.get('memory_prompts')} prompts (blens_fast) and "
+    lines.append(f"- memory pass over {plural(fast.get('memory_prompts'), 'prompt')} (blens_fast) and "
                  f"{naive.get('memory_prompts')} (naive){longest}")
     if naive.get("error"):
         lines += ["", f"**naive way failed: {naive['error']}**"]
@@ -112,9 +114,9 @@ def markdown_report(report: dict, *, png_name: str | None = None) -> str:
     if "agreement" in main:
         a = main["agreement"]
         lines += ["", f"## Agreement ({'PASS' if main['agree'] else 'FAIL'} at >= {cfg['agreement']:.3g})", "",
-                  f"On the {a['prompts_compared']} prompts both ways ran ({a['rows_compared']} projected rows in "
-                  "all; in rows whose list holds exactly equal logits, e.g. a zero vector, the order of tied tokens "
-                  "is undefined and the values are compared instead): "
+                  f"On the {plural(a['prompts_compared'], 'prompt')} both ways ran ({a['rows_compared']} projected "
+                  "rows in all; in rows whose list holds exactly equal logits, e.g. a zero vector, the order of tied "
+                  "tokens is undefined and the values are compared instead): "
                   + ", ".join(f"{key.replace('_', ' ')} {v:.4g}" for key, v in a.items() if key != "prompts_compared"),
                   "", AGREEMENT_NOTE]
     if len(report["runs"]) > 1:

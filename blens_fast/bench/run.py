@@ -22,10 +22,10 @@ import torch
 from .._checks import DTYPE_NAMES, check_device, check_dtype, check_positive_int
 from .._io import atomic_write_json, make_folder, remove_inside
 from .._report import machine_info
-from .._ui import progress_bar
+from .._ui import plural, progress_bar
 from ..batching import Example, token_batches
 from ..capture import capture_examples
-from ..context import ModelContext, bind, load_model
+from ..context import BUILTIN_MODELS, ModelContext, bind, load_model, model_source
 from ..lens import factor_lists, lens_lists
 from ..lens_reference import RankRule, ReferenceLens, TokenList, reference_lens
 from ..lists import LENS_MODULES, LIST_NAMES, by_factor
@@ -100,9 +100,11 @@ def build_model(spec: str, *, depth: int | None = None, device="cpu", dtype: tor
                 seed: int = 0) -> tuple[ModelContext, ModelInfo]:
     """A random-init model of ``MODEL_SPECS[spec]`` with ``depth`` blocks (default: full depth, but
     :data:`CPU_GPTJ_DEPTH` for GPT-J on the CPU), or a loaded model (``"default"`` or a folder) of which the first
-    ``depth`` layers are analysed (default: all)."""
+    ``depth`` layers are analysed (default: all). A folder named like a random model wins over it
+    (:func:`~blens_fast.context.model_source`)."""
     device = torch.device(device)
-    if spec in MODEL_SPECS:
+    source = model_source(spec, (*BUILTIN_MODELS, *MODEL_SPECS))
+    if source in MODEL_SPECS:
         s = MODEL_SPECS[spec]
         if depth is None:
             depth = CPU_GPTJ_DEPTH if spec == "gpt-j" and device.type == "cpu" else s.depth
@@ -115,18 +117,17 @@ def build_model(spec: str, *, depth: int | None = None, device="cpu", dtype: tor
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(s.config(depth), dtype=dtype)
         ctx = bind(model.eval(), load_default_tokenizer())
-        about = s.about + (f"; {depth} of {s.depth} layers" if depth != s.depth else f"; all {s.depth} layers")
+        about = s.about + (f"; {depth} of {s.depth} layers" if depth != s.depth
+                           else f"; all {plural(s.depth, 'layer')}")
         name = spec if depth == s.depth else f"{spec}-{depth}layers"
         return ctx, ModelInfo(name, spec, about, depth, s.depth, True)
-    if spec != "default" and not Path(spec).is_dir():
-        raise ValueError(f"model {spec!r}: expected one of {', '.join(MODEL_SPECS)} (random initialisation at real "
-                         "dimensions), 'default' (the shipped model) or a local Hugging Face folder")
-    ctx = load_model(spec, device=device, dtype=dtype)
+    ctx = load_model(source, device=device, dtype=dtype)
     full = ctx.num_layers
     used = full if depth is None else check_positive_int(depth, "depth", upper=full)
-    name = "default" if spec == "default" else Path(spec).name
-    about = f"{'the shipped default model' if spec == 'default' else spec} (trained weights); " + (
-        f"layers 0..{used - 1} of {full} analysed" if used != full else f"all {full} layers analysed")
+    shipped = source == "default"
+    name = "default" if shipped else Path(source).resolve().name
+    about = f"{'the shipped default model' if shipped else spec} (trained weights); " + (
+        f"layers 0..{used - 1} of {full} analysed" if used != full else f"all {plural(full, 'layer')} analysed")
     return ctx, ModelInfo(name if used == full else f"{name}-{used}layers", spec, about, used, full, False)
 
 
@@ -453,7 +454,7 @@ def _run_bench(config: BenchConfig, device: torch.device, impl_used: str, log) -
                       "torch.linalg.matrix_norm and matrix_rank (RankRule) of each MLP weight's dense .grad (16-bit "
                       "gradients cast to float32); lm_head(final_norm(vectors)) full logits (float32 GEMM), "
                       "torch.topk, the target's rank from the full logits"),
-        fast_method=(f"batches of {config.batch_size} prompts"
+        fast_method=(f"batches of {plural(config.batch_size, 'prompt')}"
                      + (f" and at most {config.max_tokens} padded positions" if config.max_tokens else "")
                      + ": blens_fast.capture_examples (FF1's input projection, mlp.out), LowRankGradient.svdvals: "
                        "one batched SVD of the factors per module over layers and examples (RankRule), "
@@ -552,6 +553,6 @@ def _ratios(naive: dict, fast: dict) -> dict:
 def _way_line(way, n, t, rec):
     if rec.get("error"):
         return f"{way:>10} N={n} T={t}: {rec['error']}"
-    extra = f" (measured on {rec['prompts_run']} prompts, scaled)" if rec["extrapolated"] else ""
+    extra = f" (measured on {plural(rec['prompts_run'], 'prompt')}, scaled)" if rec["extrapolated"] else ""
     return (f"{way:>10} N={n} T={t or 'CounterFact'}: {rec['seconds']['end_to_end']:.2f} s{extra}, peak beyond "
             f"weights {rec['peak_bytes_beyond_weights']['end_to_end'] / 2**20:.1f} MiB")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 
 from .._checks import first_line
@@ -68,6 +69,8 @@ class RecordSource:
     label: str
     identity: dict
     _raw: Callable[[], Iterator[tuple[int, object, str | None]]] = field(repr=False)
+    #: the whole input of a selection (:meth:`select`), None for a whole input
+    whole: "RecordSource | None" = field(default=None, repr=False)
 
     def records(self, fields: Fields = Fields()) -> Iterator[Record]:
         """Every record in input order, validated: malformed JSON, a missing or non-string field, an empty prompt or
@@ -90,6 +93,20 @@ class RecordSource:
                 yield Record(index, line, record_id, error=error, raw=value)
             else:
                 yield Record(index, line, record_id, value[fields.prompt], value[fields.target], raw=value)
+
+    def select(self, start: int = 0, n: int | None = None) -> "RecordSource":
+        """The records at positions ``start .. start + n - 1`` of this whole input (all from ``start`` when ``n`` is
+        None; bad records count) as a source of their own: positions count from 0 in it, lines stay the input's, and
+        its ``identity`` records the selection."""
+        if start == 0 and n is None:
+            return self
+        stop = None if n is None else start + n
+        return replace(self, identity={**self.identity, "start": start, "n": n}, whole=self,
+                       _raw=lambda: islice(self._raw(), start, stop))
+
+    def count(self) -> int:
+        """How many records the input holds (bad ones included)."""
+        return sum(1 for _ in self._raw())
 
     def bad(self, record: Record, reason: str | None = None) -> BadRecord:
         return BadRecord(self.label, record.line, reason or record.error, record.raw)

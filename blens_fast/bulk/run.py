@@ -1,9 +1,9 @@
-"""The bulk run: a frozen :class:`RunSpec` and its fingerprint, the capture/commit loop,
-``torchrun`` ranks, and the final merge.
+"""The bulk run: the :class:`RunOptions` asked for, the frozen :class:`RunSpec` they resolve to and its
+fingerprint, the capture/commit loop, ``torchrun`` ranks, and the final merge.
 
 Plan. Shard ``j`` holds the input records ``j * shard_size .. (j + 1) * shard_size - 1`` (by position, bad ones
 included); inside a shard the valid records are sorted by token count and cut into batches of at most
-``batch_size`` records and ``max_tokens`` padded tokens. The default shard size, ``clamp(ceil(records / 32), 1,
+``batch_size`` records and ``max_tokens`` padded tokens. The default shard size, ``clamp(ceil(records / 32), 8,
 256)``, depends on the record count only: the plan is a pure function of the input and the arguments, never of the
 number of processes or of earlier interrupted runs, so every record is computed in the same batch whatever happens,
 and the results are identical.
@@ -35,15 +35,16 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from .._checks import check_positive_int
+from .._checks import check_positive_int, parse_layers
 from .._io import (atomic_write_json, atomic_write_table, atomic_write_text, make_folder, read_json, refuse_symlinks,
                    remove_inside, remove_stale_temporaries)
-from .._ui import progress_bar
+from .._ui import plural, progress_bar
 from ..batching import token_batches
 from ..capture import capture_examples
 from ..context import ModelContext, load_model, with_context
 from ..lens import analyze
 from ..lists import LENS_MODULES
+from ..records import check_held, check_window
 from ..stats import StatsAccumulator, module_shapes, sketch_sizes
 from .records import Fields, Record, RecordSource, open_source
 from .rows import records_table, report_columns, rows_table
@@ -51,17 +52,92 @@ from .shards import (FORMAT, SEGMENTS, SHARD_TABLES, STATS_TABLES, Digest, Folde
                      ShardEntry, holds_results, manifest_outputs, plan_shards, read_manifest, read_segments,
                      reset_faults, shard_count)
 
-#: the default shard size gives at least this many shards (when each holds at most MAX_AUTO_SHARD_SIZE records)
+#: the default shard size gives at least this many shards (when each holds at least MIN_AUTO_SHARD_SIZE and at most
+#: MAX_AUTO_SHARD_SIZE records)
 AUTO_SHARDS = 32
+#: a shard is a commit and a pair of Parquet files: tiny inputs get a few shards, not a file per record
+MIN_AUTO_SHARD_SIZE = 8
 MAX_AUTO_SHARD_SIZE = 256
 STATS_STATE = "stats/state.safetensors"
 REJECTED = "rejected.jsonl"
 
 
 def auto_shard_size(records: int) -> int:
-    """``clamp(ceil(records / 32), 1, 256)``: every rank of up to 8 gets work on small inputs, and large inputs
-    get shards of 256 records."""
-    return min(MAX_AUTO_SHARD_SIZE, max(1, math.ceil(records / AUTO_SHARDS)))
+    """``clamp(ceil(records / 32), 8, 256)``: shards of at least 8 records (20 records make 3 shards, not 20
+    one-record files), 32 shards from 256 records on (every rank of up to 32 gets work), and large inputs get shards
+    of 256 records."""
+    return min(MAX_AUTO_SHARD_SIZE, max(MIN_AUTO_SHARD_SIZE, math.ceil(records / AUTO_SHARDS)))
+
+
+# -- what is asked ---------------------------------------------------------------------------------------------
+#: keywords of :func:`project_dataset` that set :attr:`RunOptions.fields`
+FIELD_KEYWORDS = {"prompt_field": "prompt", "target_field": "target", "id_field": "id"}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Every setting of a bulk run besides its model, input and output folder, as one typed value checked when made
+    (what needs the model is checked when the run starts). The keywords of :func:`project_dataset` build one."""
+
+    layers: tuple[int, ...] | None = None
+    modules: tuple[str, ...] = LENS_MODULES
+    k: int = 10
+    batch_size: int = 16
+    max_tokens: int | None = None
+    shard_size: int | str = "auto"
+    fields: Fields = Fields()
+    start: int = 0
+    n: int | None = None
+    skip_bad: bool = False
+    unit_norm: bool = False
+    impl: str = "auto"
+    stats: bool = False
+    stats_rank: int = 8
+    stats_seed: int = 0
+
+    def __post_init__(self):
+        def set_(name, value):  # frozen: normalised once, here
+            object.__setattr__(self, name, value)
+
+        set_("layers", parse_layers(self.layers))
+        modules = self.modules
+        modules = tuple(m.strip() for m in modules.split(",")) if isinstance(modules, str) else tuple(modules)
+        if not modules:
+            raise ValueError("modules is empty: expected mlp.in, mlp.out or both")
+        for name in modules:
+            if name not in LENS_MODULES:
+                raise ValueError(f"module {name!r} has no lens list: expected a subset of {', '.join(LENS_MODULES)}")
+        set_("modules", modules)
+        check_positive_int(self.k, "k")
+        check_positive_int(self.batch_size, "batch_size")
+        if self.max_tokens is not None:
+            check_positive_int(self.max_tokens, "max_tokens")
+        if self.shard_size != "auto":
+            check_positive_int(self.shard_size, "shard_size (or 'auto')")
+        if not isinstance(self.fields, Fields):
+            raise TypeError(f"fields must be a blens_fast.bulk.records.Fields, got {type(self.fields).__name__}")
+        check_window(self.start, self.n)
+        for name in ("skip_bad", "unit_norm", "stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}: "
+                                f"{getattr(self, name)!r}")
+
+    @classmethod
+    def of(cls, options: "RunOptions | None" = None, **keywords) -> "RunOptions":
+        """``options`` (default: the defaults) with ``keywords`` replacing its fields; ``prompt_field``,
+        ``target_field`` and ``id_field`` set ``fields``. An unknown keyword is a ``TypeError`` naming it."""
+        names = {f.name for f in dataclasses.fields(cls)} | set(FIELD_KEYWORDS)
+        unknown = sorted(set(keywords) - names)
+        if unknown:
+            raise TypeError(f"project_dataset() got an unexpected keyword argument {unknown[0]!r}: expected "
+                            f"{', '.join(sorted(names))}, device, dtype, progress or log")
+        base = cls() if options is None else options
+        if not isinstance(base, cls):
+            raise TypeError(f"options must be a RunOptions, got {type(base).__name__}")
+        renamed = {FIELD_KEYWORDS[key]: keywords.pop(key) for key in list(keywords) if key in FIELD_KEYWORDS}
+        if renamed:
+            keywords["fields"] = dataclasses.replace(keywords.get("fields", base.fields), **renamed)
+        return dataclasses.replace(base, **keywords) if keywords else base
 
 
 # -- the run's identity ----------------------------------------------------------------------------------------
@@ -134,41 +210,29 @@ def _differences(old, new, prefix: str = "") -> list[str]:
 # redoes: _prepare and what it calls; plan_shards and shard commits are in shards.py): the run's settings, torchrun
 # plumbing, the lens batches, argument handling, and the orchestration after the plan (_compute, _finish).
 # pragma: no mutate start
-def build_spec(ctx: ModelContext, source: RecordSource, fields: Fields, *, layers, modules, k: int, batch_size: int,
-               max_tokens: int | None, shard_size, skip_bad: bool, unit_norm: bool, impl: str, stats: bool,
-               stats_rank: int, stats_seed: int) -> RunSpec:
-    """Validate the arguments and count the input's records (a ``BadRecord`` for the first bad one unless
-    ``skip_bad``) into a :class:`RunSpec`."""
-    check_positive_int(k, "k", upper=ctx.vocab_size)
-    check_positive_int(batch_size, "batch_size")
-    if max_tokens is not None:
-        check_positive_int(max_tokens, "max_tokens")
-    if shard_size != "auto":
-        check_positive_int(shard_size, "shard_size (or 'auto')")
-    modules = tuple(m.strip() for m in modules.split(",")) if isinstance(modules, str) else tuple(modules)
-    if not modules:
-        raise ValueError("modules is empty: expected mlp.in, mlp.out or both")
-    for name in modules:
-        if name not in LENS_MODULES:
-            raise ValueError(f"module {name!r} has no lens list: expected a subset of {', '.join(LENS_MODULES)}")
-    for name, flag in (("skip_bad", skip_bad), ("unit_norm", unit_norm), ("stats", stats)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}: {flag!r}")
+def build_spec(ctx: ModelContext, source: RecordSource, options: RunOptions) -> RunSpec:
+    """Check ``options`` against the model and count the records of ``source`` (already narrowed to the options'
+    selection; a ``BadRecord`` for the first bad one unless ``skip_bad``) into a :class:`RunSpec`."""
+    check_positive_int(options.k, "k", upper=ctx.vocab_size)
     stats_spec = None
-    if stats:
-        stats_spec = StatsSpec(stats_rank, sketch_sizes(stats_rank), stats_seed, ctx.check_modules(modules))
+    if options.stats:
+        stats_spec = StatsSpec(options.stats_rank, sketch_sizes(options.stats_rank), options.stats_seed,
+                               ctx.check_modules(options.modules))
     records = 0
-    for record in source.records(fields):
-        if record.error is not None and not skip_bad:
+    for record in source.records(options.fields):
+        if record.error is not None and not options.skip_bad:
             raise source.bad(record)
         records += 1
+    if source.whole is not None and (records == 0 or records != (options.n or records)):
+        check_held(f"input {source.label!r}", source.whole.count(), options.start, options.n)
     if records == 0:
         raise ValueError(f"input {source.label!r} holds no records")
     model = {"architecture": ctx.adapter.name, "weights": ctx.weights_fingerprint(),
              "dtype": str(ctx.dtype).removeprefix("torch.")}
-    return RunSpec(source.identity, model, records, ctx.check_layers(layers), modules, k, batch_size, max_tokens,
-                   auto_shard_size(records) if shard_size == "auto" else shard_size, fields, skip_bad, unit_norm,
-                   impl, stats_spec)
+    shard_size = auto_shard_size(records) if options.shard_size == "auto" else options.shard_size
+    return RunSpec(source.identity, model, records, ctx.check_layers(options.layers), options.modules, options.k,
+                   options.batch_size, options.max_tokens, shard_size, options.fields, options.skip_bad,
+                   options.unit_norm, options.impl, stats_spec)
 
 
 # -- ranks ---------------------------------------------------------------------------------------------------
@@ -316,7 +380,8 @@ def log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def project_dataset(model, *args, device=None, dtype=None, **options) -> Path:
+def project_dataset(model, *args, options: RunOptions | None = None, device=None, dtype=None, progress: bool = True,
+                    log=None, **keywords) -> Path:
     """Run the Backward Lens over every record of ``input`` into the folder ``out``; return ``out`` as a Path.
 
     Called as ``project_dataset(ctx, input, out, ...)``, ``project_dataset(model, tokenizer, input, out, ...)`` or
@@ -326,14 +391,17 @@ def project_dataset(model, *args, device=None, dtype=None, **options) -> Path:
     ``input``: a JSON Lines file, a JSON file holding a list, a Parquet file, ``"counterfact"`` (the shipped
     CounterFact edit file as :func:`blens_fast.counterfact.load` gives it) or a list of records (mappings, or
     ``(prompt, target)`` pairs). Fields: ``prompt_field``, ``target_field``, ``id_field`` (ids default to the
-    record's line or number and must be unique).
+    record's line or number and must be unique). ``start`` and ``n``: the records at positions ``start .. start +
+    n - 1`` (0-based, bad ones included; default: all), as ``--start``/``--n`` select them on the command line.
 
-    Options: ``layers`` (default all), ``modules`` (``"mlp.in"``: FF1's forward input, top tokens; ``"mlp.out"``:
-    FF2's VJP, bottom and top tokens; default both), ``k=10``, ``batch_size=16``, ``max_tokens`` (padded tokens per
-    batch), ``shard_size="auto"`` (``clamp(ceil(records / 32), 1, 256)``), ``unit_norm``, ``impl``, ``skip_bad``
-    (bad records go to ``rejected.jsonl`` with their line and reason instead of stopping the run), ``stats`` (also
-    :func:`blens_fast.gradient_stats` of rank ``stats_rank`` with seed ``stats_seed`` into ``out/stats``),
-    ``progress`` (a bar on stderr), ``log`` (a function taking each message; default: print to stderr).
+    Settings, as keywords or as one :class:`RunOptions` (``options=``; keywords replace its fields): ``layers``
+    (default all; ``[0, 2]`` or ``"0-3"``), ``modules`` (``"mlp.in"``: FF1's forward input, top tokens;
+    ``"mlp.out"``: FF2's VJP, bottom and top tokens; default both), ``k=10``, ``batch_size=16``, ``max_tokens``
+    (padded tokens per batch), ``shard_size="auto"`` (``clamp(ceil(records / 32), 8, 256)``), ``unit_norm``,
+    ``impl``, ``skip_bad`` (bad records go to ``rejected.jsonl`` with their line and reason instead of stopping the
+    run), ``stats`` (also :func:`blens_fast.gradient_stats` of rank ``stats_rank`` with seed ``stats_seed`` into
+    ``out/stats``). ``progress``: a bar and the summary on stderr (``False``: nothing is printed); ``log``: a function
+    taking each message (default: print to stderr when ``progress``).
 
     Output: ``out/rows`` and ``out/records`` are Parquet datasets (one ``part-NNNNNN.parquet`` per shard), readable
     as they are by pandas, pyarrow.dataset and Hugging Face ``datasets``; the rows hold, per record, list, layer,
@@ -344,28 +412,29 @@ def project_dataset(model, *args, device=None, dtype=None, **options) -> Path:
     folder: a second run into it fails with a ``ValueError`` naming the holder.
     """
     reset_faults()
+    options = RunOptions.of(options, **keywords)
+    if log is None:
+        log = log_to_stderr if progress else _silent
     with process_group() as ranks:
         if isinstance(model, (str, os.PathLike)):
             model = load_model(model, device=ranks.device(device), dtype=dtype)
         elif device is not None or dtype is not None:
             raise ValueError("device= and dtype= apply to a model given by name or folder: move or cast a loaded "
                              "model before passing it")
-        return _project_dataset(model, *args, ranks=ranks, **options)
+        return _project_dataset(model, *args, options=options, ranks=ranks, progress=progress, log=log)
 
 
 @with_context
-def _project_dataset(ctx: ModelContext, input, out, *, ranks: Ranks, layers=None, modules=LENS_MODULES, k: int = 10,
-                     batch_size: int = 16, max_tokens: int | None = None, shard_size="auto",
-                     prompt_field: str = "prompt", target_field: str = "target", id_field: str = "id",
-                     skip_bad: bool = False, unit_norm: bool = False, stats: bool = False, stats_rank: int = 8,
-                     stats_seed: int = 0, impl: str = "auto", progress: bool = True, log=log_to_stderr) -> Path:
+def _project_dataset(ctx: ModelContext, input, out, *, options: RunOptions, ranks: Ranks, progress: bool,
+                     log) -> Path:
     ctx.require_tokenizer()
-    fields = Fields(prompt_field, target_field, id_field)
-    source = open_source(input, fields)
-    spec = build_spec(ctx, source, fields, layers=layers, modules=modules, k=k, batch_size=batch_size,
-                      max_tokens=max_tokens, shard_size=shard_size, skip_bad=skip_bad, unit_norm=unit_norm,
-                      impl=impl, stats=stats, stats_rank=stats_rank, stats_seed=stats_seed)
+    source = open_source(input, options.fields).select(options.start, options.n)
+    spec = build_spec(ctx, source, options)
     return execute(ctx, spec, source, Path(out), ranks, progress=progress, log=log)
+
+
+def _silent(message: str) -> None:
+    """The log of a run with ``progress=False``: nothing is printed."""
 
 
 def execute(ctx: ModelContext, spec: RunSpec, source: RecordSource, out: Path, ranks: Ranks = Ranks(), *,
@@ -545,6 +614,6 @@ def _merge_stats(out: Path, segments: list[Segment], ids: list[str]) -> dict[str
 
 
 def _summary_line(manifest: dict) -> str:
-    return (f"{manifest['records']} records ({manifest['rejected']} rejected), {manifest['rows']} rows in "
-            f"{len(manifest['shards'])} shards")
+    return (f"{plural(manifest['records'], 'record')} ({manifest['rejected']} rejected), {manifest['rows']} rows in "
+            f"{plural(len(manifest['shards']), 'shard')}")
 # pragma: no mutate end

@@ -15,7 +15,8 @@ from __future__ import annotations
 from ._common import add_batching, add_projection, int_list
 
 MODEL_HELP = ("gpt2-small, gpt-j, tiny, tiny-gptj or tiny-llama (random initialisation at those dimensions), 'default' "
-              "(the shipped model) or a local Hugging Face folder (default: default)")
+              "(the shipped model) or a local Hugging Face folder; an existing folder wins over a built-in name "
+              "(default: default)")
 OUT_DEFAULT = "out/bench"
 OUT_HELP = "folder for the JSON, markdown table and PNG"
 

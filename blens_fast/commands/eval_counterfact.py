@@ -21,7 +21,8 @@ import json
 import time
 from pathlib import Path
 
-from ._common import load
+from .._ui import plural
+from ._common import WINDOW_OPTIONS, add_edit_settings, add_records, edit_settings, load
 
 OUT_DEFAULT = "out/counterfact"
 OUT_HELP = "folder for counterfact_eval.json/.md (and the trade-off files)"
@@ -41,32 +42,12 @@ VARIANTS = {
 }
 
 
-def _scale(text: str):
-    if text == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--scale {text!r}: expected a number or 'auto'") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="forward_shift",
                         help="comma-separated variant names (" + ", ".join(VARIANTS) + ") or 'all' "
                              "(default: forward_shift)")
-    parser.add_argument("--n", type=int, default=1000, help="records to evaluate (default: 1000)")
-    parser.add_argument("--start", type=int, default=0, help="index of the first record (default: 0)")
-    parser.add_argument("--records", default="counterfact",
-                        help="'counterfact' (the shipped edit file, default) or a CounterFact JSON / JSON Lines file")
-    parser.add_argument("--layer", type=int, default=None, help="edit layer (default: calibrated)")
-    parser.add_argument("--scale", type=_scale, default=None, help="shift scale or 'auto' (default: calibrated)")
-    parser.add_argument("--margin", type=float, default=None, help="logit lead for --scale auto (default: calibrated)")
-    parser.add_argument("--whiten", action="store_true", help="whitened key (forward_shift)")
-    parser.add_argument("--normalize-key", action="store_true", help="key a_n/(a_n.a_n) (forward_shift)")
-    parser.add_argument("--lr", type=float, default=None, help="gradient step size (default: calibrated)")
-    parser.add_argument("--steps", type=int, default=None, help="gradient steps (default: calibrated)")
-    parser.add_argument("--calibration", default=None, metavar="FILE",
-                        help="a calibration file written by --calibrate (default: the model's shipped one, if any)")
+    add_records(parser, n_default=1000, fields=False, kinds="a CounterFact JSON / JSON Lines file (EasyEdit layout)")
+    add_edit_settings(parser)
     parser.add_argument("--label", default=None, help="row label (default: the variant's)")
     parser.add_argument("--no-baseline", action="store_true", help="do not add the unedited row")
     parser.add_argument("--no-fluency", action="store_true", help="skip the fluency perplexity")
@@ -88,13 +69,7 @@ def _variant_runs(args) -> list[tuple[str, str, dict]]:
         label, method, options = VARIANTS[name]
         options = dict(options)
         if len(names) == 1:
-            extra = {"layer": args.layer, "scale": args.scale, "margin": args.margin, "lr": args.lr,
-                     "steps": args.steps}
-            if args.whiten:
-                extra["whiten"] = True
-            if args.normalize_key:
-                extra["normalize_key"] = True
-            options.update({k: v for k, v in extra.items() if v is not None})
+            options.update(edit_settings(args))
             if method == "forward_shift" and (args.whiten or args.normalize_key or args.scale == "auto"):
                 label = "forward shift" + (", whitened" if args.whiten else ", normalised key" if args.normalize_key
                                            else "") + (", auto scale" if args.scale == "auto" else "")
@@ -107,19 +82,32 @@ def _variant_runs(args) -> list[tuple[str, str, dict]]:
     return runs
 
 
+def summary_line(row: dict) -> str:
+    """One evaluated row on the terminal, every value labelled: both metric families, fluency, skipped edits, revert
+    failures and the time."""
+    from ..counterfact.harness import METRICS
+
+    parts = [f"{title} " + ", ".join(f"{metric} {row[family][metric]:.1f}%" for metric in METRICS)
+             for family, title in (("memit_argmax", "argmax"), ("rome_probability", "P(new) > P(true)"))]
+    if row.get("fluency_ppl") is not None:
+        parts.append(f"fluency perplexity {row['fluency_ppl']:.2f} (unedited {row['fluency_ppl_unedited']:.2f})")
+    if row["method"] != "none":
+        parts.append(f"skipped {row['skipped']} of {plural(row['n'], 'edit')}"
+                     + (" (left the model unchanged)" if row["skipped"] else ""))
+        parts.append(f"revert failures {row['revert_failures']}")
+    return f"{row['label']}: " + "; ".join(parts) + f" ({row['seconds']:.0f} s)"
+
+
 def run(args) -> int:
     from .._io import atomic_write_json, make_folder
     from ..counterfact import calibrate, evaluate_counterfact, load as load_records, run_tradeoff, write_results
     from ..counterfact.harness import edit_options
     from ..editing import calibrated_defaults, variant_name
+    from ..records import check_held
 
-    if args.n < 1:
-        raise ValueError(f"--n {args.n}: expected at least 1")
-    if args.start < 0:
-        raise ValueError(f"--start {args.start}: expected 0 or more")
-    records = load_records(args.records)[args.start:]
-    if len(records) < args.n:
-        raise ValueError(f"--n {args.n} --start {args.start}: {args.records} has only {len(records)} records from there")
+    records = load_records(args.records)
+    check_held(repr(args.records), len(records), args.start, args.n, WINDOW_OPTIONS)
+    records = records[args.start:]
     runs = _variant_runs(args) if args.calibrate is None else []
     ctx = load(args)
     out = Path(args.out)
@@ -150,10 +138,7 @@ def run(args) -> int:
         row = evaluate_counterfact(ctx, records, method=method, n=args.n, label=label, fluency=not args.no_fluency,
                                    progress=not args.quiet, settings=settings)
         rows.append(row)
-        m, p = row["memit_argmax"], row["rome_probability"]
-        print(f"{label}: argmax {m['efficacy']:.1f}/{m['paraphrase']:.1f}/{m['neighborhood']:.1f}  "
-              f"P(new)>P(true) {p['efficacy']:.1f}/{p['paraphrase']:.1f}/{p['neighborhood']:.1f}  "
-              f"revert failures {row['revert_failures']}  ({row['seconds']:.0f} s)", flush=True)
+        print(summary_line(row), flush=True)
     meta = {"model": args.model, "records": args.records, "first_record": args.start, "n": args.n,
             "description": f"Records {args.start}-{args.start + args.n - 1} of {args.records}, model "
                            f"`{args.model}`; percentages. Efficacy/paraphrase: the new object wins; neighborhood: "

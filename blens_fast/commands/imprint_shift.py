@@ -5,7 +5,8 @@ Example: blens imprint-shift --prompt "The mother tongue of Danielle Darrieux is
 """
 from __future__ import annotations
 
-from ._common import add_layers, load, parse_layers
+from .._checks import parse_layers
+from ._common import add_layers, load
 
 OUT_DEFAULT = "out/imprint_shift"
 OUT_HELP = "folder for the PNG, HTML and CSV files"
@@ -27,7 +28,7 @@ def run(args) -> int:
 
     as_str_list(args.prompt, "--prompt")
     as_str_list(args.target, "--target")
-    layers = parse_layers(args.layers)
+    layers = parse_layers(args.layers, "--layers")
     report = imprint_shift(load(args), args.prompt, args.target, steps=args.steps, lr=args.lr,
                            optimizer=args.optimizer, layers=layers, k=args.k)
     print(report)

@@ -4,7 +4,8 @@ Example: blens lens --prompt "The mother tongue of Danielle Darrieux is" --targe
 """
 from __future__ import annotations
 
-from ._common import add_layers, add_projection, load, parse_layers
+from .._checks import parse_layers
+from ._common import add_layers, add_loss, add_projection, load
 
 OUT_HELP = "folder for lens.png, lens.html and the CSV tables (default: print only)"
 
@@ -15,10 +16,7 @@ def add_arguments(parser) -> None:
                         help="the target object, e.g. ' Paris' (a leading space is added if missing)")
     add_layers(parser)
     add_projection(parser)
-    parser.add_argument("--loss", choices=("teacher_forced", "last_position"), default="teacher_forced",
-                        help="teacher_forced (default: ranks refer to the target's first token) or last_position "
-                             "(the paper authors' code: every target token scored at the prompt's last position, "
-                             "ranks refer to its last token)")
+    add_loss(parser)
     parser.add_argument("--positions", choices=("last", "all"), default="last",
                         help="positions shown on the terminal (files always hold all)")
 
@@ -30,7 +28,7 @@ def run(args) -> int:
     as_str_list(args.prompt, "--prompt")  # fail fast, before loading a model
     as_str_list(args.target, "--target")
     check_positive_int(args.k, "--k")
-    layers = parse_layers(args.layers)
+    layers = parse_layers(args.layers, "--layers")
     ctx = load(args)
     report = lens(ctx, args.prompt, args.target, layers=layers, k=args.k, unit_norm=args.unit_norm, impl=args.impl,
                   loss=args.loss)

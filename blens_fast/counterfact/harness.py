@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ import torch
 from .._checks import check_choice
 from .._ui import progress_bar
 from ..context import ModelContext, with_context
-from ..editing import EditSettings, edit, resolve_settings
+from ..editing import EditSettings, EditSkipped, edit, resolve_settings
 from ..forward import forward_hidden
 from .records import check_records, fact_texts
 
@@ -180,7 +181,9 @@ def evaluate_counterfact(ctx: ModelContext, records, *, method: str = "forward_s
         applied = None
         if method != "none":
             t0 = time.perf_counter()
-            applied = edit(ctx, record["prompt"], record["target_new"], settings=settings, progress=False)
+            with warnings.catch_warnings():  # skips are counted in the row instead
+                warnings.simplefilter("ignore", EditSkipped)
+                applied = edit(ctx, record["prompt"], record["target_new"], settings=settings, progress=False)
             edit_seconds += time.perf_counter() - t0
         try:
             scores = scorer.score(prepared, fluency=fluency)

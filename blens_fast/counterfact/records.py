@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .._checks import check_positive_int
+from .._ui import plural
 from ..records import fact_texts, load_counterfact as load
 
 __all__ = ["FIELDS", "check_records", "fact_queries", "fact_texts", "load"]
@@ -27,7 +28,7 @@ def check_records(records, n: int | None, fields=FIELDS) -> tuple[list, int]:
         raise TypeError(f"records must be a list of CounterFact records (dicts), got {type(records).__name__}")
     n = len(records) if n is None else check_positive_int(n, "n")
     if n > len(records):
-        raise ValueError(f"n={n} but only {len(records)} records were given")
+        raise ValueError(f"n={n} but only {plural(len(records), 'record was', 'records were')} given")
     for i, record in enumerate(records[:n]):
         if not isinstance(record, dict):
             raise TypeError(f"records[{i}] must be a dict, got {type(record).__name__}")

@@ -6,6 +6,8 @@ per-model stack, save/load), :mod:`.forward_shift`, :mod:`.whitening`, :mod:`.au
 """
 from __future__ import annotations
 
+import warnings
+
 from .._checks import as_str_list
 from ..context import ModelContext, with_context
 from .calibration import calibrated_defaults, variant_name
@@ -15,8 +17,12 @@ from .settings import METHODS, EditSettings, resolve_settings
 from .update import Edit, Update, applied_edits
 from .whitening import Whitening, ff2_whitening
 
-__all__ = ["Edit", "EditSettings", "METHODS", "Update", "Whitening", "applied_edits", "calibrated_defaults", "edit",
-           "ff2_whitening", "resolve_settings", "variant_name"]
+__all__ = ["Edit", "EditSettings", "EditSkipped", "METHODS", "Update", "Whitening", "applied_edits",
+           "calibrated_defaults", "edit", "ff2_whitening", "resolve_settings", "variant_name"]
+
+
+class EditSkipped(UserWarning):
+    """An edit left some of its facts unchanged (``info["skipped"]``): the warning names each and why."""
 
 
 @with_context
@@ -64,4 +70,30 @@ def edit(ctx: ModelContext, prompt, target, *, method: str = "forward_shift", la
     whitened = settings.whiten is not False
     info.update(whiten=whitened, normalize_key=settings.normalize_key or whitened,
                 skip_if_argmax=settings.skip_if_argmax)
-    return forward_shift_edit(ctx, examples, settings, info)
+    applied = forward_shift_edit(ctx, examples, settings, info)
+    _warn_skipped(applied.info)
+    return applied
+
+
+def _warn_skipped(info: dict) -> None:
+    """An :class:`EditSkipped` warning naming every fact the forward shift left unchanged, and why."""
+    from .auto_scale import MAX_SHIFT
+
+    auto = info["scale"] == "auto"
+    reasons = []
+    for prompt, target, skipped, already in zip(info["prompts"], info["targets"], info["skipped"],
+                                                info["already_argmax"]):
+        if not skipped:
+            continue
+        if already:
+            why = (f"the model already predicts it with a logit lead of at least margin={info['margin']:g}" if auto
+                   else "the model already predicts it (skip_if_argmax=True)")
+        else:
+            why = (f"no shift at layer {info['layer']} up to {MAX_SHIFT:g} x the residual's norm makes it the "
+                   "model's top prediction")
+        reasons.append(f"{prompt!r} -> {target!r}: {why}")
+    if reasons:
+        count = len(info["skipped"])
+        what = "the edit changes nothing" if len(reasons) == count else (
+            f"{len(reasons)} of its {count} facts {'is' if len(reasons) == 1 else 'are'} left unchanged")
+        warnings.warn(f"edit skipped ({what}): " + "; ".join(reasons), EditSkipped, stacklevel=4)

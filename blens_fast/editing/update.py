@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import atomic_save_tensors
+from .._io import atomic_save_tensors, make_folder
 from ..context import ModelContext, bind
 
 #: /3: update factors in (in, out) terms whatever the weight's layout (/2 held them in the weight's own layout), and
@@ -46,6 +46,7 @@ class Update:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The shape of the weight this step writes, ``(left columns, right columns)``."""
         return (self.left.shape[1], self.right.shape[1])
 
     def apply_to(self, weight: torch.Tensor) -> None:
@@ -96,18 +97,22 @@ class Edit:
     # -- description ---------------------------------------------------------------------
     @property
     def touched(self) -> tuple[tuple[int, str], ...]:
+        """Every ``(layer, module)`` the edit writes, in the order of its steps."""
         return tuple(dict.fromkeys((u.layer, u.module) for u in self.updates))
 
     @property
     def layers(self) -> tuple[int, ...]:
+        """The layers the edit writes, sorted."""
         return tuple(sorted({u.layer for u in self.updates}))
 
     @property
     def modules(self) -> tuple[str, ...]:
+        """The modules the edit writes, sorted."""
         return tuple(sorted({u.module for u in self.updates}))
 
     @property
     def applied(self) -> bool:
+        """Whether the edit is applied to a model now."""
         return self._ctx is not None
 
     @property
@@ -116,6 +121,7 @@ class Edit:
         return {key: self.delta(*key) for key in self.touched}
 
     def delta(self, layer: int, module: str) -> torch.Tensor:
+        """The dense sum of the steps on ``module`` at ``layer`` (float32, the weight's layout; for inspection)."""
         steps = [u for u in self.updates if (u.layer, u.module) == (layer, module)]
         if not steps:
             raise ValueError(f"this edit does not touch {module!r} at layer {layer}: it touches {list(self.touched)}")
@@ -232,6 +238,7 @@ class Edit:
             steps.append({"layer": u.layer, "module": u.module})
         info = {k: v for k, v in self.info.items() if not k.startswith("_")}
         metadata = {"format": FORMAT, "steps": json.dumps(steps), "info": json.dumps(info, default=str)}
+        make_folder(Path(path).parent)
         return atomic_save_tensors(path, tensors, metadata)
 
     @classmethod

@@ -71,6 +71,7 @@ class TopK:
     # -- shape ---------------------------------------------------------------------------
     @property
     def k(self) -> int:
+        """How many tokens each row holds."""
         return self.values.shape[-1]
 
     @property
@@ -93,9 +94,11 @@ class TopK:
                     self.logsumexp.reshape(-1), self.largest)
 
     def to(self, device) -> "TopK":
+        """The result on ``device``."""
         return TopK(self.values.to(device), self.indices.to(device), self.logsumexp.to(device), self.largest)
 
     def cpu(self) -> "TopK":
+        """The result on the CPU."""
         return self.to("cpu")
 
     @staticmethod
@@ -116,6 +119,7 @@ class TopK:
         return torch.exp(self.values - self.logsumexp.unsqueeze(-1))
 
     def log_probs(self) -> torch.Tensor:
+        """Log-softmax probabilities of the selected tokens: ``values - logsumexp``."""
         return self.values - self.logsumexp.unsqueeze(-1)
 
     def decode(self, tokenizer) -> list:

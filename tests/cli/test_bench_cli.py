@@ -1,5 +1,6 @@
 """`blens bench` from the command line: the shared options, and a 16-bit run on the shipped model that agrees."""
 import json
+import re
 
 import pytest
 
@@ -36,3 +37,16 @@ def test_help_shows_the_shared_options(capsys):
         assert option in text, option
     for gone in ("--layers", "--no-progress", "--normalized"):
         assert gone not in text, gone
+
+
+def test_bench_output_has_no_profiler_lines_and_counts_in_words(tmp_path, capfd):
+    """Issue 24: the CPU memory pass's profiler logs nothing on stderr (its C++ side writes to the file descriptor),
+    and one of anything is singular ("measured on 1 prompt")."""
+    assert main(["bench", "--model", "tiny", "--prompts", "2", "--naive-prompts", "1", "--batch-size", "1",
+                 "--threads", "1", "--out", str(tmp_path)]) == 0
+    captured = capfd.readouterr()
+    assert "profiler" not in captured.err and "USDT" not in captured.err, captured.err
+    assert "measured on 1 prompt, scaled" in captured.out
+    text = captured.out + (tmp_path / "bench_cpu_tiny.md").read_text()
+    assert not re.search(r"\b1 (prompts|threads|layers)\b", text), re.search(r".{40}\b1 (prompts|threads|layers)\b.{9}",
+                                                                             text)

@@ -26,7 +26,7 @@ def test_command_writes_files(tiny_checkpoint, tmp_path, capsys):
     (["--prompt", "a", "--target", ""], "--target\\[0\\] is empty"),
     (["--prompt", "a", "--target", "b", "--k", "0"], "--k=0 is out of range"),
     (["--prompt", "a", "--target", "b", "--layers", "9"], "layer 9 is out of range"),
-    (["--prompt", "a", "--target", "b", "--layers", "x"], "--layers 'x'"),
+    (["--prompt", "a", "--target", "b", "--layers", "x"], "--layers='x'"),
     (["--prompt", "a", "--target", "b", "--device", "cuda:7" if False else "tpu"], "--device='tpu' is not a device"),
     (["--prompt", "a", "--target", "b", "--dtype", "int8"], "--dtype='int8'"),
     (["--prompt", "a", "--target", "b", "--threads", "0"], "--threads 0"),

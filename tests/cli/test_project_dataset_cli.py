@@ -61,7 +61,7 @@ def test_help_shows_the_shared_options(capsys):
 def test_sigkill_and_resume_through_the_command_line(tmp_path, tiny_checkpoint, capsys):
     data, _ = write_jsonl(tmp_path / "in.jsonl", 24)
     out = tmp_path / "out"
-    args = ["--input", str(data), "--out", str(out), "--model", str(tiny_checkpoint), "--k", "2", "--layers", "0",
+    args = ["--records", str(data), "--out", str(out), "--model", str(tiny_checkpoint), "--k", "2", "--layers", "0",
             "--shard-size", "6", "--batch-size", "4", "--quiet", "--stats", "--stats-rank", "2"]
     killed = subprocess.run(command(*args), env=environment(BLENS_FAULT="after_stats:2"), capture_output=True,
                             text=True)
@@ -81,14 +81,14 @@ def test_sigkill_and_resume_through_the_command_line(tmp_path, tiny_checkpoint, 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, tiny_checkpoint, capsys):
     data, _ = write_jsonl(tmp_path / "in.jsonl", 2)
-    common = ["--input", str(data), "--model", str(tiny_checkpoint), "--layers", "0", "--quiet"]
+    common = ["--records", str(data), "--model", str(tiny_checkpoint), "--layers", "0", "--quiet"]
     assert cli_main(["project-dataset", *common]) == 2
     one_line_error(capsys, "--out is required")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(data.read_text() + "{not json\n")
-    assert cli_main(["project-dataset", *common, "--input", str(bad), "--out", str(tmp_path / "bad")]) == 2
+    assert cli_main(["project-dataset", *common, "--records", str(bad), "--out", str(tmp_path / "bad")]) == 2
     one_line_error(capsys, "bad.jsonl:3: malformed JSON")
-    assert cli_main(["project-dataset", "--input", str(data), "--out", str(tmp_path / "m"), "--model",
+    assert cli_main(["project-dataset", "--records", str(data), "--out", str(tmp_path / "m"), "--model",
                      "/nonexistent/model", "--quiet"]) == 2
     one_line_error(capsys, "/nonexistent/model")
     out = tmp_path / "out"
@@ -112,7 +112,7 @@ def test_a_second_process_exits_2_naming_the_holder(tmp_path, tiny_checkpoint, c
                               env=environment())
     try:
         assert holder.stdout.readline().strip() == "locked"
-        code = cli_main(["project-dataset", "--input", str(data), "--out", str(out), "--model", str(tiny_checkpoint),
+        code = cli_main(["project-dataset", "--records", str(data), "--out", str(out), "--model", str(tiny_checkpoint),
                          "--layers", "0", "--quiet"])
         assert code == 2
         one_line_error(capsys, "is in use by another project-dataset run", f"pid {holder.pid} on host")
@@ -125,15 +125,15 @@ def test_torchrun_two_processes_give_one_process_result(tmp_path, tiny_checkpoin
     """2 gloo processes with the default shard size: both get work, rank 0's progress bar counts its records once, the
     merged result equals one process's row for row, and the merged statistics equal one gradient_stats pass."""
     data, records = write_jsonl(tmp_path / "in.jsonl", 12)
-    common = ["--input", str(data), "--model", str(tiny_checkpoint), "--k", "2", "--layers", "1", "--batch-size", "2",
+    common = ["--records", str(data), "--model", str(tiny_checkpoint), "--k", "2", "--layers", "1", "--batch-size", "2",
               "--stats", "--stats-rank", "2"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(29500 + os.getpid() % 1000), "-m", "blens_fast.cli", "project-dataset",
                           "--out", str(tmp_path / "two"), *common], env=environment(), capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     counts = [(int(a), int(b)) for a, b in re.findall(r"(\d+)/(\d+) \[", two.stderr)]
-    assert counts and all(a <= b == 6 for a, b in counts), two.stderr[-2000:]  # rank 0's 6 records, none twice
-    assert "this run: 6 records on rank 0" in two.stderr
+    assert counts and all(a <= b == 8 for a, b in counts), two.stderr[-2000:]  # rank 0's 8 records, none twice
+    assert "this run: 8 records on rank 0" in two.stderr
     assert cli_main(["project-dataset", "--out", str(tmp_path / "one"), "--quiet", *common]) == 0
     segments = [json.loads(p.read_text()) for p in (tmp_path / "two" / "segments").glob("seg-*.json")]
     assert sorted(s["rank"] for s in segments) == [0, 1] and all(s["shards"] for s in segments)

@@ -1,5 +1,6 @@
 """project_dataset: rows against an independent lens, exactly-once resume (gaps included), verified shards, safe
 segments, the folder lock, refusals, bad records, inputs, and an output folder that pandas and pyarrow read."""
+import dataclasses
 import json
 import re
 import os
@@ -19,7 +20,7 @@ import blens_fast.bulk
 from blens_fast.batching import Example
 from blens_fast.bulk import BadRecord, InjectedFault, project_dataset, read_results
 from blens_fast.bulk.records import Fields, Record, open_source
-from blens_fast.bulk.run import Ranks, auto_shard_size, batches_by_length, build_spec, execute
+from blens_fast.bulk.run import Ranks, RunOptions, auto_shard_size, batches_by_length, build_spec, execute
 from blens_fast.context import load_model
 from blens_fast.counterfact import load as load_counterfact
 from blens_fast.stats import gradient_stats
@@ -247,11 +248,8 @@ def test_resume_fills_a_gap_among_finished_shards(tmp_path, tiny):
     above them, and ends with every record once and the statistics of one pass."""
     data = write_jsonl(tmp_path / "in.jsonl", 12)
     out = tmp_path / "out"
-    fields = Fields()
-    source = open_source(data, fields)
-    spec = build_spec(tiny, source, fields, modules=("mlp.in", "mlp.out"), max_tokens=None, skip_bad=False,
-                      unit_norm=False, impl="auto", stats_seed=0,
-                      **{key: value for key, value in STATS_RUN.items() if key != "progress"})
+    source = open_source(data)
+    spec = build_spec(tiny, source, RunOptions(**{key: value for key, value in STATS_RUN.items() if key != "progress"}))
     with pytest.raises(RuntimeError, match=r"shards \[1, 3, 5\] are not done"):
         execute(tiny, spec, source, out, Ranks(rank=0, world=2), progress=False, log=lambda m: None)
     assert sorted(read_results(out, "records", partial=True).id) == sorted(f"r{i}" for i in (0, 1, 4, 5, 8, 9))
@@ -505,11 +503,11 @@ def test_model_given_by_folder_name(tmp_path, tiny, tiny_checkpoint):
 def test_rows_and_records_read_as_parquet_datasets(tmp_path, tiny):
     data = write_jsonl(tmp_path / "in.jsonl", 14)
     out = project_dataset(tiny, data, tmp_path / "out", k=2, layers=[0], batch_size=4, progress=False)
-    assert auto_shard_size(14) == 1 and len(list((out / "rows").iterdir())) == 14
+    assert auto_shard_size(14) == 8 and len(list((out / "rows").iterdir())) == 2
     for table in ("rows", "records"):
         expected = read_results(out, table)
         assert len(expected) and sorted(p.name for p in (out / table).iterdir()) == [
-            f"part-{j:06d}.parquet" for j in range(14)]
+            f"part-{j:06d}.parquet" for j in range(2)]
         pd.testing.assert_frame_equal(pd.read_parquet(out / table), expected)
         pd.testing.assert_frame_equal(pads.dataset(out / table, format="parquet").to_table().to_pandas(), expected)
     assert set(read_results(out).columns) == set(COLUMNS)
@@ -530,7 +528,61 @@ def test_rows_and_records_read_with_hugging_face_datasets(tmp_path, tiny):
 
 
 def test_default_shard_size_depends_on_the_record_count_only():
-    assert [auto_shard_size(n) for n in (1, 12, 32, 33, 100, 8192, 8193, 10 ** 6)] == [1, 1, 1, 2, 4, 256, 256, 256]
+    assert [auto_shard_size(n) for n in (1, 12, 20, 256, 257, 300, 8192, 8193, 10 ** 6)] == [
+        8, 8, 8, 8, 9, 10, 256, 256, 256]
+
+
+def test_twenty_records_make_three_shards_not_forty_one_record_files(tmp_path, tiny):
+    """Issue 24: a minimum shard size (8 records) keeps small inputs from making a Parquet file per record."""
+    data = write_jsonl(tmp_path / "in.jsonl", 20)
+    out = project_dataset(tiny, data, tmp_path / "out", k=1, layers=[0], batch_size=8, progress=False)
+    for table in ("rows", "records"):
+        assert sorted(p.name for p in (out / table).iterdir()) == [f"part-{j:06d}.parquet" for j in range(3)]
+    assert list(read_results(out, "records").id) == [f"r{i}" for i in range(20)]
+
+
+def test_start_and_n_select_records_as_on_the_command_line(tmp_path, tiny):
+    """One record selection for every reader of records: positions start .. start + n - 1 (0-based), the input's
+    lines and ids kept; a selection past the end names the input and what it holds; another selection into the
+    same folder is another run."""
+    data = write_jsonl(tmp_path / "in.jsonl", 10)
+    out = project_dataset(tiny, data, tmp_path / "out", k=1, layers=[0], start=3, n=4, batch_size=1, progress=False)
+    assert list(read_results(out, "records").id) == ["r3", "r4", "r5", "r6"]
+    whole = read_results(project_dataset(tiny, data, tmp_path / "all", k=1, layers=[0], batch_size=1,
+                                         progress=False))  # one record per batch: the same numbers either way
+    pd.testing.assert_frame_equal(read_results(out), whole[whole.id.isin(["r3", "r4", "r5", "r6"])]
+                                  .reset_index(drop=True))
+    tail = project_dataset(tiny, data, tmp_path / "tail", k=1, layers=[0], start=8, progress=False)
+    assert list(read_results(tail, "records").id) == ["r8", "r9"]
+    for start, n, asked in ((8, 4, "start=8, n=4 asks for records 8..11"), (10, None, "start=10 asks for records "
+                                                                                      "from 10 on")):
+        with pytest.raises(ValueError, match=rf"input '.*in.jsonl' holds 10 records \(0..9\): {asked}"):
+            project_dataset(tiny, data, tmp_path / f"past{start}", k=1, layers=[0], start=start, n=n, progress=False)
+    with pytest.raises(ValueError, match=r"holds a run with different arguments \(input.n was 4, now 5"):
+        project_dataset(tiny, data, out, k=1, layers=[0], start=3, n=5, batch_size=1, progress=False)
+    for bad, error, match in ((dict(start=-1), ValueError, "start=-1: expected 0 or more"),
+                              (dict(n=0), ValueError, "n=0 is out of range"),
+                              (dict(start=1.5), TypeError, "start=1.5: expected")):
+        with pytest.raises(error, match=match):
+            project_dataset(tiny, data, tmp_path / "bad", k=1, **bad)
+
+
+def test_settings_travel_as_one_typed_value(tmp_path, tiny):
+    """RunOptions carries every setting; keywords replace its fields; an unknown keyword is named."""
+    data = write_jsonl(tmp_path / "in.jsonl", 3)
+    options = RunOptions(k=1, layers="0", modules="mlp.out", shard_size=2)
+    assert options.layers == (0,) and options.modules == ("mlp.out",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.k = 3
+    out = project_dataset(tiny, data, tmp_path / "out", options=options, batch_size=2, progress=False)
+    run = json.loads((out / "run.json").read_text())
+    assert (run["k"], run["layers"], run["modules"], run["batch_size"], run["shard_size"]) == (1, [0], ["mlp.out"], 2,
+                                                                                             2)
+    assert RunOptions.of(options, prompt_field="question").fields == Fields("question", "target", "id")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'top_k'"):
+        project_dataset(tiny, data, tmp_path / "x", top_k=3)
+    with pytest.raises(ValueError, match="module 'attn.q' has no lens list"):
+        RunOptions(modules=("attn.q",))
 
 
 def test_progress_bar_on_stderr_unless_turned_off(tmp_path, tiny, capsys):
@@ -542,6 +594,17 @@ def test_progress_bar_on_stderr_unless_turned_off(tmp_path, tiny, capsys):
     project_dataset(tiny, data, tmp_path / "off", k=2, layers=[0], log=lambda m: None, progress=False)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_progress_false_prints_nothing_and_true_prints_the_summary(tmp_path, tiny, capfd):
+    """Issue 24: ``progress=False`` is silent, the final summary included (``log=`` still receives it)."""
+    data = write_jsonl(tmp_path / "in.jsonl", 3)
+    project_dataset(tiny, data, tmp_path / "quiet", k=1, layers=[0], progress=False)
+    project_dataset(tiny, data, tmp_path / "quiet", k=1, layers=[0], progress=False)  # already complete: silent too
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    project_dataset(tiny, data, tmp_path / "loud", k=1, layers=[0])
+    assert "blens project-dataset: 3 records (0 rejected)" in capfd.readouterr().err
 
 
 def test_batches_respect_size_and_token_budget():

@@ -241,7 +241,7 @@ class _DroppingTokenizer:
 @pytest.mark.parametrize("prompts,targets,kwargs,error,match", [
     ("", " Paris", {}, ValueError, r"prompts\[0\] is empty"),
     ("The Eiffel Tower is in", "   ", {}, ValueError, r"targets\[0\] is empty"),
-    (["a", "b"], ["c"], {}, ValueError, "2 prompts but 1 targets"),
+    (["a", "b"], ["c"], {}, ValueError, "2 prompts but 1 target:"),
     ([], [], {}, ValueError, "prompts is empty"),
     (5, "x", {}, TypeError, "prompts must be a string or a list of strings"),
     (["a", 3], ["b", "c"], {}, TypeError, r"prompts\[1\] must be a string"),

@@ -130,3 +130,60 @@ def test_the_package_keeps_the_weights_and_the_loader_only():
     assert sorted(p.name for p in MODEL_DIR.glob("*.py")) == ["__init__.py"]
     quality = Path(__file__).resolve().parents[2] / "scripts" / "default_model_quality.py"
     assert "def main(" in quality.read_text()
+
+
+def test_padded_batches_pass_their_attention_mask(tokenizer):
+    """Issue 24: the training and quality scripts and first_token_top1 pad on the right and pass the mask, so
+    transformers does not warn about padded input without an attention mask."""
+    import logging
+
+    import transformers
+
+    import default_model_quality as quality
+    import train_default_model as train
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=50257,
+                                                                 pad_token_id=tokenizer.pad_token_id)).eval()
+    texts = ["The cat sat", "A much longer sentence than that one"]
+    ids, labels = train.pad_batch([tokenizer(t).input_ids for t in texts], [0, 1], tokenizer.pad_token_id)
+    library = transformers.utils.logging.get_logger("transformers")
+    collect = Collect()
+    library.addHandler(collect)
+    try:
+        logging.Logger.warning_once.cache_clear()  # transformers warns once per process
+        first_token_top1(model, tokenizer, texts, [" on", " now"])
+        quality.perplexity(model, tokenizer, texts)
+        train.lm_loss(model, ids, labels)
+        assert not [m for m in collect.messages if "attention_mask" in m]
+        model.transformer(input_ids=ids)  # the check above can fail: without the mask, transformers warns
+        assert [m for m in collect.messages if "attention_mask" in m]
+    finally:
+        library.removeHandler(collect)
+
+
+def test_auto_tokenizer_reads_the_shipped_tokenizer_folder(tokenizer_without_pad, tmp_path):
+    """Issue 24: ``AutoTokenizer.from_pretrained`` on the shipped folder (and on a copy of it, as a user would make)
+    gives the GPT-2 tokenizer that the raw vocab.json/merges.txt define, with the pad token load_default_tokenizer
+    sets."""
+    import shutil
+
+    import transformers
+
+    from blens_fast.default_model import TOKENIZER_DIR
+
+    copy = shutil.copytree(TOKENIZER_DIR, tmp_path / "tokenizer")
+    texts = [r["prompt"] + " " + r["target_new"] for r in load_counterfact()[:300]]
+    texts += ["a<|endoftext|>b", "  two  spaces\n\nand lines", "héllo wörld 日本語", ""]
+    for folder in (TOKENIZER_DIR, copy):
+        auto = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        assert len(auto) == 50257 and auto.get_vocab() == tokenizer_without_pad.get_vocab()
+        assert [auto(t).input_ids for t in texts] == [tokenizer_without_pad(t).input_ids for t in texts]
+        assert auto.pad_token == auto.eos_token == "<|endoftext|>" and auto.padding_side == "right"

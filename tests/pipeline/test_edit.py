@@ -1,5 +1,6 @@
 """edit(): forward shift (paper, normalised, whitened, auto scale) and the gradient baseline on tiny models."""
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -7,8 +8,8 @@ from torch import nn
 
 from blens_fast import bind
 from blens_fast.adapters import get_adapter
-from blens_fast.editing import (Edit, EditSettings, applied_edits, calibrated_defaults, edit, ff2_whitening,
-                                resolve_settings)
+from blens_fast.editing import (Edit, EditSettings, EditSkipped, applied_edits, calibrated_defaults, edit,
+                                 ff2_whitening, resolve_settings)
 from blens_fast.editing.update import Update
 from tests.helpers import autograd_loss, make_tiny_model
 
@@ -158,13 +159,19 @@ def test_skip_when_the_target_already_is_the_argmax(tokenizer):
     model = tiny("gpt2")
     with edit(model, tokenizer, PROMPT, TARGET, layer=-1, scale="auto", margin=0.01, normalize_key=True):
         snap = snapshot(model)
-        inner = edit(model, tokenizer, [PROMPT, OTHER[0]], [TARGET, OTHER[1]], layer=-1, scale=1.0)
+        with pytest.warns(EditSkipped, match=rf"1 of its 2 facts is left unchanged\): {PROMPT!r} -> {TARGET!r}: the "
+                                             r"model already predicts it \(skip_if_argmax=True\)$"):
+            inner = edit(model, tokenizer, [PROMPT, OTHER[0]], [TARGET, OTHER[1]], layer=-1, scale=1.0)
         assert inner.info["skipped"] == [True, False]
         assert inner.updates[0].left.shape[0] == 1  # rank one: only the second fact
         inner.revert()
         assert same_weights(model, snap)
-        alone = edit(model, tokenizer, PROMPT, TARGET, layer=-1, scale=1.0)
+        with pytest.warns(EditSkipped, match=r"edit skipped \(the edit changes nothing\)"):
+            alone = edit(model, tokenizer, PROMPT, TARGET, layer=-1, scale=1.0)
         assert alone.updates == () and same_weights(model, snap)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", EditSkipped)  # nothing skipped, no warning
+            edit(model, tokenizer, OTHER[0], OTHER[1], layer=-1, scale=1.0).revert()
         alone.revert()
 
 

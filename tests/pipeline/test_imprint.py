@@ -131,3 +131,41 @@ def test_factor_helpers_on_known_matrices():
 def test_bad_input(tokenizer, kwargs, error, match):
     with pytest.raises(error, match=match):
         imprint_shift(make_tiny_model("gpt2"), tokenizer, PROMPT, TARGET, **kwargs)
+
+
+def test_model_wide_rows_are_missing_values_and_the_plot_reads_cleanly(tokenizer):
+    """Issue 24: the target's probability has no layer, module or position (missing, not -1 or ''), and neither do
+    a layer's quantities a position; in the plot, step and layer axes carry integer ticks only, and lines of equal
+    values (SGD imprints exactly 1 at every layer) are drawn side by side instead of on top of each other."""
+    import numpy as np
+    import pandas as pd
+
+    report = imprint_shift(make_tiny_model("gpt2"), tokenizer, PROMPT, TARGET, steps=3, baseline_tokens=50, k=3)
+    frame = report.to_pandas()
+    prob = frame[frame.quantity == "target_prob"]
+    assert len(prob) == 4 and prob.layer.isna().all() and prob.module.isna().all() and prob.position.isna().all()
+    per_layer = frame[frame.quantity.isin(["imprint", "shift_cosine"])]
+    assert per_layer.position.isna().all() and per_layer.layer.notna().all()
+    assert not (frame.layer == -1).any() and not (frame.position == -1).any() and not (frame.module == "").any()
+    assert frame[frame.quantity == "key_match"].position.notna().all()
+    entry = report.first_entry(k=1, list_name="ff1_top")
+    assert entry.first_step.isna().eq(entry["rank"].isna()).all() and not (entry.first_step == -1).any()
+    fig = report._figure()
+    try:
+        step_axes, heatmap = fig.axes[:3], fig.axes[3]
+        for ax in [*step_axes, heatmap]:
+            assert all(float(t).is_integer() for t in ax.get_xticks()), ax.get_title()
+        assert all(float(t).is_integer() for t in heatmap.get_yticks())
+        for ax in step_axes[1:]:
+            lines = [line.get_xydata() for line in ax.get_lines() if len(line.get_xdata()) == report.steps]
+            assert len(lines) == 2  # two layers (imprint: one FF1 module each)
+            for a in range(len(lines)):
+                for b in range(a):
+                    assert not np.array_equal(lines[a], lines[b])
+        imprint = [line.get_ydata() for line in step_axes[1].get_lines()]
+        assert np.allclose(imprint, 1.0, atol=1e-5)  # the values the dodge keeps apart are equal indeed
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    assert isinstance(frame.layer.dtype, pd.Int64Dtype)

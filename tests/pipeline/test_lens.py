@@ -176,7 +176,7 @@ def test_context_and_model_calls_agree(tokenizer):
     a = lens(ctx, PROMPT, TARGET, k=4)
     b = lens(model, tokenizer, PROMPT, TARGET, k=4)
     assert torch.equal(a.indices["ff2_bottom"], b.indices["ff2_bottom"])
-    with pytest.raises(TypeError, match="needs a tokenizer"):
+    with pytest.raises(TypeError, match="the tokenizer is missing"):
         lens(model)
 
 

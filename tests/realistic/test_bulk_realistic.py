@@ -37,16 +37,16 @@ def test_stats_run_killed_and_resumed(tmp_path, gpt2_small_dims):
     data = tmp_path / "counterfact-20.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "blens_fast.cli", "project-dataset", "--input", str(data), "--out", str(out),
+    command = [sys.executable, "-m", "blens_fast.cli", "project-dataset", "--records", str(data), "--out", str(out),
                "--model", str(gpt2_small_dims), "--stats", "--batch-size", "4", "--threads", "1", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "BLENS_FAULT": "after_stats:3"}
     killed = subprocess.run(command, env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert len(read_results(out, "records", partial=True)) == 2
+    assert len(read_results(out, "records", partial=True)) == 16  # shards of 8 records (the minimum): 2 of 3 done
     del env["BLENS_FAULT"]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming: 2 of 20 shards done, 18 to compute" in done.stderr
+    assert "resuming: 2 of 3 shards done, 1 to compute" in done.stderr
     got = read_results(out, "records")
     assert list(got.id) == [str(r["id"]) for r in records] and list(got.target) == [r["target"] for r in records]
     rows = read_results(out)
