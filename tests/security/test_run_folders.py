@@ -50,7 +50,7 @@ def test_a_lock_linked_to_a_victim_is_refused(tiny_checkpoint, tmp_path, canary,
     """The reported attack: ``ln -s ~/victim.txt out/.lock-r0`` into an otherwise empty folder."""
     out = tmp_path / "out"
     link(out / ".lock-r0", canary.path())
-    fails(["project-dataset", "--model", str(tiny_checkpoint), "--input", str(records_file(tmp_path)), "--out",
+    fails(["project-dataset", "--model", str(tiny_checkpoint), "--records", str(records_file(tmp_path)), "--out",
            str(out), "--k", "2", "--quiet"], capsys, "symbolic link", ".lock-r0")
     canary.check()
 
