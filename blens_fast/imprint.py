@@ -31,7 +31,6 @@ import pandas as pd
 import torch
 
 from ._checks import check_choice, check_positive_int
-from ._io import make_folder
 from ._report import figure_png, pyplot, write_file
 from .batching import target_log_probs
 from .capture import capture_examples, loss_logits

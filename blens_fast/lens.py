@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._checks import check_positive_int
-from ._io import make_folder
 from ._report import figure_png, pyplot, write_file
 from .capture import Capture, capture_examples
 from .context import ModelContext, with_context

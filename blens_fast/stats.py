@@ -254,7 +254,7 @@ class ModuleSketch:
         k, l, m = sizes
         y = self.y.double().cpu()
         w = self.w.double().cpu()
-        p, q = y.shape[0], w.shape[1]
+        p = y.shape[0]
         left_t = left_t.double().cpu()
         y_range, z = y[:, :k], y[:, k:]
         kk = min(k, p)

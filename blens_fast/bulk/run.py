@@ -49,7 +49,7 @@ from ..stats import StatsAccumulator, module_shapes, sketch_sizes
 from .records import Fields, Record, RecordSource, open_source
 from .rows import records_table, report_columns, rows_table
 from .shards import (FORMAT, SEGMENTS, SHARD_TABLES, STATS_TABLES, Digest, FolderLock, Plan, Segment, ShardCommitter,
-                     ShardEntry, holds_results, manifest_outputs, plan_shards, read_manifest, read_segments,
+                     holds_results, manifest_outputs, plan_shards, read_manifest, read_segments,
                      reset_faults, shard_count)
 
 #: the default shard size gives at least this many shards (when each holds at least MIN_AUTO_SHARD_SIZE and at most

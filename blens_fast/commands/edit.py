@@ -62,8 +62,6 @@ def run(args) -> int:
 
 def _prediction(ctx, example) -> tuple[str, float, float, int]:
     """The top token after the prompt and its probability, and the target's first token's probability and rank."""
-    import torch
-
     from ..forward import forward_hidden
 
     ids, mask = ctx.pad([example.prompt_ids])

@@ -7,7 +7,6 @@ edit + forward per record (:func:`sweep`).
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from blens_fast import bind, cli, edit, project_dataset, read_results
+from blens_fast import cli, edit, project_dataset, read_results
 from blens_fast.context import load_model
 from blens_fast.editing import whitening
 
