@@ -108,6 +108,20 @@ def make_folder(path, what: str = "output folder") -> Path:
     return folder
 
 
+def cache_folder(*names: str) -> Path:
+    """The folder ``names`` (one level each) inside :func:`cache_dir`, created: a ``ValueError`` when it, or a folder
+    between it and the cache folder, is a symbolic link or a file (what the package writes or builds there would land
+    elsewhere). The cache folder itself may be a link: the user chose it."""
+    folder = make_folder(cache_dir(), "cache folder")
+    for name in names:
+        folder = folder / name
+        if folder.is_symlink():
+            raise ValueError(f"cache folder {str(folder)!r} is a symbolic link (to {os.readlink(folder)!r}): refusing "
+                             "to read, write or build through it; remove it")
+        make_folder(folder, "cache folder")
+    return folder
+
+
 def remove_inside(folder, path) -> None:
     """Delete the file ``path`` (a link itself, never what it points to) when its folder lies inside ``folder``; a
     ``ValueError`` when it resolves outside."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .._checks import as_str_list
-from .._io import atomic_save_tensors, cache_dir, open_regular, remove_inside
+from .._io import atomic_save_tensors, cache_folder, open_regular, remove_inside
 from .._ui import progress_bar
 from ..context import ModelContext, with_context
 from ..forward import eval_mode
@@ -83,7 +83,6 @@ def ff2_whitening(ctx: ModelContext, layer: int, texts=None, *, ridge: float = 1
         _CACHE[keys[l]] = Whitening(l, inverse, ridge, count, keys[l])
         if folder is not None:
             try:
-                folder.mkdir(parents=True, exist_ok=True)
                 atomic_save_tensors(folder / f"{keys[l]}.safetensors",
                                     {"inverse": inverse, "num_tokens": torch.tensor(count)})
             except (OSError, ValueError) as error:  # the cache is an optimisation only
@@ -92,13 +91,13 @@ def ff2_whitening(ctx: ModelContext, layer: int, texts=None, *, ridge: float = 1
 
 
 def _cache_folder() -> Path | None:
-    """``<cache>/ff2_whitening``, or None (with a warning) when a symbolic link or a file stands in its place."""
-    folder = cache_dir() / "ff2_whitening"
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        warnings.warn(f"whitening cache folder {str(folder)!r} is a symbolic link or not a folder: the statistics "
-                      "are not read from or written to it; remove it to use the cache", stacklevel=3)
+    """``<cache>/ff2_whitening``, or None (with a warning) when it cannot be used: a symbolic link or a file stands in
+    its place, or it cannot be created."""
+    try:
+        return cache_folder("ff2_whitening")
+    except ValueError as error:
+        warnings.warn(f"whitening statistics are not read from or written to the cache: {error}", stacklevel=3)
         return None
-    return folder
 
 
 def _read_entry(folder: Path, path: Path, width: int) -> tuple[torch.Tensor, int] | None:
