@@ -135,6 +135,14 @@ def test_imprint_shift_out_does_not_write_through_a_link(tiny_checkpoint, tmp_pa
     canary.check()
 
 
+def test_rank_out_does_not_write_through_a_link(tiny_checkpoint, tmp_path, canary, capsys):
+    out = tmp_path / "out"
+    link(out / "rank.csv", canary.path())
+    fails(["rank", "--model", str(tiny_checkpoint), "--records", str(records_file(tmp_path)), "--layers", "1",
+           "--quiet", "--out", str(out)], capsys, "rank.csv", "symbolic link")
+    canary.check()
+
+
 def test_eval_counterfact_out_does_not_read_or_write_through_a_link(tiny_checkpoint, tmp_path, canary, capsys):
     """Its results merge with an earlier counterfact_eval.json in the folder: reading a link would read elsewhere."""
     out = tmp_path / "out"
