@@ -10,7 +10,6 @@ is a symbolic link is not used.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .._checks import as_str_list
-from .._io import atomic_save_tensors, cache_folder, open_regular, remove_inside
+from .._io import atomic_save_tensors, cache_folder, read_bytes, remove_inside
 from .._ui import progress_bar
 from ..context import ModelContext, with_context
 from ..forward import eval_mode
@@ -67,9 +66,7 @@ def ff2_whitening(ctx: ModelContext, layer: int, texts=None, *, ridge: float = 1
         return _CACHE[keys[layer]]
     folder = _cache_folder() if file_cache else None
     if folder is not None:
-        from ..stats import module_shapes
-
-        width = module_shapes(ctx, [layer], ["mlp.out"])[(layer, "mlp.out")][0]
+        width = ctx.gradient_shape(layer, "mlp.out")[0]  # FF2's input width
         found = _read_entry(folder, folder / f"{keys[layer]}.safetensors", width)
         if found is not None:
             inverse, count = found
@@ -104,13 +101,12 @@ def _read_entry(folder: Path, path: Path, width: int) -> tuple[torch.Tensor, int
     """The cached ``(inverse, token count)`` at ``path``, or None when there is none. A damaged entry (not a
     safetensors file, not a regular file, another shape, not finite) is deleted with a warning: it is recomputed."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     if not (path.exists() or path.is_symlink()):
         return None
     try:
-        os.close(open_regular(path))
-        data = load_file(str(path))
+        data = load(read_bytes(path))  # one read, never through a link
         inverse, count = data["inverse"], data["num_tokens"]
         if inverse.dtype != torch.float32 or tuple(inverse.shape) != (width, width):
             raise ValueError(f"inverse is {inverse.dtype} {tuple(inverse.shape)}, expected float32 ({width}, {width})")
