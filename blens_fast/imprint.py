@@ -121,7 +121,8 @@ class ImprintShiftReport:
         for li, layer in enumerate(self.layers):
             imprint = float(self.imprint[(layer, "mlp.in")].mean())
             lines.append(f"layer {layer}: imprint mlp.in {imprint:.3f}; shift cosine "
-                         f"{float(self.shift_cosine[:, li].mean()):+.3f} (random tokens {float(self.shift_baseline[:, li, 0].mean()):+.3f} +- "
+                         f"{float(self.shift_cosine[:, li].mean()):+.3f} (random tokens "
+                         f"{float(self.shift_baseline[:, li, 0].mean()):+.3f} +- "
                          f"{float(self.shift_baseline[:, li, 1].mean()):.3f}); target rank in the shift "
                          f"{int(self.shift_target_rank[-1, li])}")
         return "\n".join(lines)

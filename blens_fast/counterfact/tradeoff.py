@@ -168,8 +168,8 @@ def plot_tradeoff(points: list[dict], path, *, rows: Sequence[dict] = (), title:
 
 #: the columns of :func:`results_table` (the ROME-style family repeats the metric names)
 RESULT_COLUMNS = ("", "MEMIT-style argmax: Efficacy", "Paraphrase", "Neighborhood",
-                  "ROME-style P(new)>P(true): Efficacy", "Paraphrase", "Neighborhood", "Fluency ppl (unedited)", "Skipped", "Revert failures", "ms / edit",
-                  "Settings")
+                  "ROME-style P(new)>P(true): Efficacy", "Paraphrase", "Neighborhood", "Fluency ppl (unedited)",
+                  "Skipped", "Revert failures", "ms / edit", "Settings")
 
 
 def results_table(rows: Sequence[dict]) -> str:
