@@ -25,9 +25,8 @@ from _common import machine_info, markdown_table, median_seconds, parser, setup,
 from blens_fast.batching import target_log_probs
 from blens_fast.bench.run import build_model, make_prompts
 from blens_fast.capture import capture
+from blens_fast.lists import LENS_MODULES as MODULES
 from blens_fast.lowrank import LowRankGradient
-
-MODULES = ("mlp.in", "mlp.out")
 
 
 def _bytes(tensors) -> int:
