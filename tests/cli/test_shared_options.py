@@ -58,7 +58,7 @@ def test_an_unknown_model_name_lists_the_built_in_names(tmp_path, monkeypatch, c
 
 
 # -- one record selection for every subcommand that reads records ---------------------------------------------------
-READERS = ("project-dataset", "eval-counterfact")
+READERS = ("project-dataset", "eval-counterfact", "rank")
 
 
 def option_help(command: str) -> dict[str, str]:
