@@ -478,8 +478,8 @@ def _impl_cpu(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuni
 def _impl_triton(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning):
     from .triton.topk import triton_topk
 
-    return topk_reference.Selection(*triton_topk(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
-                                        target_logits=tau, prologue=prologue))
+    return topk_reference.Selection(*triton_topk(hidden, weight, bias, k=k, top=top, bottom=bottom,
+                                                 target_ids=targets, target_logits=tau, prologue=prologue))
 
 
 def _cuda(variant: str):
