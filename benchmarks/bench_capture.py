@@ -22,12 +22,12 @@ import time
 import torch
 from _common import machine_info, markdown_table, median_seconds, parser, setup, write_result
 
+from blens_fast._report import figure_png, pyplot, write_file
 from blens_fast.batching import target_log_probs
 from blens_fast.bench.run import build_model, make_prompts
 from blens_fast.capture import capture
+from blens_fast.lists import LENS_MODULES as MODULES
 from blens_fast.lowrank import LowRankGradient
-
-MODULES = ("mlp.in", "mlp.out")
 
 
 def _bytes(tensors) -> int:
@@ -137,11 +137,7 @@ def spectrum_table(rows) -> list[str]:
 
 
 def plot_memory(rows, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     labels = [f"{r['model']}\n{r['prompts']} x {r['positions'] // r['prompts']} pos" for r in rows]
     xs = range(len(rows))
@@ -155,16 +151,11 @@ def plot_memory(rows, path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("bytes held: capture vs parameter gradients", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_file(path, figure_png(fig, dpi=110))
 
 
 def plot_spectrum(rows, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     keys = ("fast_svdvals", "fast_rank", "dense_form", "dense_svdvals", "dense_rank")
     for j, r in enumerate(rows):
@@ -176,8 +167,7 @@ def plot_spectrum(rows, path) -> None:
     ax.legend(fontsize=8)
     ax.set_title("rank / spectrum of a 16-token gradient at d=768, 4d=3072", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_file(path, figure_png(fig, dpi=110))
 
 
 def main(argv=None) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from _common import machine_info, markdown_table, parser, setup, write_result
 
-from blens_fast._io import cache_dir
+from blens_fast._io import atomic_write_text, cache_folder, refuse_symlinks
 from blens_fast.ops import _extension
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +34,11 @@ def baseline_module(revision: str):
 
     source = subprocess.run(["git", "show", f"{revision}:csrc/cpu/topk_cpu.cpp"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
-    folder = cache_dir() / f"baseline_topk_{revision}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = cache_folder(f"baseline_topk_{revision}")
+    refuse_symlinks(folder, "kernel build folder")
     path = folder / "topk_cpu.cpp"
     if not path.exists() or path.read_text() != source:
-        path.write_text(source)
+        atomic_write_text(path, source)
     name = f"blens_baseline_topk_{revision}"
     return cpp_extension.load(name=name, sources=[str(path)], extra_cflags=CPU_CXX_FLAGS,
                               extra_ldflags=CPU_LINK_FLAGS, build_directory=str(folder), verbose=False)

@@ -79,15 +79,25 @@ def symlinks_below(folder) -> list[Path]:
     return sorted(found)
 
 
+def resolves_inside(folder, path) -> bool:
+    """Whether ``path``, with every symbolic link on it resolved, lies inside ``folder`` (resolved too)."""
+    root = os.path.realpath(folder)
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
+def named_links(folder, links: list[Path], most: int = 5) -> str:
+    """``'a/b' -> 'target', ...`` for the links inside ``folder`` (the first ``most``, then how many more)."""
+    named = ", ".join(f"{str(p.relative_to(folder))!r} -> {os.readlink(p)!r}" for p in links[:most])
+    return named + (f" and {len(links) - most} more" if len(links) > most else "")
+
+
 def refuse_symlinks(folder, what: str = "output folder") -> None:
     """A ``ValueError`` naming the symbolic links inside ``folder``: reads and writes through them would reach
     files outside it."""
     links = symlinks_below(folder)
     if links:
-        named = ", ".join(f"{str(p.relative_to(folder))!r} -> {os.readlink(p)!r}" for p in links[:5])
-        more = f" and {len(links) - 5} more" if len(links) > 5 else ""
-        raise ValueError(f"{what} {str(folder)!r} holds symbolic links ({named}{more}): refusing to read or write "
-                         "through them; remove them or choose another folder")
+        raise ValueError(f"{what} {str(folder)!r} holds symbolic links ({named_links(folder, links)}): refusing to "
+                         "read or write through them; remove them or choose another folder")
 
 
 def make_folder(path, what: str = "output folder") -> Path:
@@ -108,13 +118,27 @@ def make_folder(path, what: str = "output folder") -> Path:
     return folder
 
 
+def cache_folder(*names: str) -> Path:
+    """The folder ``names`` (one level each) inside :func:`cache_dir`, created: a ``ValueError`` when it, or a folder
+    between it and the cache folder, is a symbolic link or a file (what the package writes or builds there would land
+    elsewhere). The cache folder itself may be a link: the user chose it."""
+    folder = make_folder(cache_dir(), "cache folder")
+    for name in names:
+        folder = folder / name
+        if folder.is_symlink():
+            raise ValueError(f"cache folder {str(folder)!r} is a symbolic link (to {os.readlink(folder)!r}): refusing "
+                             "to read, write or build through it; remove it")
+        make_folder(folder, "cache folder")
+    return folder
+
+
 def remove_inside(folder, path) -> None:
     """Delete the file ``path`` (a link itself, never what it points to) when its folder lies inside ``folder``; a
     ``ValueError`` when it resolves outside."""
-    root = os.path.realpath(folder)
-    parent = os.path.realpath(Path(path).parent)
-    if os.path.commonpath([root, parent]) != root:
-        raise ValueError(f"refusing to delete {str(path)!r}: it resolves to {parent!r}, outside {str(folder)!r}")
+    parent = Path(path).parent
+    if not resolves_inside(folder, parent):
+        raise ValueError(f"refusing to delete {str(path)!r}: it resolves to {os.path.realpath(parent)!r}, outside "
+                         f"{str(folder)!r}")
     Path(path).unlink(missing_ok=True)
 
 

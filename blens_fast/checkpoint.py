@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from ._checks import first_line
-from ._io import read_json, symlinks_below
+from ._io import named_links, read_json, resolves_inside, symlinks_below
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -56,13 +55,11 @@ def weight_files(folder: Path, spec) -> tuple[list[Path], dict | None]:
 
 
 def _refuse_links_out(folder: Path) -> None:
-    root = os.path.realpath(folder)
-    outside = [p for p in symlinks_below(folder)
-               if os.path.commonpath([root, os.path.realpath(p)]) != root]
+    outside = [p for p in symlinks_below(folder) if not resolves_inside(folder, p)]
     if outside:
-        named = ", ".join(f"{str(p.relative_to(folder))!r} -> {os.readlink(p)!r}" for p in outside[:_LISTED])
-        raise ValueError(f"model folder {str(folder)!r} holds symbolic links leading out of it ({named}): refusing to "
-                         "read through them; copy the files into the folder instead (cp -L)")
+        raise ValueError(f"model folder {str(folder)!r} holds symbolic links leading out of it "
+                         f"({named_links(folder, outside, _LISTED)}): refusing to read through them; copy the files "
+                         "into the folder instead (cp -L)")
 
 
 def _indexed_files(folder: Path) -> tuple[list[Path], dict]:

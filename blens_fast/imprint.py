@@ -31,7 +31,6 @@ import pandas as pd
 import torch
 
 from ._checks import check_choice, check_positive_int
-from ._io import make_folder
 from ._report import figure_png, pyplot, write_file
 from .batching import target_log_probs
 from .capture import capture_examples, loss_logits
@@ -122,7 +121,8 @@ class ImprintShiftReport:
         for li, layer in enumerate(self.layers):
             imprint = float(self.imprint[(layer, "mlp.in")].mean())
             lines.append(f"layer {layer}: imprint mlp.in {imprint:.3f}; shift cosine "
-                         f"{float(self.shift_cosine[:, li].mean()):+.3f} (random tokens {float(self.shift_baseline[:, li, 0].mean()):+.3f} +- "
+                         f"{float(self.shift_cosine[:, li].mean()):+.3f} (random tokens "
+                         f"{float(self.shift_baseline[:, li, 0].mean()):+.3f} +- "
                          f"{float(self.shift_baseline[:, li, 1].mean()):.3f}); target rank in the shift "
                          f"{int(self.shift_target_rank[-1, li])}")
         return "\n".join(lines)
@@ -178,8 +178,8 @@ class ImprintShiftReport:
         fig.tight_layout()
         return fig
 
-    def _html_body(self) -> str:
-        image = base64.b64encode(self._png()).decode()
+    def _html_body(self, png: bytes) -> str:
+        image = base64.b64encode(png).decode()
         summary = self.to_pandas().pivot_table(index=["layer", "module"], columns="quantity", values="value",
                                                aggfunc="mean")
         return (f"<pre>{html.escape(str(self))}</pre><img alt='imprint and shift' src='data:image/png;base64,{image}'>"
@@ -188,14 +188,16 @@ class ImprintShiftReport:
                 f"{self.first_entry().to_html(index=False)}")
 
     def _repr_html_(self) -> str:
-        return f"<div><h2>Imprint and shift</h2>{self._html_body()}</div>"
+        return f"<div><h2>Imprint and shift</h2>{self._html_body(self._png())}</div>"
 
     def save(self, directory) -> dict[str, Path]:
-        """Write ``imprint_shift.png``, ``imprint_shift.html``, ``imprint_shift.csv`` and ``imprint_shift_lens.csv``."""
+        """Write ``imprint_shift.png``, ``imprint_shift.html``, ``imprint_shift.csv`` and ``imprint_shift_lens.csv``
+        (the panels are drawn once, for the PNG and the page)."""
         directory = Path(directory)
+        png = self._png()
         page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Imprint and shift</title></head><body>"
-                f"<h1>Imprint and shift</h1>{self._html_body()}</body></html>")
-        return {"png": self.plot(directory / "imprint_shift.png"),
+                f"<h1>Imprint and shift</h1>{self._html_body(png)}</body></html>")
+        return {"png": write_file(directory / "imprint_shift.png", png),
                 "html": write_file(directory / "imprint_shift.html", page),
                 "csv": write_file(directory / "imprint_shift.csv", self.to_pandas().to_csv(index=False)),
                 "lens": write_file(directory / "imprint_shift_lens.csv", self.lens_ranks().to_csv(index=False))}

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from ._checks import check_positive_int
-from ._io import make_folder
 from ._report import figure_png, pyplot, write_file
 from .capture import Capture, capture_examples
 from .context import ModelContext, with_context
@@ -170,8 +169,8 @@ class LensReport:
         fig.tight_layout()
         return figure_png(fig)
 
-    def _html_body(self) -> str:
-        image = base64.b64encode(self._png()).decode()
+    def _html_body(self, png: bytes) -> str:
+        image = base64.b64encode(png).decode()
         last = self.to_pandas()
         last = last[last.position == self.num_positions - 1]
         ranks = self.target_rank_table().pivot_table(index=["list", "layer"], columns="position", values="target_rank")
@@ -184,22 +183,26 @@ class LensReport:
 
     def _repr_html_(self) -> str:
         """The report in a notebook: heatmaps and tables."""
-        return f"<div><h2>Backward Lens</h2>{self._html_body()}</div>"
+        return f"<div><h2>Backward Lens</h2>{self._html_body(self._png())}</div>"
 
     def to_html(self, path) -> Path:
         """One self-contained page with the heatmaps and the tables."""
-        page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Backward Lens</title>
+        return write_file(path, self._page(self._png()))
+
+    def _page(self, png: bytes) -> str:
+        return f"""<!doctype html><html><head><meta charset="utf-8"><title>Backward Lens</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px}}</style></head><body>
-<h1>Backward Lens</h1>{self._html_body()}
+<h1>Backward Lens</h1>{self._html_body(png)}
 </body></html>"""
-        return write_file(path, page)
 
     def save(self, directory) -> dict[str, Path]:
         """Write ``lens.png``, ``lens.html``, ``lens_tokens.csv``, ``lens_target_ranks.csv`` and
-        ``lens_gradients.csv`` into ``directory``."""
+        ``lens_gradients.csv`` into ``directory`` (the heatmaps are drawn once, for the PNG and the page)."""
         directory = Path(directory)
-        written = {"png": self.plot(directory / "lens.png"), "html": self.to_html(directory / "lens.html")}
+        png = self._png()
+        written = {"png": write_file(directory / "lens.png", png),
+                   "html": write_file(directory / "lens.html", self._page(png))}
         for name, frame in (("tokens", self.to_pandas()), ("target_ranks", self.target_rank_table()),
                             ("gradients", self.gradients)):
             written[name] = write_file(directory / f"lens_{name}.csv", frame.to_csv(index=False))

@@ -32,7 +32,8 @@ _DEFAULT_BATCH_BYTES = 1 << 30
 class LowRankGradient:
     """``sum_i outer(x_i, delta_i)``, a ``d_in x d_out`` matrix, for one gradient or a batch of them.
 
-    ``x``: ``(*batch, T, d_in)``; ``delta``: ``(*batch, T, d_out)``; ``lengths``: ``(*batch)`` token counts when the rows are padded (rows past a length are ignored), else None.
+    ``x``: ``(*batch, T, d_in)``; ``delta``: ``(*batch, T, d_out)``; ``lengths``: ``(*batch)`` token counts when the
+    rows are padded (rows past a length are ignored), else None.
     Results of one gradient are scalars (``rank()`` an int, ``norm()`` a 0-d tensor); of a batch, tensors shaped
     like the batch.
     """
@@ -206,7 +207,7 @@ class LowRankGradient:
         eps = rank_eps(self.x.dtype if dtype is None else dtype)
         s = self._spectrum
         cut = s[..., :1] * (max(self.shape) * eps) if tol is None else torch.full_like(s[..., :1], tol)
-        found = torch.stack([(s > cut).sum(-1).double(), s.square().sum(-1).sqrt()], -1).cpu()
+        found = torch.stack([(s > cut).sum(-1).double(), self.norm()], -1).cpu()
         ranks, norms = found[..., 0].long(), found[..., 1]
         if not self.batch_shape:
             return int(ranks), norms

@@ -95,9 +95,15 @@ def check_window(start, n, names: tuple[str, str] = ("start", "n")) -> tuple[int
     return start, None if n is None else check_positive_int(n, names[1])
 
 
+def selection_end(start: int, n: int | None) -> int:
+    """How many records of an input decide whether it holds the selection ``start``/``n`` (:func:`check_held`)."""
+    return start + (1 if n is None else n)
+
+
 def check_held(source: str, total: int, start: int, n: int | None, names: tuple[str, str] = ("start", "n")) -> None:
     """A ``ValueError`` when the selection asks for records ``source`` does not have (it holds ``total``): the
-    selection must start inside the input and, with ``n``, end inside it."""
+    selection must start inside the input and, with ``n``, end inside it. ``total`` need not count past
+    :func:`selection_end`: only that many records decide."""
     if start < total and (n is None or start + n <= total):
         return
     asked = (f"{names[0]}={start}, {names[1]}={n} asks for records {start}..{start + n - 1}" if n is not None

@@ -254,7 +254,7 @@ class ModuleSketch:
         k, l, m = sizes
         y = self.y.double().cpu()
         w = self.w.double().cpu()
-        p, q = y.shape[0], w.shape[1]
+        p = y.shape[0]
         left_t = left_t.double().cpu()
         y_range, z = y[:, :k], y[:, k:]
         kk = min(k, p)
@@ -272,8 +272,9 @@ class ModuleSketch:
         # the sketched matrix is a^T b with (a, b) = (Delta, X) when swapped, else the gradient X^T Delta itself
         u, v = (v_s, u_s) if self.swap else (u_s, v_s)
         return ModuleStats(layer=self.key[0], module=self.key[1], shape=(self.d_in, self.d_out),
-                           num_examples=int(norms.numel()), num_tokens=self.tokens, singular_values=s, u=u, v=v, frobenius=frobenius,
-                           residual=tail ** 0.5, approximation_error=approx, sum_of_norms=float(norms.sum()))
+                           num_examples=int(norms.numel()), num_tokens=self.tokens, singular_values=s, u=u, v=v,
+                           frobenius=frobenius, residual=tail ** 0.5, approximation_error=approx,
+                           sum_of_norms=float(norms.sum()))
 
 
 class StatsAccumulator:

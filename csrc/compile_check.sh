@@ -26,12 +26,13 @@ else
     CUOBJDUMP="$($PY -c 'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' 2>/dev/null || true)"
     [ -x "$CUOBJDUMP" ] || CUOBJDUMP=""
   fi
+  # the nvcc flags setup.py builds with (their one definition), plus the sm_90a image and ptxas' report
+  read -r -a NVCC_FLAGS <<< "$($PY -c 'import runpy; print(" ".join(runpy.run_path("../blens_fast/ops/build_flags.py")["NVCC_FLAGS"]))')"
   while IFS= read -r -d '' cu; do
     obj="$OUT/$(echo "${cu#./}" | tr '/' '_').o"
     echo "compile_check: $NVCC ${cu#./} -> $obj"
-    if ! "$NVCC" -std=c++17 -O3 --expt-relaxed-constexpr -Xptxas -v -c "$cu" -o "$obj" \
-        -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
-        -gencode=arch=compute_90a,code=sm_90a 2> "$obj.log"; then
+    if ! "$NVCC" -std=c++17 "${NVCC_FLAGS[@]}" -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -c "$cu" -o "$obj" \
+        2> "$obj.log"; then
       cat "$obj.log"; echo "compile_check: FAILED ${cu#./}"; status=1; continue
     fi
     grep -iE "warning|advisory|serializ" "$obj.log" | grep -v "ptxas info" | sed 's/^/compile_check:   /' || true

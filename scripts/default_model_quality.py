@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from _default_model import TRAIN_RECORDS, UNSEEN_RECORDS, first_token_top1
 
-from blens_fast._io import atomic_write_json, atomic_write_text
+from blens_fast._io import atomic_write_json, atomic_write_text, make_folder
 from blens_fast.context import load_model
 from blens_fast.counterfact import fact_queries
 from blens_fast.default_model import MODEL_DIR
@@ -141,8 +141,7 @@ def main(argv=None):
         "data": "blens_fast/data/counterfact/counterfact-edit.json; training records 0-1999, unseen 2000-2999",
         "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(args.out, "--out")
     atomic_write_json(out / "default_model_quality.json", report)
     atomic_write_text(out / "default_model_quality.md", to_markdown(report))
     print(to_markdown(report))

@@ -32,14 +32,13 @@ import shlex
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from _default_model import TRAIN_RECORDS, first_token_top1
 
-from blens_fast._io import atomic_write
+from blens_fast._io import atomic_write, atomic_write_text, make_folder
 from blens_fast.counterfact import fact_queries
 from blens_fast.default_model import load_default_tokenizer
 from blens_fast.records import fact_texts, load_counterfact
@@ -211,8 +210,7 @@ def main(argv=None):
     )
     torch.set_num_threads(args.threads or default_threads())
     autocast = args.bf16
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(args.out, "--out")
     ckpt_path = out / "checkpoint.pt"
 
     random.seed(args.seed)
@@ -358,8 +356,7 @@ def main(argv=None):
 
 
 def save_final(model, args, history, wall, command):
-    model_dir = Path(args.model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = make_folder(args.model_dir, "--model-dir")
     model = model.to(torch.bfloat16)
     model.config.dtype = "bfloat16"
     model.save_pretrained(str(model_dir), safe_serialization=True)
@@ -378,9 +375,7 @@ def save_final(model, args, history, wall, command):
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "model_dir", "resume", "stop_after")},
         "history": history,
     }
-    with open(model_dir / "training_info.json", "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
+    atomic_write_text(model_dir / "training_info.json", json.dumps(info, indent=2) + "\n")
     print(
         f"saved {weights} ({size_mb:.1f} MB, bf16) + config.json; wall time {format_secs(wall)}; "
         f"final loss {info['final_epoch_loss']:.4f}; top-1 {info['final_top1_prompt']}",

@@ -18,10 +18,10 @@ from microbench import DEVICES, Case, paths
 from blens_fast import capture
 from blens_fast.batching import target_log_probs
 from blens_fast.bench.run import build_model, make_prompts
+from blens_fast.lists import LENS_MODULES as MODULES
 
 PROMPTS, TOKENS = 8, 16
 RANK_PROMPTS, RANK_LAYERS = 4, (0,)
-MODULES = ("mlp.in", "mlp.out")
 CAPTURE_CASES = [Case(group=f"capture/{device}/gpt2-small/{PROMPTS}x{TOKENS}", device=device, rounds=3)
                  for device in DEVICES]
 # the dense yardstick takes ~2.4 s a round on one thread, the factors ~4 ms

@@ -104,9 +104,10 @@ class RecordSource:
         return replace(self, identity={**self.identity, "start": start, "n": n}, whole=self,
                        _raw=lambda: islice(self._raw(), start, stop))
 
-    def count(self) -> int:
-        """How many records the input holds (bad ones included)."""
-        return sum(1 for _ in self._raw())
+    def count(self, at_most: int | None = None) -> int:
+        """How many records the input holds (bad ones included), reading at most ``at_most`` of them (then the count
+        is exact when it is below ``at_most``)."""
+        return sum(1 for _ in islice(self._raw(), at_most))
 
     def bad(self, record: Record, reason: str | None = None) -> BadRecord:
         return BadRecord(self.label, record.line, reason or record.error, record.raw)

@@ -44,12 +44,12 @@ from ..capture import capture_examples
 from ..context import ModelContext, load_model, with_context
 from ..lens import analyze
 from ..lists import LENS_MODULES
-from ..records import check_held, check_window
+from ..records import check_held, check_window, selection_end
 from ..stats import StatsAccumulator, module_shapes, sketch_sizes
 from .records import Fields, Record, RecordSource, open_source
 from .rows import records_table, report_columns, rows_table
 from .shards import (FORMAT, SEGMENTS, SHARD_TABLES, STATS_TABLES, Digest, FolderLock, Plan, Segment, ShardCommitter,
-                     ShardEntry, holds_results, manifest_outputs, plan_shards, read_manifest, read_segments,
+                     holds_results, manifest_outputs, plan_shards, read_manifest, read_segments,
                      reset_faults, shard_count)
 
 #: the default shard size gives at least this many shards (when each holds at least MIN_AUTO_SHARD_SIZE and at most
@@ -224,7 +224,8 @@ def build_spec(ctx: ModelContext, source: RecordSource, options: RunOptions) -> 
             raise source.bad(record)
         records += 1
     if source.whole is not None and (records == 0 or records != (options.n or records)):
-        check_held(f"input {source.label!r}", source.whole.count(), options.start, options.n)
+        check_held(f"input {source.label!r}", source.whole.count(selection_end(options.start, options.n)),
+                   options.start, options.n)
     if records == 0:
         raise ValueError(f"input {source.label!r} holds no records")
     model = {"architecture": ctx.adapter.name, "weights": ctx.weights_fingerprint(),

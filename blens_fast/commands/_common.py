@@ -70,11 +70,12 @@ def selected_source(args):
     :class:`~blens_fast.bulk.records.RecordSource` and its fields; a selection past the input's end is an error
     naming what it holds, before any model is loaded."""
     from ..bulk.records import open_source
-    from ..records import check_held
+    from ..records import check_held, selection_end
 
     fields = record_fields(args)
     source = open_source(args.records, fields)
-    check_held(f"input {source.label!r}", source.count(), args.start, args.n, WINDOW_OPTIONS)
+    check_held(f"input {source.label!r}", source.count(selection_end(args.start, args.n)), args.start, args.n,
+               WINDOW_OPTIONS)
     return source.select(args.start, args.n), fields
 
 

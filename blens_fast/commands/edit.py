@@ -10,6 +10,8 @@ Example: blens edit --prompt "The mother tongue of Danielle Darrieux is" --targe
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ._common import add_edit_settings, edit_settings, load
 
 OUT_HELP = "folder for edit.safetensors (default: the edit is shown, not saved)"
@@ -27,7 +29,6 @@ def run(args) -> int:
     import warnings
 
     from .._checks import as_str_list
-    from .._io import make_folder
     from ..editing import EditSkipped, edit
 
     as_str_list(args.prompt, "--prompt")  # fail fast, before loading a model
@@ -53,7 +54,7 @@ def run(args) -> int:
         for warning in caught:
             print(f"  {warning.message}")
         if args.out:
-            path = applied.save(make_folder(args.out, "--out") / "edit.safetensors")
+            path = applied.save(Path(args.out) / "edit.safetensors")  # setup() made --out, save() its folder
             print(f"wrote {path}")
     finally:
         applied.revert()
@@ -62,8 +63,6 @@ def run(args) -> int:
 
 def _prediction(ctx, example) -> tuple[str, float, float, int]:
     """The top token after the prompt and its probability, and the target's first token's probability and rank."""
-    import torch
-
     from ..forward import forward_hidden
 
     ids, mask = ctx.pad([example.prompt_ids])

@@ -9,6 +9,8 @@ Example: blens rank --records counterfact --n 8 --layers 0-3 --out out/rank
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from .._checks import parse_layers
 from ._common import add_layers, add_loss, add_records, load, selected_source
 
@@ -26,7 +28,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .._io import make_folder
+    from .._report import write_file
     from .._ui import plural
     from ..spectrum import rank
 
@@ -47,8 +49,7 @@ def run(args) -> int:
           "(means per layer and module; full_rank_share: the share whose rank reaches min(tokens, d_in, d_out))")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.out:
-        out = make_folder(args.out, "--out")
-        table.to_csv(out / "rank.csv", index=False)
-        summary.to_csv(out / "rank_summary.csv", index=False)
-        print(f"\nwrote {out / 'rank.csv'}, {out / 'rank_summary.csv'}")
+        written = [write_file(Path(args.out) / name, frame.to_csv(index=False))
+                   for name, frame in (("rank.csv", table), ("rank_summary.csv", summary))]
+        print(f"\nwrote {', '.join(map(str, written))}")
     return 0

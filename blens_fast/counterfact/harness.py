@@ -36,19 +36,27 @@ METRICS = ("efficacy", "paraphrase", "neighborhood")
 FAMILIES = {"memit": "memit_argmax", "rome": "rome_probability"}
 
 
+#: the six (prompt field, object field) pairs a record is scored on, by name, in the order of a scorer's batch
+SCORED_PAIRS = {
+    "new_at_prompt": ("prompt", "target_new"),
+    "true_at_prompt": ("prompt", "ground_truth"),
+    "new_at_rephrase": ("rephrase_prompt", "target_new"),
+    "true_at_rephrase": ("rephrase_prompt", "ground_truth"),
+    "new_at_locality": ("locality_prompt", "target_new"),
+    "true_at_locality": ("locality_prompt", "locality_ground_truth"),
+}
+
+
 def scored_pairs(record) -> list[tuple[str, str]]:
-    """The six (prompt, object) pairs a record is scored on, in the order :func:`metrics` reads them."""
-    r = record
-    return [(r["prompt"], r["target_new"]), (r["prompt"], r["ground_truth"]),
-            (r["rephrase_prompt"], r["target_new"]), (r["rephrase_prompt"], r["ground_truth"]),
-            (r["locality_prompt"], r["target_new"]), (r["locality_prompt"], r["locality_ground_truth"])]
+    """The (prompt, object) pairs a record is scored on, in :data:`SCORED_PAIRS` order."""
+    return [(record[prompt], record[target]) for prompt, target in SCORED_PAIRS.values()]
 
 
 @dataclass(frozen=True)
 class ScorerBatch:
-    """One record's six (prompt, object) pairs and the fluency sentences as one right-padded batch (``ids``,
-    ``mask``), with the scored positions: ``rows``, ``positions`` and the ``tokens`` read there, the pairs' first
-    (``n_scored`` of them, pair by pair, in :func:`scored_pairs` order), then the fluency sentences'."""
+    """One record's six (prompt, object) pairs (its first rows, in :data:`SCORED_PAIRS` order) and the fluency
+    sentences as one right-padded batch (``ids``, ``mask``), with the scored positions: ``rows``, ``positions`` and
+    the ``tokens`` read there, the pairs' first (``n_scored`` of them, pair by pair), then the fluency sentences'."""
 
     examples: list
     ids: torch.Tensor
@@ -90,10 +98,11 @@ class Scorer:
     def score(self, batch: ScorerBatch, *, fluency: bool = True) -> dict:
         ids, mask, rows, positions, tokens = batch.ids, batch.mask, batch.rows, batch.positions, batch.tokens
         if not fluency:
-            keep = rows < 6
+            pairs = len(SCORED_PAIRS)
+            keep = rows < pairs
             rows, positions, tokens = rows[keep], positions[keep], tokens[keep]
-            width = int(mask[:6].sum(1).max())
-            ids, mask = ids[:6, :width], mask[:6, :width]
+            width = int(mask[:pairs].sum(1).max())
+            ids, mask = ids[:pairs, :width], mask[:pairs, :width]
         hidden = forward_hidden(self.ctx, ids, mask).hidden
         logits = self.ctx.lens.logits(hidden[rows, positions])
         result, token_lp = metrics(logits, batch.examples, rows, tokens, batch.n_scored)
@@ -104,22 +113,27 @@ class Scorer:
 
 
 def metrics(logits, examples, rows, tokens, n_scored) -> tuple[dict, torch.Tensor]:
-    """Both metric families of one record from the logits at its scored positions (pairs first, in order)."""
+    """Both metric families of one record from the logits at its scored positions (pairs first, in
+    :data:`SCORED_PAIRS` order)."""
     logp = logits.log_softmax(-1)
     token_lp = logp[torch.arange(len(tokens), device=logp.device), tokens]
-    object_lp = torch.zeros(6, device=logp.device, dtype=token_lp.dtype).index_add(
+    summed = torch.zeros(len(SCORED_PAIRS), device=logp.device, dtype=token_lp.dtype).index_add(
         0, rows[:n_scored], token_lp[:n_scored])
+    object_lp = dict(zip(SCORED_PAIRS, summed.tolist()))  # each pair's whole object
     firsts, start = [], 0
     for e in examples:  # the first scored position of each pair is its prompt's last token
         firsts.append(start)
         start += len(e.target_ids)
-    argmax = logits[firsts].argmax(-1)
-    first_token = [e.target_ids[0] for e in examples]
+    argmax = dict(zip(SCORED_PAIRS, logits[firsts].argmax(-1).tolist()))  # the prediction after each pair's prompt
+    first_token = {name: e.target_ids[0] for name, e in zip(SCORED_PAIRS, examples)}
     return {
-        "memit": {"efficacy": bool(argmax[0] == first_token[0]), "paraphrase": bool(argmax[2] == first_token[2]),
-                  "neighborhood": bool(argmax[4] == first_token[5])},
-        "rome": {"efficacy": bool(object_lp[0] > object_lp[1]), "paraphrase": bool(object_lp[2] > object_lp[3]),
-                 "neighborhood": bool(object_lp[5] > object_lp[4])},
+        "memit": {"efficacy": argmax["new_at_prompt"] == first_token["new_at_prompt"],
+                  "paraphrase": argmax["new_at_rephrase"] == first_token["new_at_rephrase"],
+                  # the locality prompt's prediction (either of its pairs gives it) is still the true object's
+                  "neighborhood": argmax["new_at_locality"] == first_token["true_at_locality"]},
+        "rome": {"efficacy": object_lp["new_at_prompt"] > object_lp["true_at_prompt"],
+                 "paraphrase": object_lp["new_at_rephrase"] > object_lp["true_at_rephrase"],
+                 "neighborhood": object_lp["true_at_locality"] > object_lp["new_at_locality"]},
     }, token_lp
 
 

@@ -7,7 +7,6 @@ edit + forward per record (:func:`sweep`).
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,7 +94,7 @@ def last_layer_sweep(ctx: ModelContext, records, variants: Mapping[str, Sweep], 
         batch = scorer.prepare(record)
         found = forward_hidden(ctx, batch.ids, batch.mask, ff2_layers=[last], pre_norm=True)
         a = found.ff2_inputs[last][batch.rows, batch.positions].double()
-        target = batch.examples[0].target_ids[0]
+        target = batch.examples[0].target_ids[0]  # the edited fact, new_at_prompt: row 0, scored first
         curve = LogitCurve(ctx, found.pre_norm[batch.rows, batch.positions], ctx.embedding_matrix[target])
         first = torch.zeros(1, dtype=torch.long, device=a.device)
         already = curve.logits(torch.zeros(1, device=a.device), rows=first).argmax(-1) == target  # (1,)
@@ -169,8 +168,8 @@ def plot_tradeoff(points: list[dict], path, *, rows: Sequence[dict] = (), title:
 
 #: the columns of :func:`results_table` (the ROME-style family repeats the metric names)
 RESULT_COLUMNS = ("", "MEMIT-style argmax: Efficacy", "Paraphrase", "Neighborhood",
-                  "ROME-style P(new)>P(true): Efficacy", "Paraphrase", "Neighborhood", "Fluency ppl (unedited)", "Skipped", "Revert failures", "ms / edit",
-                  "Settings")
+                  "ROME-style P(new)>P(true): Efficacy", "Paraphrase", "Neighborhood", "Fluency ppl (unedited)",
+                  "Skipped", "Revert failures", "ms / edit", "Settings")
 
 
 def results_table(rows: Sequence[dict]) -> str:

@@ -117,11 +117,11 @@ class Edit:
 
     @property
     def deltas(self) -> dict[tuple[int, str], torch.Tensor]:
-        """Dense update per touched weight (float32, ``d_in x d_out``). Builds d_in x d_out matrices."""
+        """Dense update per touched weight (float32, ``d_in x d_out``: builds those matrices)."""
         return {key: self.delta(*key) for key in self.touched}
 
     def delta(self, layer: int, module: str) -> torch.Tensor:
-        """The dense sum of the steps on ``module`` at ``layer`` (float32, the weight's layout; for inspection)."""
+        """The dense sum of the steps on ``module`` at ``layer`` (float32, ``d_in x d_out``; for inspection)."""
         steps = [u for u in self.updates if (u.layer, u.module) == (layer, module)]
         if not steps:
             raise ValueError(f"this edit does not touch {module!r} at layer {layer}: it touches {list(self.touched)}")

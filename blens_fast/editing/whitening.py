@@ -10,7 +10,6 @@ is a symbolic link is not used.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .._checks import as_str_list
-from .._io import atomic_save_tensors, cache_dir, open_regular, remove_inside
+from .._io import atomic_save_tensors, cache_folder, read_bytes, remove_inside
 from .._ui import progress_bar
 from ..context import ModelContext, with_context
 from ..forward import eval_mode
@@ -67,9 +66,7 @@ def ff2_whitening(ctx: ModelContext, layer: int, texts=None, *, ridge: float = 1
         return _CACHE[keys[layer]]
     folder = _cache_folder() if file_cache else None
     if folder is not None:
-        from ..stats import module_shapes
-
-        width = module_shapes(ctx, [layer], ["mlp.out"])[(layer, "mlp.out")][0]
+        width = ctx.gradient_shape(layer, "mlp.out")[0]  # FF2's input width
         found = _read_entry(folder, folder / f"{keys[layer]}.safetensors", width)
         if found is not None:
             inverse, count = found
@@ -83,7 +80,6 @@ def ff2_whitening(ctx: ModelContext, layer: int, texts=None, *, ridge: float = 1
         _CACHE[keys[l]] = Whitening(l, inverse, ridge, count, keys[l])
         if folder is not None:
             try:
-                folder.mkdir(parents=True, exist_ok=True)
                 atomic_save_tensors(folder / f"{keys[l]}.safetensors",
                                     {"inverse": inverse, "num_tokens": torch.tensor(count)})
             except (OSError, ValueError) as error:  # the cache is an optimisation only
@@ -92,26 +88,25 @@ def ff2_whitening(ctx: ModelContext, layer: int, texts=None, *, ridge: float = 1
 
 
 def _cache_folder() -> Path | None:
-    """``<cache>/ff2_whitening``, or None (with a warning) when a symbolic link or a file stands in its place."""
-    folder = cache_dir() / "ff2_whitening"
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        warnings.warn(f"whitening cache folder {str(folder)!r} is a symbolic link or not a folder: the statistics "
-                      "are not read from or written to it; remove it to use the cache", stacklevel=3)
+    """``<cache>/ff2_whitening``, or None (with a warning) when it cannot be used: a symbolic link or a file stands in
+    its place, or it cannot be created."""
+    try:
+        return cache_folder("ff2_whitening")
+    except ValueError as error:
+        warnings.warn(f"whitening statistics are not read from or written to the cache: {error}", stacklevel=3)
         return None
-    return folder
 
 
 def _read_entry(folder: Path, path: Path, width: int) -> tuple[torch.Tensor, int] | None:
     """The cached ``(inverse, token count)`` at ``path``, or None when there is none. A damaged entry (not a
     safetensors file, not a regular file, another shape, not finite) is deleted with a warning: it is recomputed."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     if not (path.exists() or path.is_symlink()):
         return None
     try:
-        os.close(open_regular(path))
-        data = load_file(str(path))
+        data = load(read_bytes(path))  # one read, never through a link
         inverse, count = data["inverse"], data["num_tokens"]
         if inverse.dtype != torch.float32 or tuple(inverse.shape) != (width, width):
             raise ValueError(f"inverse is {inverse.dtype} {tuple(inverse.shape)}, expected float32 ({width}, {width})")

@@ -3,8 +3,9 @@
 ``blens_fast._C`` (C++, CPU: the fused projection and the low-rank sketch op) and ``blens_fast._C_cuda`` (CUDA) are
 built by ``setup.py`` (``pip install --no-build-isolation -e .``). When ``_C`` was not built (a plain source
 checkout) it is JIT-compiled once from every ``csrc/cpu/*.cpp`` with ``torch.utils.cpp_extension.load`` into the
-package's cache folder (:func:`blens_fast._io.cache_dir`) and reused afterwards; ``BLENS_FAST_NO_JIT=1`` forbids
-that. The CUDA extension is never JIT-built. Importing an extension also registers its ``torch.library`` ops.
+package's cache folder (:func:`blens_fast._io.cache_folder`; a build folder holding links is refused) and reused
+afterwards; ``BLENS_FAST_NO_JIT=1`` forbids that. The CUDA extension is never JIT-built. Importing an extension
+also registers its ``torch.library`` ops.
 """
 from __future__ import annotations
 
@@ -23,11 +24,15 @@ CPU_SOURCES = sorted((_REPO / "csrc" / "cpu").glob("*.cpp"))
 
 
 def build_dir() -> Path:
+    """The JIT build's folder in the cache, created: a ``ValueError`` when a symbolic link stands in it or on the way
+    to it (the build would write, and load the module, through it)."""
     import torch
 
-    from .._io import cache_dir
+    from .._io import cache_folder, refuse_symlinks
 
-    return cache_dir() / f"torch-{torch.__version__.replace('+', '_')}" / "blens_fast_C"
+    folder = cache_folder(f"torch-{torch.__version__.replace('+', '_')}", "blens_fast_C")
+    refuse_symlinks(folder, "kernel build folder")
+    return folder
 
 
 def _jit_build_cpu():
@@ -37,7 +42,6 @@ def _jit_build_cpu():
         raise RuntimeError(f"the C++ sources are missing ({_REPO / 'csrc' / 'cpu'}); reinstall with "
                            "`pip install --no-build-isolation -e .` from a source checkout")
     folder = build_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(name="blens_fast_C", sources=[str(p) for p in CPU_SOURCES],
                               extra_cflags=CPU_CXX_FLAGS, extra_ldflags=CPU_LINK_FLAGS,
                               build_directory=str(folder), verbose=False)

@@ -226,7 +226,7 @@ class Prologue:
     def reference(self, hidden: torch.Tensor) -> torch.Tensor:
         """The reference norm of rows ``hidden`` (what the torch implementations apply)."""
         return topk_reference.normalize_rows(hidden, self.norm_kind, self.eps, self.unit, self.norm_weight,
-                                        self.norm_bias)
+                                             self.norm_bias)
 
 
 @dataclass(frozen=True)
@@ -453,8 +453,8 @@ def _(hidden, weight, bias, row_a, row_c, norm_weight, norm_bias, norm_kind, eps
 def _impl_torch(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning, naive=False):
     # with a prologue: the reference norm per chunk, rounded to the weight dtype like the model's own norm output
     return topk_reference.chunked_selection(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
-                                   target_logits=tau, chunk_rows=hidden.shape[0] if naive else None,
-                                   normalize=None if prologue is None else prologue.reference)
+                                            target_logits=tau, chunk_rows=hidden.shape[0] if naive else None,
+                                            normalize=None if prologue is None else prologue.reference)
 
 
 def _impl_naive(*args):
@@ -478,8 +478,8 @@ def _impl_cpu(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuni
 def _impl_triton(hidden, weight, bias, k, top, bottom, targets, tau, prologue, tuning):
     from .triton.topk import triton_topk
 
-    return topk_reference.Selection(*triton_topk(hidden, weight, bias, k=k, top=top, bottom=bottom, target_ids=targets,
-                                        target_logits=tau, prologue=prologue))
+    return topk_reference.Selection(*triton_topk(hidden, weight, bias, k=k, top=top, bottom=bottom,
+                                                 target_ids=targets, target_logits=tau, prologue=prologue))
 
 
 def _cuda(variant: str):

@@ -128,7 +128,7 @@ def target_counts(logits: torch.Tensor, target_ids: torch.Tensor, target_logits:
 
 
 def select(logits: torch.Tensor, k: int, *, top: bool, bottom: bool, target_ids=None,
-                 target_logits=None) -> Selection:
+           target_logits=None) -> Selection:
     """The requested selections, log-sum-exp and target counts of float32 ``logits`` (rows x V)."""
     tv, ti = select_topk(logits, k, True) if top else (None, None)
     bv, bi = select_topk(logits, k, False) if bottom else (None, None)
@@ -137,10 +137,10 @@ def select(logits: torch.Tensor, k: int, *, top: bool, bottom: bool, target_ids=
 
 
 def naive_selection(hidden, weight, bias, *, k: int, top: bool, bottom: bool, target_ids=None,
-                target_logits=None) -> Selection:
+                    target_logits=None) -> Selection:
     """Full ``N x V`` logits, then :func:`select`."""
     return select(logits_block(hidden, weight, bias), k, top=top, bottom=bottom, target_ids=target_ids,
-                        target_logits=target_logits)
+                  target_logits=target_logits)
 
 
 def cat_selections(parts: list[Selection]) -> Selection:
@@ -149,7 +149,7 @@ def cat_selections(parts: list[Selection]) -> Selection:
 
 
 def chunked_selection(hidden, weight, bias, *, k: int, top: bool, bottom: bool, target_ids=None, target_logits=None,
-                  chunk_rows: int | None = None, normalize=None) -> Selection:
+                      chunk_rows: int | None = None, normalize=None) -> Selection:
     """:func:`naive_selection` ``chunk_rows`` rows at a time (memory bounded by one chunk of logits); ``normalize``
     (a callable on a chunk of rows) is applied to each chunk first."""
     n, v = hidden.shape[0], weight.shape[0]
@@ -160,8 +160,8 @@ def chunked_selection(hidden, weight, bias, *, k: int, top: bool, bottom: bool, 
         rows = slice(start, start + chunk_rows)
         h = hidden[rows] if normalize is None else normalize(hidden[rows]).to(weight.dtype)
         parts.append(naive_selection(h, weight, bias, k=k, top=top, bottom=bottom,
-                                 target_ids=None if target_ids is None else target_ids[rows],
-                                 target_logits=None if target_logits is None else target_logits[rows]))
+                                     target_ids=None if target_ids is None else target_ids[rows],
+                                     target_logits=None if target_logits is None else target_logits[rows]))
     return cat_selections(parts)
 
 

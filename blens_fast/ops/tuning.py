@@ -17,6 +17,7 @@ included); ``extra_ms`` anything else that was timed (fixed launch configuration
 The nearest shape is the one with the smallest sum of squared log-ratios of ``d``, ``V``, ``N`` and ``k``; entries
 of another operation or dtype never match.
 ``BLENS_FAST_TUNING_TABLES=DIR`` reads the tables from ``DIR`` instead (an empty or missing directory: no tables).
+A table that is a symbolic link, not JSON or of another format is not used, and none is written through a link.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import re
 import time
 from pathlib import Path
 
-from .._io import atomic_write_json
+from .._io import atomic_write_json, make_folder, read_bytes
 
 #: Where the tables live (one ``<slug of the GPU name>.json`` per GPU)
 TABLES_DIR = Path(__file__).resolve().parent / "tables"
@@ -64,7 +65,7 @@ def _load(path: Path) -> dict | None:
     if cached and cached[0] == mtime:
         return cached[1]
     try:
-        table = json.loads(path.read_text())
+        table = json.loads(read_bytes(path))  # never through a symbolic link
     except (OSError, ValueError):
         return None
     if not isinstance(table, dict) or table.get("format") != FORMAT or not isinstance(table.get("entries"), list):
@@ -143,7 +144,7 @@ def write_table(device_name: str, entries, *, root: str | Path | None = None, me
     """Write the table of ``device_name`` (entries as :func:`make_entry` makes them). With ``merge``, entries of an
     existing table for other (op, dtype, d, v, n, k) are kept and the same ones replaced. Returns the path."""
     path = table_path(device_name, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent, "tuning tables folder")
 
     def ident(e):
         return (e["op"], dtype_name(e["dtype"]), e["d"], e["v"], e["n"], e["k"])

@@ -1,5 +1,5 @@
 // Torch binding for csrc/cpu/topk_kernel.cpp: argument checks, dtype/layout conversions, the output tensors, and the
-// Python module blens_fast._C (topk_logits, target_logits, cpu_features). Reference: blens_fast/ops/reference.py.
+// Python module blens_fast._C (topk_logits, target_logits). Reference: blens_fast/ops/topk_reference.py.
 #include <torch/extension.h>
 
 #include <vector>
@@ -170,5 +170,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("target_logits", &target_logits_cpu, "each row's logit for its target token, as topk_logits computes it",
         py::arg("hidden"), py::arg("weight"), py::arg("bias"), py::arg("row_a"), py::arg("row_c"),
         py::arg("norm_w"), py::arg("norm_b"), py::arg("target_ids"), py::arg("simd") = true);
-  m.def("cpu_features", &blens_fast::cpu::features, "SIMD paths this build uses on this CPU");
 }

@@ -326,14 +326,9 @@ bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
-bool cpu_has_native_bf16() {
-  static const bool ok = __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
-  return ok;
-}
 #else
 bool cpu_has_avx2() { return false; }
 bool cpu_has_f16c() { return false; }
-bool cpu_has_native_bf16() { return false; }
 #endif
 
 float dot_chain(const float* x, const float* w, int64_t d, bool simd) {
@@ -820,13 +815,6 @@ uint16_t to_bits16(DType t, float x) {
 }
 
 }  // namespace
-
-std::string features() {
-  std::string out = cpu_has_avx2() ? "avx2+fma" : "scalar";
-  out += cpu_has_native_bf16() ? ",native-bf16" : "";
-  out += at::native::cpublas::could_pack(at::kBFloat16) ? ",brgemm-bf16-packed" : "";
-  return out;
-}
 
 void target_logits(const Matrix& hidden, const Matrix& weight, const float* bias, const Prologue& prologue,
                    const int64_t* target_ids, bool simd, float* out) {

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 namespace blens_fast {
 namespace cpu {
@@ -58,9 +57,6 @@ void project(const Matrix& hidden, const Matrix& weight, const float* bias, cons
 // prologue, rounding and dot-product order) when it uses the exact float32 GEMM.
 void target_logits(const Matrix& hidden, const Matrix& weight, const float* bias, const Prologue& prologue,
                    const int64_t* target_ids, bool simd, float* out);
-
-// The SIMD paths this build uses on this CPU, e.g. "avx2+fma,native-bf16".
-std::string features();
 
 }  // namespace cpu
 }  // namespace blens_fast

@@ -9,7 +9,7 @@
 // choose among them; impl="cuda" is "auto".
 // One call computes, in one pass over the vocabulary, any of: the top-k list, the bottom-k list and the
 // target counts (greater, less, equal with a lower index than the target, the target's own column
-// skipped), always with the row's log-sum-exp; see blens_fast/ops/reference.py (Lists, target_counts).
+// skipped), always with the row's log-sum-exp; see blens_fast/ops/topk_reference.py (Selection, target_counts).
 // The optional norm prologue (row_a, row_c, norm_w, norm_b) is applied by "simple" while each hidden tile is
 // staged, by "mma" / "wgmma" once per element in a pre-pass into an N x d workspace in the weight's dtype (which
 // also converts float32 or unaligned hidden states); hidden may be float32 when the weight is 16-bit (project()

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from blens_fast import bind, cli
+from blens_fast import cli
 from tests.pipeline.test_edit import tiny
 
 

@@ -186,3 +186,19 @@ def test_readme_programs_run_at_small_sizes(tmp_path, tiny_checkpoint):
         ran.append(argv[0])
     assert set(ran) == {"torchrun", "python"}
     assert json.loads((tmp_path / "quality" / "default_model_quality.json").read_text())["results"]
+
+
+
+def test_the_layout_names_every_module_and_folder_of_the_package():
+    """The README's "Layout" section is the map of the code: every module and folder of blens_fast, and every file of
+    its subpackages but the subcommands (named by their commands), is on it."""
+    section = README.read_text(encoding="utf-8").split("\n## Layout\n", 1)[1]
+    named = set(re.findall(r"[\w.]+/?", re.search(r"^```\n(.*?)^```", section, flags=re.M | re.S)[1]))
+    package = ROOT / "blens_fast"
+    expected = {p.name for p in package.glob("*.py")}
+    for folder in (p for p in package.iterdir() if p.is_dir() and p.name[0] not in "_."):
+        expected.add(folder.name + "/")
+        if folder.name != "commands":
+            expected |= {p.name for p in folder.glob("*.py")} - {"__init__.py"}
+    missing = sorted(name for name in expected if name not in named and name.removesuffix("/") + "/" not in named)
+    assert not missing, f"the README's Layout does not name {missing}"

@@ -58,7 +58,7 @@ def test_an_unknown_model_name_lists_the_built_in_names(tmp_path, monkeypatch, c
 
 
 # -- one record selection for every subcommand that reads records ---------------------------------------------------
-READERS = ("project-dataset", "eval-counterfact")
+READERS = ("project-dataset", "eval-counterfact", "rank")
 
 
 def option_help(command: str) -> dict[str, str]:
@@ -109,3 +109,25 @@ def test_a_selection_past_the_end_names_the_records_held(command, extra, message
                  command == "eval-counterfact" else "--layers", "1", "--quiet", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_checking_a_selection_reads_the_input_only_as_far_as_it_reaches(tmp_path, monkeypatch):
+    """``--start 1 --n 2`` of a large input is checked before the model loads by reading its first 3 records, not
+    every record (each parsed) of the file."""
+    import argparse
+
+    from blens_fast.bulk import records as bulk_records
+    from blens_fast.commands._common import selected_source
+
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "target": "t"}) + "\n" for i in range(100)))
+    read = []
+    original = bulk_records._read_file
+    monkeypatch.setattr(bulk_records, "_read_file", lambda path: (read.append(r) or r for r in original(path)))
+    args = argparse.Namespace(records=str(data), start=1, n=2, prompt_field="prompt", target_field="target",
+                              id_field="id")
+    source, _ = selected_source(args)
+    assert len(read) == 3
+    assert [r.prompt for r in source.records()] == ["p1", "p2"]
+    with pytest.raises(ValueError, match="holds 100 records"):
+        selected_source(argparse.Namespace(**{**vars(args), "start": 99}))

@@ -89,7 +89,11 @@ def test_sgd_imprints_exactly_and_adam_does_not(tokenizer):
     assert sgd.target_prob[-1] > sgd.target_prob[0]
 
 
-def test_the_model_comes_back_bit_for_bit_and_tables(tokenizer, tmp_path):
+def test_the_model_comes_back_bit_for_bit_and_tables(tokenizer, tmp_path, monkeypatch):
+    import sys
+
+    from tests.pipeline.test_lens import rendered_figures
+
     model = make_tiny_model("llama")
     frozen = model.model.layers[0].mlp.up_proj.weight
     frozen.requires_grad_(False)
@@ -107,8 +111,10 @@ def test_the_model_comes_back_bit_for_bit_and_tables(tokenizer, tmp_path):
                                    "shift_baseline_std", "shift_target_rank"}
     assert len(report.lens_ranks()) == 3 * 3 * 2 * report.lens[0].num_positions
     assert list(report.first_entry().columns) == ["layer", "list", "k", "first_step", "rank"]
+    rendered = rendered_figures(monkeypatch, sys.modules["blens_fast.imprint"])
     written = report.save(tmp_path)
     assert written["png"].read_bytes()[:4] == b"\x89PNG" and "Imprint and shift" in written["html"].read_text()
+    assert len(rendered) == 1  # the page embeds the PNG written beside it, rendered once
     assert "<img" in report._repr_html_()
 
 

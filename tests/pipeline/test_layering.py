@@ -68,9 +68,11 @@ def test_importing_the_kernels_loads_neither_pyarrow_nor_pandas():
 
 def test_plots_and_tables_go_through_the_shared_helpers():
     """One place sets matplotlib's backend and turns figures into files (_report.py), and results files are written
-    atomically (_io.py): no module picks a backend, saves a figure or renames a temporary file of its own."""
-    own = {"_report.py", "_io.py"}
-    found = {str(path.relative_to(PACKAGE)): [needle for needle in ("matplotlib.use(", ".savefig(", ".tmp")
-                                              if needle in path.read_text(encoding="utf-8")]
-             for path in sorted(PACKAGE.rglob("*.py")) if path.name not in own}
+    atomically (_io.py): no module, benchmark or script picks a backend, saves a figure or renames a temporary file of
+    its own."""
+    own = {PACKAGE / "_report.py", PACKAGE / "_io.py"}
+    files = [path for folder in (PACKAGE, PACKAGE.parent / "benchmarks", PACKAGE.parent / "scripts")
+             for path in sorted(folder.rglob("*.py")) if path not in own]
+    found = {str(path.relative_to(PACKAGE.parent)): [needle for needle in ("matplotlib.use(", ".savefig(", ".tmp")
+                                                     if needle in path.read_text(encoding="utf-8")] for path in files}
     assert {name: hits for name, hits in found.items() if hits} == {}

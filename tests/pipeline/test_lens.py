@@ -119,7 +119,18 @@ def test_the_impl_asked_for_is_the_one_that_runs(tokenizer, call):
     run("torch")
 
 
-def test_tables_plots_html_and_notebook(tokenizer, tmp_path):
+def rendered_figures(monkeypatch, module) -> list:
+    """The figures ``module`` renders from now on (one entry per PNG made)."""
+    from blens_fast import _report
+
+    rendered = []
+    monkeypatch.setattr(module, "figure_png", lambda fig, **kw: rendered.append(fig) or _report.figure_png(fig, **kw))
+    return rendered
+
+
+def test_tables_plots_html_and_notebook(tokenizer, tmp_path, monkeypatch):
+    import sys
+
     model = make_tiny_model("gpt2")
     report = lens(model, tokenizer, PROMPT, TARGET, layers=[0, -1], k=3)
     assert report.layers == (0, 1)
@@ -132,10 +143,12 @@ def test_tables_plots_html_and_notebook(tokenizer, tmp_path):
     assert set(report.gradients.columns) == {"layer", "module", "tokens", "rank", "norm"}
     text = report.format()
     assert "layer 1" in text and "ff2_bottom" in text and repr(" French") in text
+    rendered = rendered_figures(monkeypatch, sys.modules["blens_fast.lens"])
     written = report.save(tmp_path / "out")
     assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = written["html"].read_text()
     assert "data:image/png;base64," in page and "Target rank" in page
+    assert len(rendered) == 1  # the page embeds the PNG written beside it, rendered once
     for name in ("tokens", "target_ranks", "gradients"):
         assert written[name].stat().st_size > 0
     notebook = report._repr_html_()

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from blens_fast import bind, cli, edit, project_dataset, read_results
+from blens_fast import cli, edit, project_dataset, read_results
 from blens_fast.context import load_model
 from blens_fast.editing import whitening
 
@@ -132,6 +132,14 @@ def test_imprint_shift_out_does_not_write_through_a_link(tiny_checkpoint, tmp_pa
     link(out / "imprint_shift.csv", canary.path())
     fails(["imprint-shift", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--target", TARGET, "--steps", "1",
            "--k", "2", "--out", str(out)], capsys, "imprint_shift.csv", "symbolic link")
+    canary.check()
+
+
+def test_rank_out_does_not_write_through_a_link(tiny_checkpoint, tmp_path, canary, capsys):
+    out = tmp_path / "out"
+    link(out / "rank.csv", canary.path())
+    fails(["rank", "--model", str(tiny_checkpoint), "--records", str(records_file(tmp_path)), "--layers", "1",
+           "--quiet", "--out", str(out)], capsys, "rank.csv", "symbolic link")
     canary.check()
 
 

@@ -41,7 +41,6 @@ target_counts)``, the fields of :class:`blens_fast.ops.topk_reference.Selection`
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
