@@ -29,7 +29,7 @@ from . import _extension
 from .lowrank_reference import sketch_update_reference
 from .registry import Implementation, Operation, triton_unavailable
 
-#: the compiled kernels' op (csrc/cpu/lowrank_cpu.cpp defines it, csrc/cuda/lowrank_binding.cpp adds its CUDA kernel)
+#: the compiled kernels' op (csrc/cpu/lowrank_binding.cpp defines it, csrc/cuda/lowrank_binding.cpp adds its CUDA kernel)
 _KERNEL = "lowrank_sketch_update"
 
 

@@ -1,5 +1,5 @@
 // CUDA implementation of torch.ops.blens_fast.lowrank_sketch_update (schema defined in
-// csrc/cpu/lowrank_cpu.cpp). Checks arguments, allocates the thin scratch products and calls the
+// csrc/cpu/lowrank_binding.cpp). Checks arguments, allocates the thin scratch products and calls the
 // raw-pointer kernels of lowrank_kernel.cu on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>

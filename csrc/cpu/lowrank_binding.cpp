@@ -1,5 +1,6 @@
-// Fused low-rank accumulation on the CPU: per-example gradient norms from the factors, and the
-// streaming sketches of the summed gradient, without forming any d_in x d_out matrix.
+// Torch binding of the fused low-rank accumulation on the CPU: per-example gradient norms from the factors (the
+// raw-pointer kernel of lowrank_kernel.cpp), and the streaming sketches of the summed gradient (two thin products
+// each), without forming any d_in x d_out matrix.
 //
 //   norms_sq[e] = sum((A_e A_e^T) * (B_e B_e^T))      (A_e = rows offsets[e]:offsets[e+1] of A)
 //   y += A^T (B right)                                  (p x s1)
@@ -10,11 +11,9 @@
 // implementation of the same schema lives in csrc/cuda/lowrank_binding.cpp.
 // Reference: blens_fast/ops/lowrank_reference.py.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <vector>
+#include "lowrank_kernel.h"
 
 namespace blens_fast {
 namespace {
@@ -41,23 +40,6 @@ void check_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs
   TORCH_CHECK(y.is_contiguous() && w.is_contiguous(), "lowrank_sketch_update: y and w must be contiguous");
 }
 
-// Sum over the pairs (i, j) of one example's rows of (a_i . a_j) (b_i . b_j); rows are float32,
-// the dot products accumulate in float32 (vectorizable), the pair sum in double.
-double row_pairs(const float* a, const float* b, int64_t p, int64_t q, int64_t i, int64_t start) {
-  const float* ai = a + i * p;
-  const float* bi = b + i * q;
-  double total = 0.0;
-  for (int64_t j = start; j <= i; ++j) {
-    const float* aj = a + j * p;
-    const float* bj = b + j * q;
-    float da = 0.f, db = 0.f;
-    for (int64_t k = 0; k < p; ++k) da += ai[k] * aj[k];
-    for (int64_t k = 0; k < q; ++k) db += bi[k] * bj[k];
-    total += (j == i ? 1.0 : 2.0) * static_cast<double>(da) * static_cast<double>(db);
-  }
-  return total;
-}
-
 at::Tensor lowrank_sketch_update_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
                                      const at::Tensor& right, const at::Tensor& left_t, const at::Tensor& y, const at::Tensor& w) {
   check_args(a, b, offsets, right, left_t, y, w);
@@ -81,22 +63,9 @@ at::Tensor lowrank_sketch_update_cpu(const at::Tensor& a, const at::Tensor& b, c
     w.addmm_(at::mm(af, left_t).t(), bf);
   }
 
-  // Norms: one task per row i (pairs j <= i of its example), then a per-example sum.
-  std::vector<int64_t> owner(n);
-  for (int64_t e = 0; e < num_examples; ++e) {
-    for (int64_t i = bounds[e]; i < bounds[e + 1]; ++i) owner[i] = e;
-  }
-  std::vector<double> partial(n, 0.0);
-  const float* pa = af.data_ptr<float>();
-  const float* pb = bf.data_ptr<float>();
-  const int64_t work_per_row = std::max<int64_t>(1, (p + q) * 8);
-  at::parallel_for(0, n, std::max<int64_t>(1, 32768 / work_per_row), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) partial[i] = row_pairs(pa, pb, p, q, i, bounds[owner[i]]);
-  });
-  at::Tensor norms = at::zeros({num_examples}, at::TensorOptions().dtype(at::kDouble));
-  double* out = norms.data_ptr<double>();
-  for (int64_t i = 0; i < n; ++i) out[owner[i]] += partial[i];
-  for (int64_t e = 0; e < num_examples; ++e) out[e] = std::max(out[e], 0.0);
+  at::Tensor norms = at::empty({num_examples}, at::TensorOptions().dtype(at::kDouble));
+  cpu::gradient_norms_sq(af.data_ptr<float>(), bf.data_ptr<float>(), bounds, num_examples, p, q,
+                         norms.data_ptr<double>());
   return norms;
 }
 
