@@ -118,6 +118,18 @@ class ModelContext:
     def weight(self, layer: int, name: str) -> torch.Tensor:
         return self.adapter.weight(self.model, layer, name)
 
+    def weight_io(self, layer: int, name: str) -> torch.Tensor:
+        """The weight of ``name`` at ``layer`` as a ``(d_in, d_out)`` view (writes go through to the weight)."""
+        weight = self.weight(layer, name)
+        return weight if self.adapter.weight_layout == "in_out" else weight.T
+
+    def grad_io(self, layer: int, name: str) -> torch.Tensor | None:
+        """The weight's ``.grad`` as a ``(d_in, d_out)`` view (writes go through), or None when it has none."""
+        grad = self.weight(layer, name).grad
+        if grad is None:
+            return None
+        return grad if self.adapter.weight_layout == "in_out" else grad.T
+
     @property
     def embedding_matrix(self) -> torch.Tensor:
         """Input token embeddings, ``V x d``."""

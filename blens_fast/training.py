@@ -1,0 +1,759 @@
+"""The lens while training: what each optimizer step writes into the model, read through the model's own lens.
+
+:class:`TrainingLens` watches a training loop (any PyTorch loop through :func:`training_lens`, the ``transformers``
+``Trainer`` through :class:`blens_fast.integrations.BackwardLensCallback`) with hooks on the training's **own** forward
+and backward: no extra forward or backward pass of the batch, and the training is numerically unchanged (its loss
+curve and final weights are bit-identical with and without the lens; tested). Steps are counted from 1 like the
+Trainer's ``global_step``; a step is *sampled* when ``step % every == 0``, and only sampled steps have hooks.
+
+On a sampled step, for every watched (layer, module):
+
+* **The step's gradient from its factors.** A forward hook keeps the module's input ``X`` and hooks its output's
+  gradient; when the backward computes ``Delta`` the rows' ``X^T Delta`` enter the module's streaming sketch
+  (:mod:`blens_fast.stats`, its fused update op), so no ``d_in x d_out`` matrix is formed. Micro-batches of gradient
+  accumulation add up into one step; rows whose ``Delta`` is zero (padding, positions before any label that is not
+  -100) add nothing and are not counted in ``tokens``. Under gradient checkpointing each micro-batch is counted once:
+  only a forward output that receives a gradient is read (a reentrant checkpoint's recomputation, a non-reentrant
+  checkpoint's first pass). Under ``torchrun`` DDP each rank sketches its own
+  tokens and the sketches are summed over the ranks at the step (one ``all_reduce``); rank 0 reads and writes.
+* **Matched to what the optimizer reads.** At the optimizer's step (a global optimizer pre-hook) the sketch is
+  compared with the weight's ``.grad`` on the sketch's residual probes: ``scale`` is the one number between the two
+  (gradient clipping, a GradScaler's loss scale, DDP's average over ranks; 1 in plain float32 training) and
+  ``consistency`` their relative mismatch beyond it (about 1e-7 in float32, 1e-3 with bfloat16 gradients). A
+  mismatch above 1e-2 means the hooks did not see the whole gradient (a micro-batch outside the lens, a gradient
+  changed entry by entry): it is warned about and kept in the ``steps`` table.
+* **Norm and spectrum.** ``norm`` is the exact ``||grad||_F`` (read from ``.grad`` in row blocks), the top-``rank``
+  singular values come from the sketch with ``error_bar`` = the sketch's expected ``||G - Q B||_F``, which bounds
+  every singular value's error (Weyl); 0 up to rounding when the step's gradient has rank ``<= 2 rank + 1`` (then the
+  values and vectors are the dense SVD's). ``stable_rank = norm^2 / sigma_1^2`` is the effective rank.
+* **The update's lens.** Each singular direction ``(u_j, v_j)`` is oriented so that the step's mean input ``x`` has
+  ``x . u_j >= 0`` (the direction as the step's own tokens fire it) and read through the model's current lens with
+  the package's fused projection, as :mod:`blens_fast.lens` reads factors: FF1's input side ``u_j`` as ``ff1_top``,
+  FF2's output side ``v_j`` as ``ff2_bottom`` and ``ff2_top``. The sign follows the descent direction: a gradient step
+  (for SGD the update is ``-lr * grad``) adds ``-lr s_j (x . u_j) v_j`` to FF2's output, so ``ff2_bottom`` lists the
+  tokens the step **promotes** and ``ff2_top`` those it **demotes**, exactly as the Backward Lens's lists of one
+  prompt. ``score = singular_value * logit`` (with the logit's sign flipped for bottom lists: larger = written more
+  strongly).
+* **Tracked prompts** (``track=[(prompt, target), ...]``): before a sampled step one no-grad eval forward of those
+  few prompts (not of the batch) gives FF2's input ``x_t`` at each prompt's last position and ``P(target)``; during the
+  backward ``x_t G`` is accumulated exactly from the factors (what the step writes at that position) and read as
+  ``ff2_bottom``, with the target's rank in it (its first token; 1 = the most promoted token).
+* **The actual parameter change** (``change="auto"``: every optimizer but plain SGD, whose change is ``-lr * grad``
+  exactly): an adaptive optimizer's change leaves the factors' span (Adam rescales each entry; the imprint analysis
+  measured 64% of an Adam step inside span{x_i}), so it is read from a **sketch of the difference**: the weight's
+  sketch before the step is subtracted from its sketch after it (the same test matrices; linear, so it is the sketch
+  of ``W_after - W_before``, read in row blocks, never copied). Its lists read ``-(W_after - W_before)`` so that the
+  names mean the same for both sources (``ff2_bottom`` = promoted); ``source`` says which.
+
+Results: :meth:`TrainingLens.to_pandas` (``rows``, ``steps``, ``spectrum``, ``tracked``), Parquet datasets under
+``out`` (``rows/`` etc., readable as they are by pandas, pyarrow and ``datasets``), :attr:`TrainingLens.scalars` (the
+last sampled step's summaries, which the Trainer callback puts into ``logs``), and a PNG + HTML timeline per module
+(:mod:`blens_fast.training_report`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from ._checks import check_choice, check_positive_int
+from ._io import atomic_write_json, atomic_write_table, read_json
+from .adapters import MODULE_NAMES
+from .bulk.shards import shard_file
+from .context import ModelContext, bind
+from .forward import forward_hidden
+from .lens import LISTS
+from .project import project_lists
+from .stats import ModuleStats, StatsAccumulator, sketch_sizes
+
+__all__ = ["TrainingLens", "TrainingLensSettings", "training_lens", "TABLES", "SCHEMAS"]
+
+FORMAT = "blens_fast.training_lens/1"
+SOURCES = ("gradient", "change")
+CHANGE_MODES = ("auto", "always", "never")
+#: relative mismatch between the hooks' factor sum and ``.grad`` above which a step is warned about
+CONSISTENCY_WARNING = 1e-2
+#: rows of a factor or weight read at a time (bounds every temporary)
+BLOCK_ROWS = 256
+
+_CATEGORY = pa.dictionary(pa.int32(), pa.string())
+_KEY = [("step", pa.int64()), ("layer", pa.int16()), ("module", _CATEGORY), ("source", _CATEGORY)]
+SCHEMAS = {
+    "rows": pa.schema(_KEY + [
+        ("direction", pa.int16()), ("singular_value", pa.float64()), ("error_bar", pa.float64()), ("list", _CATEGORY),
+        ("rank", pa.int16()), ("token_id", pa.int32()), ("token", pa.string()), ("logit", pa.float32()),
+        ("score", pa.float64())]),
+    "steps": pa.schema(_KEY + [
+        ("tokens", pa.int64()), ("lr", pa.float64()), ("norm", pa.float64()), ("norm_error", pa.float64()),
+        ("top_singular_value", pa.float64()), ("error_bar", pa.float64()), ("stable_rank", pa.float64()),
+        ("energy_share", pa.float64()), ("scale", pa.float64()), ("consistency", pa.float64())]),
+    "spectrum": pa.schema(_KEY + [("index", pa.int16()), ("singular_value", pa.float64()),
+                                  ("error_bar", pa.float64())]),
+    "tracked": pa.schema([
+        ("step", pa.int64()), ("track", pa.int16()), ("prompt", pa.string()), ("target", pa.string()),
+        ("target_token", pa.string()), ("layer", pa.int16()), ("target_prob", pa.float64()),
+        ("target_rank", pa.int32()), ("rank", pa.int16()), ("token_id", pa.int32()), ("token", pa.string()),
+        ("logit", pa.float32())]),
+}
+TABLES = tuple(SCHEMAS)
+_DICTIONARIES = {"module": MODULE_NAMES, "source": SOURCES, "list": tuple(LISTS)}
+
+
+@dataclass(frozen=True)
+class TrainingLensSettings:
+    """What a :class:`TrainingLens` watches and how (written to ``run.json``)."""
+
+    architecture: str
+    layers: tuple[int, ...]
+    modules: tuple[str, ...]
+    every: int
+    k: int
+    rank: int
+    sketch: tuple[int, int, int]
+    seed: int
+    change: str
+    track: tuple[tuple[str, str], ...]
+    flush_every: int
+
+
+def training_lens(model, tokenizer=None, **options) -> "TrainingLens":
+    """A :class:`TrainingLens` to use as a context manager around any PyTorch training loop::
+
+        with bl.training_lens(model, tokenizer, modules=("mlp.in", "mlp.out"), every=10, k=10, out="out/tlens") as tl:
+            for batch in loader:
+                model(**batch).loss.backward(); opt.step(); opt.zero_grad()
+        tl.to_pandas("rows")
+
+    ``model`` may be a ``DistributedDataParallel`` wrapper or a :class:`~blens_fast.context.ModelContext`; options as
+    :class:`TrainingLens`."""
+    return TrainingLens(model, tokenizer, **options)
+
+
+def _unwrap(model):
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _blocks(n: int):
+    return range(0, n, BLOCK_ROWS)
+
+
+def _frobenius(matrix: torch.Tensor) -> float:
+    """``||matrix||_F``, read in blocks of at most an eighth of its rows (a 16-bit matrix is never copied whole)."""
+    rows = max(1, min(BLOCK_ROWS, -(-matrix.shape[0] // 8)))
+    return math.sqrt(sum(float(torch.linalg.vector_norm(matrix[s:s + rows], dtype=torch.float32)) ** 2
+                         for s in range(0, matrix.shape[0], rows)))
+
+
+def _plain_sgd(optimizer) -> bool:
+    """A ``torch.optim.SGD`` without momentum or weight decay: its change is ``-lr * grad`` exactly."""
+    return type(optimizer) is torch.optim.SGD and all(
+        not group.get("momentum") and not group.get("weight_decay") for group in optimizer.param_groups)
+
+
+class _StepFactors:
+    """What the hooks gathered during one step, per (layer, module): the sketch lives in the accumulator; here the
+    sum of the live input rows (for the orientation), their count, and the tracked prompts' ``x_t G``."""
+
+    def __init__(self, lens: "TrainingLens"):
+        device = lens.ctx.device
+        shapes = {key: tuple(lens.ctx.weight_io(*key).shape) for key in lens.keys}
+        self.x_sum = {key: torch.zeros(shapes[key][0], dtype=torch.float32, device=device) for key in lens.keys}
+        self.tokens = {key: torch.zeros((), dtype=torch.int64, device=device) for key in lens.keys}
+        self.tracked = {key: torch.zeros(len(lens.settings.track), shapes[key][1], dtype=torch.float32, device=device)
+                        for key in lens.tracked_keys}
+        self.seen: set = set()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.x_sum.values(), *self.tracked.values()]
+
+
+class TrainingLens:
+    """Hooks on a training loop's own forward, backward and optimizer steps that read what each sampled step writes.
+
+    Arguments: ``model`` (a causal LM of a supported architecture, a ``DistributedDataParallel`` wrapper of one, or a
+    :class:`~blens_fast.context.ModelContext`) and its ``tokenizer``; ``modules`` (public names, default FF1 and FF2)
+    at ``layers`` (default all); ``every`` (sample steps ``step % every == 0``); ``k`` tokens per list; ``rank``
+    singular directions per module (the sketch keeps ``2 rank + 1``, see :func:`blens_fast.stats.sketch_sizes`;
+    ``sketch_size`` overrides it); ``track`` (``(prompt, target)`` pairs, needs ``mlp.out``); ``change``
+    (``"auto"``: the lens of the actual parameter change for every optimizer but plain SGD; ``"always"``,
+    ``"never"``); ``out`` (a folder for the Parquet tables, ``run.json`` and the timelines; None keeps the results
+    in memory); ``flush_every`` (sampled steps per Parquet part); ``start_step`` (steps already done, e.g. a resumed
+    Trainer's ``global_step``); ``seed`` (the sketch's test matrices); ``impl`` (the fused kernels' implementation).
+
+    Use as a context manager (:func:`training_lens`) or call :meth:`start` and :meth:`close`. See the module docstring
+    for what is read and how.
+    """
+
+    def __init__(self, model, tokenizer=None, *, modules=("mlp.in", "mlp.out"), layers=None, every: int = 10,
+                 k: int = 10, rank: int = 4, track: Sequence = (), change: str = "auto", out=None,
+                 flush_every: int = 10, start_step: int = 0, sketch_size: int | None = None, seed: int = 0,
+                 impl: str = "auto", adapter=None):
+        self.ctx: ModelContext = bind(_unwrap(model) if not isinstance(model, ModelContext) else model, tokenizer,
+                                      adapter=adapter)
+        self.ctx.require_tokenizer()
+        check_positive_int(every, "every")
+        check_positive_int(k, "k", upper=self.ctx.vocab_size)
+        check_positive_int(flush_every, "flush_every")
+        check_choice(change, "change", CHANGE_MODES)
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step={start_step!r}: expected an int >= 0")
+        layer_ids = self.ctx.check_layers(layers)
+        names = self.ctx.resolve_modules(modules)
+        self.keys = [(layer, name) for layer in layer_ids for name in names]
+        track = self._check_track(track, names)
+        sizes = sketch_sizes(rank, sketch_size)
+        self.settings = TrainingLensSettings(self.ctx.adapter.name, layer_ids, names, every, k, rank, sizes, seed,
+                                             change, track, flush_every)
+        self.tracked_keys = [key for key in self.keys if key[1] == "mlp.out"] if track else []
+        self._track_examples = self.ctx.tokenize([p for p, _ in track], [t for _, t in track]) if track else []
+        for key in self.keys:
+            if not self.ctx.weight(*key).requires_grad:
+                raise ValueError(f"the weight of {key[1]} at layer {key[0]} does not require grad: the lens reads what "
+                                 "the optimizer writes into trained weights (leave frozen modules out of modules=)")
+        shapes = {key: (*self.ctx.weight_io(*key).shape, "in_out") for key in self.keys}
+        self._acc = StatsAccumulator(shapes, rank=rank, sketch_size=sizes[0], cosketch_size=sizes[1],
+                                     residual_size=sizes[2], seed=seed, device=self.ctx.device, impl=impl)
+        self._weights = {id(self.ctx.weight(*key)) for key in self.keys}
+        self.rank_in_group, self.world_size = _distributed()
+        self.writes = self.rank_in_group == 0
+        self.out = Path(out) if out is not None else None
+        self.step = start_step
+        self.scalars: dict[str, float] = {}
+        self._fresh_scalars = False
+        self._handles: list = []
+        self._optimizer_hooks: list = []
+        self._paused = False
+        self._depth = 0
+        self._factors: _StepFactors | None = None
+        self._pending: dict | None = None
+        self._track_x: dict = {}
+        self._track_prob: torch.Tensor | None = None
+        self._buffers: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
+        self._memory: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
+        self._buffered_steps: list[int] = []
+        self._warned: set = set()
+        self._vocabulary = pa.array(self.ctx.vocabulary, pa.string())
+
+    # -- arguments ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_track(track, modules) -> tuple[tuple[str, str], ...]:
+        if isinstance(track, (str, bytes)) or not isinstance(track, Sequence):
+            raise TypeError(f"track must be a list of (prompt, target) pairs, got {type(track).__name__}")
+        pairs = []
+        for i, pair in enumerate(track):
+            if not (isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2
+                    and all(isinstance(s, str) and s.strip() for s in pair)):
+                raise ValueError(f"track[{i}] = {pair!r}: expected a (prompt, target) pair of non-empty strings")
+            pairs.append((pair[0], pair[1]))
+        if pairs and "mlp.out" not in modules:
+            raise ValueError(f"track= reads FF2's lists: add 'mlp.out' to modules (got {list(modules)})")
+        return tuple(pairs)
+
+    # -- life cycle --------------------------------------------------------------------------------------------
+    def __enter__(self) -> "TrainingLens":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close(report=exc[0] is None)
+
+    def start(self) -> "TrainingLens":
+        """Install the optimizer hooks (and the module hooks when the next step is sampled); write ``run.json``."""
+        if self._optimizer_hooks:
+            raise RuntimeError("this TrainingLens is already started")
+        if self.out is not None and self.writes:
+            self._prepare_out()
+        self._optimizer_hooks = [register_optimizer_step_pre_hook(self._pre_step),
+                                 register_optimizer_step_post_hook(self._post_step)]
+        self._arm_for_next_step()
+        return self
+
+    def close(self, *, report: bool = True) -> None:
+        """Remove every hook, write what is buffered and (``report``) the timelines into ``out``."""
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks = []
+        self._disarm()
+        self._flush()
+        if report and self.out is not None and self.writes and self._has_rows():
+            from .training_report import write_timelines
+
+            write_timelines(self.out)
+
+    def set_step(self, step: int) -> None:
+        """Set the count of steps done (a Trainer's ``global_step``, which also counts steps a GradScaler skipped) and
+        arm the hooks for the next one accordingly."""
+        if step != self.step:
+            self.step = step
+            self._arm_for_next_step()
+
+    @property
+    def next_step_sampled(self) -> bool:
+        return (self.step + 1) % self.settings.every == 0
+
+    def _prepare_out(self) -> None:
+        from .commands._common import check_writable_folder
+
+        check_writable_folder(self.out, "out")
+        described = {"format": FORMAT, **asdict(self.settings)}
+        described = {key: (list(value) if isinstance(value, tuple) else value) for key, value in described.items()}
+        described["track"] = [list(pair) for pair in self.settings.track]
+        described["sketch"] = list(self.settings.sketch)
+        found = self.out / "run.json"
+        if found.exists():
+            old = read_json(found, "training lens run file")
+            if old != described:
+                raise ValueError(f"{str(self.out)!r} holds a training lens run with other settings ({str(found)!r}): "
+                                 "use another out folder or the same settings")
+        else:
+            atomic_write_json(found, described)
+
+    # -- module hooks ------------------------------------------------------------------------------------------
+    def _arm_for_next_step(self) -> None:
+        if not self._optimizer_hooks:
+            return
+        if not self.next_step_sampled:
+            self._disarm()
+            return
+        self._factors = _StepFactors(self)
+        self._acc.reset()
+        if self.settings.track:
+            self._read_tracked_prompts()
+        if not self._handles:
+            self._handles = [self.ctx.module(*key).register_forward_hook(functools.partial(self._forward_hook, key))
+                             for key in self.keys]
+
+    def _disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._factors = None
+
+    def _forward_hook(self, key, module, args, output) -> None:
+        # Only an output that carries a gradient is hooked, and its hook fires once, when the backward reaches it.
+        # Under gradient checkpointing that counts each micro-batch once: a reentrant checkpoint's first pass runs
+        # without grad (its recomputation in the backward is the hooked one); a non-reentrant checkpoint's first
+        # pass is the hooked one and its recomputation only restores saved tensors, so no gradient reaches the
+        # recomputed output (its hook never fires and goes with that tensor).
+        if self._paused or self._factors is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        output.register_hook(functools.partial(self._gradient_hook, key, args[0].detach()))
+
+    @torch.no_grad()
+    def _gradient_hook(self, key, x: torch.Tensor, delta: torch.Tensor) -> None:
+        factors = self._factors
+        if self._paused or factors is None:
+            return
+        if key not in factors.seen:
+            factors.seen.add(key)
+        elif self.ctx.weight(*key).grad is None:
+            # .grad was emptied with no optimizer step in between (a step a GradScaler skipped): start again
+            self._restart(key)
+        x = x.reshape(-1, x.shape[-1])
+        delta = delta.reshape(-1, delta.shape[-1])
+        self._acc.add_rows(key, x, delta)
+        track_x = self._track_x.get(key)
+        for start in _blocks(x.shape[0]):
+            rows = x[start:start + BLOCK_ROWS].float()
+            deltas = delta[start:start + BLOCK_ROWS].float()
+            live = deltas.ne(0).any(-1).float()
+            factors.x_sum[key] += live @ rows
+            factors.tokens[key] += live.sum().to(torch.int64)
+            if track_x is not None:
+                factors.tracked[key] += (rows @ track_x.T).T @ deltas
+
+    def _restart(self, key) -> None:
+        sketch = self._acc.sketches[key]
+        sketch.y.zero_()
+        sketch.w.zero_()
+        sketch.tokens = 0
+        factors = self._factors
+        factors.x_sum[key].zero_()
+        factors.tokens[key].zero_()
+        if key in factors.tracked:
+            factors.tracked[key].zero_()
+
+    def _read_tracked_prompts(self) -> None:
+        """One no-grad eval forward of the tracked prompts at the current weights: FF2's input at each prompt's last
+        position and the target's probability there."""
+        examples = self._track_examples
+        ids, mask = self.ctx.pad([e.prompt_ids for e in examples])
+        layers = [layer for layer, _ in self.tracked_keys]
+        self._paused = True
+        try:
+            hidden = forward_hidden(self.ctx, ids, mask, ff2_layers=layers)
+        finally:
+            self._paused = False
+        rows = torch.arange(len(examples), device=ids.device)
+        last = torch.tensor([len(e.prompt_ids) - 1 for e in examples], device=ids.device)
+        self._track_x = {(layer, "mlp.out"): hidden.ff2_inputs[layer][rows, last].float() for layer in layers}
+        logits = self.ctx.lens.logits(hidden.hidden[rows, last])
+        targets = torch.tensor([e.target_ids[0] for e in examples], device=ids.device)
+        self._track_prob = logits.log_softmax(-1)[rows, targets].exp().double().cpu()
+
+    # -- optimizer hooks ---------------------------------------------------------------------------------------
+    def _owns(self, optimizer) -> bool:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        found = self._weights & held
+        if found and found != self._weights:
+            missing = [key for key in self.keys if id(self.ctx.weight(*key)) not in held]
+            raise ValueError(f"the optimizer that stepped holds {len(found)} of the {len(self._weights)} watched "
+                             f"weights (not {missing[:3]}): the lens reads one optimizer's step; watch the modules "
+                             "of one optimizer")
+        return bool(found)
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if not self._owns(optimizer):
+            return
+        self._depth += 1
+        if self._depth > 1 or self._factors is None:
+            return  # a wrapper's inner optimizer (accelerate's), or a step that is not sampled
+        self._sum_over_ranks()
+        if not self.writes:
+            return
+        gradient, extra = self._finish_gradient(optimizer)
+        self._pending = {"gradient": gradient, **extra, "optimizer": optimizer,
+                         "change": self.settings.change == "always" or (self.settings.change == "auto"
+                                                                        and not _plain_sgd(optimizer))}
+        if self._pending["change"]:
+            self._acc.reset()
+            for key in self.keys:
+                y, w = self._acc.sketch_matrix(key, self.ctx.weight_io(*key).detach())
+                sketch = self._acc.sketches[key]
+                sketch.y.sub_(y)
+                sketch.w.sub_(w)
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if not self._owns(optimizer):
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        self.step += 1
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            change = None
+            if pending["change"]:
+                for key in self.keys:
+                    y, w = self._acc.sketch_matrix(key, self.ctx.weight_io(*key).detach())
+                    sketch = self._acc.sketches[key]
+                    sketch.y.add_(y)
+                    sketch.w.add_(w)
+                change = self._acc.finalize().summed
+                pending["change_norm"] = {key: _sampled_norm(s.y, s.w) for key, s in self._acc.sketches.items()}
+            self._record(pending, change)
+        self._arm_for_next_step()
+
+    def _sum_over_ranks(self) -> None:
+        if self.world_size == 1:
+            return
+        tensors = [t for s in self._acc.sketches.values() for t in (s.y, s.w)] + self._factors.tensors()
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            tensor.copy_(part.view_as(tensor))
+        tokens = torch.stack(list(self._factors.tokens.values()))
+        torch.distributed.all_reduce(tokens)
+        for value, total in zip(self._factors.tokens.values(), tokens):
+            value.copy_(total)
+
+    def _finish_gradient(self, optimizer) -> tuple[dict, dict]:
+        """Scale each sketch to the ``.grad`` the optimizer reads and do the sketch's small exact step."""
+        factors = self._factors
+        m = self.settings.sketch[2]
+        scales, consistency, norms = {}, {}, {}
+        for key in self.keys:
+            grad = self.ctx.grad_io(*key)
+            sketch = self._acc.sketches[key]
+            if grad is None:
+                scales[key], consistency[key] = float(self.world_size), math.nan
+                norms[key] = math.nan
+            else:
+                probes, _ = self._acc.sketch_matrix(key, grad.detach(), probes_only=True)
+                scales[key], consistency[key] = _match(sketch.y[:, -m:], probes)
+                norms[key] = _frobenius(grad.detach())
+            if consistency[key] > CONSISTENCY_WARNING and key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(f"training lens, step {self.step + 1}: the gradient of {key[1]} at layer {key[0]} is not "
+                              f"the sum of the factors the hooks saw (relative mismatch {consistency[key]:.3g} beyond "
+                              f"one scale): was a micro-batch run outside the lens, or the gradient changed entry by "
+                              "entry (clip_grad_value_)? Its rows are written with this consistency", stacklevel=3)
+            scale = scales[key] if scales[key] != 0 and math.isfinite(scales[key]) else 1.0
+            sketch.y.div_(scale)
+            sketch.w.div_(scale)
+            if key in factors.tracked:
+                factors.tracked[key].div_(scale)
+        stats = self._acc.finalize().summed
+        lr = {key: _learning_rate(optimizer, self.ctx.weight(*key)) for key in self.keys}
+        return stats, {"scale": scales, "consistency": consistency, "norm": norms, "lr": lr,
+                       "x_sum": dict(factors.x_sum), "tokens": {key: int(v) for key, v in factors.tokens.items()},
+                       "tracked": dict(factors.tracked), "track_prob": self._track_prob}
+
+    # -- reading and writing -----------------------------------------------------------------------------------
+    def _record(self, pending: dict, change: dict | None) -> None:
+        step = self.step
+        sources = {"gradient": pending["gradient"]}
+        if change is not None:
+            sources["change"] = change
+        directions = []  # (source, key, stats, u, v) oriented, v read as a gradient's output side
+        steps_rows, spectrum_rows = [], []
+        for source, summed in sources.items():
+            for key in self.keys:
+                stats: ModuleStats = summed[key]
+                u, v = _oriented(stats, pending["x_sum"][key], negate=source == "change")
+                directions.append((source, key, stats, u, v))
+                steps_rows.append(self._step_row(step, source, key, stats, pending))
+                bar = _error_bar(stats)
+                spectrum_rows += [dict(step=step, layer=key[0], module=key[1], source=source, index=j + 1,
+                                       singular_value=float(s), error_bar=bar)
+                                  for j, s in enumerate(stats.singular_values.tolist())]
+        rows = self._lens_rows(step, directions)
+        tables = {"rows": rows, "steps": _table("steps", pd.DataFrame(steps_rows)),
+                  "spectrum": _table("spectrum", pd.DataFrame(spectrum_rows, columns=SCHEMAS["spectrum"].names))}
+        if self.settings.track:
+            tables["tracked"] = self._tracked_rows(step, pending)
+        self._update_scalars(step, tables)
+        for name, table in tables.items():
+            self._buffers[name].append(table)
+        self._buffered_steps.append(step)
+        if len(self._buffered_steps) >= self.settings.flush_every:
+            self._flush()
+
+    def _step_row(self, step: int, source: str, key, stats: ModuleStats, pending: dict) -> dict:
+        s = stats.singular_values.double()
+        top = float(s[0]) if len(s) else 0.0
+        if source == "change":
+            norm, norm_error = pending["change_norm"][key]
+        elif math.isfinite(pending["norm"][key]):
+            norm, norm_error = pending["norm"][key], 0.0
+        else:
+            norm, norm_error = stats.frobenius, stats.approximation_error * stats.frobenius
+        return dict(step=step, layer=key[0], module=key[1], source=source, tokens=pending["tokens"][key],
+                    lr=pending["lr"][key], norm=norm, norm_error=norm_error, top_singular_value=top,
+                    error_bar=_error_bar(stats), stable_rank=norm ** 2 / top ** 2 if top > 0 else math.nan,
+                    energy_share=min(1.0, float((s ** 2).sum()) / norm ** 2) if norm > 0 else 1.0,
+                    scale=pending["scale"][key] if source == "gradient" else 1.0,
+                    consistency=pending["consistency"][key] if source == "gradient" else math.nan)
+
+    def _lists(self, module: str) -> list[tuple[str, str, bool]]:
+        """``(list, factor, largest)`` of the lens lists that read ``module``'s side in the model's width."""
+        ff1 = self.ctx.resolve_modules("mlp.in")
+        return [(name, factor, largest) for name, (part, factor, largest) in LISTS.items()
+                if (part == "in" and module in ff1) or (part == "out" and module == "mlp.out")]
+
+    def _lens_rows(self, step: int, directions: list) -> pa.Table:
+        """Every direction's lists, read in one projection per side: the input sides (``x``) and the output sides
+        (``delta``, top and bottom from one pass)."""
+        k = self.settings.k
+        parts = []
+        for factor in ("x", "delta"):
+            wanted = [(d, [lst for lst in self._lists(d[1][1]) if lst[1] == factor]) for d in directions]
+            wanted = [(d, lists) for d, lists in wanted if lists]
+            if not wanted:
+                continue
+            vectors = torch.cat([(d[3] if factor == "x" else d[4]).T for d, _ in wanted])
+            if vectors.shape[0] == 0:
+                continue
+            orders = {largest for _, lists in wanted for _, _, largest in lists}
+            read = project_lists(self.ctx, vectors.to(self.ctx.device), k=k, top=True in orders,
+                                 bottom=False in orders)
+            row = 0
+            for (source, key, stats, _, _), lists in wanted:
+                count = len(stats.singular_values)
+                for name, _, largest in lists:
+                    part = read.top if largest else read.bottom
+                    values = part.values[row:row + count].float().cpu()
+                    parts.append(dict(
+                        step=np.full(count * k, step), layer=np.full(count * k, key[0]), module=key[1],
+                        source=source, direction=np.repeat(np.arange(1, count + 1), k),
+                        singular_value=np.repeat(stats.singular_values.double().numpy(), k),
+                        error_bar=np.full(count * k, _error_bar(stats)), list=name,
+                        rank=np.tile(np.arange(1, k + 1), count),
+                        token_id=part.indices[row:row + count].reshape(-1).cpu().numpy().astype(np.int32),
+                        logit=values.reshape(-1).numpy(),
+                        score=(stats.singular_values.double()[:, None] * values.double()
+                               * (1 if largest else -1)).reshape(-1).numpy()))
+                row += count
+        return _table("rows", _concat(parts, SCHEMAS["rows"].names), self._vocabulary)
+
+    def _tracked_rows(self, step: int, pending: dict) -> pa.Table:
+        k = self.settings.k
+        examples = self._track_examples
+        targets = [e.target_ids[0] for e in examples]
+        vectors = torch.cat([pending["tracked"][key] for key in self.tracked_keys])
+        read = project_lists(self.ctx, vectors, k=k, top=False, bottom=True,
+                             targets=torch.tensor(targets * len(self.tracked_keys), device=vectors.device))
+        n = len(examples)
+        ranks = read.target_rank_bottom.reshape(len(self.tracked_keys), n).cpu()
+        indices = read.bottom.indices.reshape(len(self.tracked_keys), n, k).cpu()
+        logits = read.bottom.values.reshape(len(self.tracked_keys), n, k).float().cpu()
+        vocabulary = self.ctx.vocabulary
+        rows = []
+        for li, (layer, _) in enumerate(self.tracked_keys):
+            for i, e in enumerate(examples):
+                for r in range(k):
+                    rows.append(dict(step=step, track=i, prompt=e.prompt, target=e.target,
+                                     target_token=vocabulary[targets[i]], layer=layer,
+                                     target_prob=float(pending["track_prob"][i]), target_rank=int(ranks[li, i]),
+                                     rank=r + 1, token_id=int(indices[li, i, r]), token=vocabulary[int(indices[li, i, r])],
+                                     logit=float(logits[li, i, r])))
+        return _table("tracked", pd.DataFrame(rows))
+
+    def _update_scalars(self, step: int, tables: dict) -> None:
+        scalars = {"blens/step": float(step)}
+        for row in tables["steps"].to_pylist():
+            prefix = f"blens/L{row['layer']}/{row['module']}"
+            if row["source"] == "gradient":
+                scalars[f"{prefix}/grad_norm"] = row["norm"]
+                scalars[f"{prefix}/top_singular_value"] = row["top_singular_value"]
+                scalars[f"{prefix}/stable_rank"] = row["stable_rank"]
+                scalars[f"{prefix}/error_bar"] = row["error_bar"]
+            else:
+                scalars[f"{prefix}/change_norm"] = row["norm"]
+        if "tracked" in tables:
+            for row in tables["tracked"].to_pylist():
+                if row["rank"] == 1:
+                    scalars[f"blens/track{row['track']}/L{row['layer']}/target_rank"] = float(row["target_rank"])
+                    scalars[f"blens/track{row['track']}/target_prob"] = row["target_prob"]
+        self.scalars = scalars
+        self._fresh_scalars = True
+
+    def pop_scalars(self) -> dict[str, float]:
+        """The last sampled step's summaries if they are new since the last call, else ``{}`` (for loggers)."""
+        if not self._fresh_scalars:
+            return {}
+        self._fresh_scalars = False
+        return dict(self.scalars)
+
+    def _flush(self) -> None:
+        if not self._buffered_steps:
+            return
+        first = self._buffered_steps[0]
+        for name, tables in self._buffers.items():
+            if not tables:
+                continue
+            table = pa.concat_tables(tables)
+            if self.out is not None and self.writes:
+                path = shard_file(self.out, name, first)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_table(path, table)
+            else:
+                self._memory[name].append(table)
+            tables.clear()
+        self._buffered_steps = []
+
+    def _has_rows(self) -> bool:
+        return self.out is not None and (self.out / "rows").is_dir()
+
+    def to_pandas(self, table: str = "rows") -> pd.DataFrame:
+        """One of :data:`TABLES` as a DataFrame: from ``out`` when the lens writes there, else from memory (what is
+        not yet written included)."""
+        check_choice(table, "table", TABLES)
+        if self.out is not None:
+            self._flush()
+            if not self.writes:
+                raise ValueError(f"rank {self.rank_in_group} does not write: read the results on rank 0")
+            from .training_report import read_training_lens
+
+            return read_training_lens(self.out, table)
+        tables = self._memory[table] + self._buffers[table]
+        return (pa.concat_tables(tables) if tables else SCHEMAS[table].empty_table()).to_pandas()
+
+
+# -- the small maths ---------------------------------------------------------------------------------------------
+def _match(from_factors: torch.Tensor, from_grad: torch.Tensor) -> tuple[float, float]:
+    """The scale ``c`` with ``from_factors ~ c * from_grad`` (least squares) and the relative mismatch beyond it."""
+    a, b = from_factors.double(), from_grad.double()
+    bb = float((b * b).sum())
+    aa = float((a * a).sum())
+    if bb == 0.0:
+        return 1.0, 0.0 if aa == 0.0 else 1.0
+    scale = float((a * b).sum()) / bb
+    return scale, float((a - scale * b).norm()) / math.sqrt(aa) if aa > 0 else 1.0
+
+
+def _learning_rate(optimizer, weight) -> float:
+    for group in optimizer.param_groups:
+        if any(p is weight for p in group["params"]):
+            lr = group.get("lr", math.nan)
+            return float(lr) if not isinstance(lr, torch.Tensor) else float(lr.item())
+    return math.nan
+
+
+def _oriented(stats: ModuleStats, x_sum: torch.Tensor, *, negate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, v)`` (``d_in x r``, ``d_out x r``, float32) with each pair's sign chosen so that the step's mean input
+    has ``x . u_j >= 0``; ``negate`` reads the matrix's negative (``v -> -v``)."""
+    u, v = stats.u.float(), stats.v.float()
+    signs = torch.where(x_sum.cpu().double() @ stats.u.double() < 0, -1.0, 1.0).float()
+    return u * signs, v * signs * (-1.0 if negate else 1.0)
+
+
+def _error_bar(stats: ModuleStats) -> float:
+    """The sketch's expected ``||G - Q B||_F``: a bound on each singular value's error (Weyl's inequality)."""
+    return stats.approximation_error * stats.frobenius
+
+
+def _sampled_norm(y: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
+    """``||G||_F`` from a sketch's Gaussian samples and its standard error: every column of ``y = G Omega`` and row
+    of ``w = Psi G`` has ``E ||.||^2 = ||G||_F^2``, so their mean squared norm is unbiased and its spread is measured
+    (for the change of an adaptive optimizer, whose spectrum is flat, it is sharper than the range-based estimate)."""
+    samples = torch.cat([y.double().square().sum(0), w.double().square().sum(1)])
+    mean = float(samples.mean())
+    error = float(samples.std() / math.sqrt(samples.numel())) if samples.numel() > 1 else mean
+    norm = math.sqrt(max(mean, 0.0))
+    return norm, error / (2 * norm) if norm > 0 else 0.0
+
+
+def _concat(parts: list[dict], columns) -> dict:
+    if not parts:
+        return {}
+    out = {}
+    for name in columns:
+        if name == "token":
+            continue
+        values = [p[name] if isinstance(p[name], np.ndarray) else np.full(len(p["rank"]), p[name], dtype=object)
+                  for p in parts]
+        out[name] = np.concatenate(values)
+    return out
+
+
+def _table(name: str, columns, vocabulary: pa.Array | None = None) -> pa.Table:
+    """An Arrow table of :data:`SCHEMAS` ``[name]`` from a DataFrame or a dict of columns; dictionary columns use the
+    fixed dictionaries (every part of a dataset alike); ``vocabulary`` fills ``token`` from ``token_id``."""
+    schema = SCHEMAS[name]
+    frame = columns if isinstance(columns, pd.DataFrame) else None
+    length = len(frame) if frame is not None else len(next(iter(columns.values()), []))
+    if length == 0:
+        return schema.empty_table()
+    arrays = []
+    for field in schema:
+        if field.name == "token" and vocabulary is not None:
+            arrays.append(vocabulary.take(pa.array(np.asarray(columns["token_id"], dtype=np.int32))))
+            continue
+        values = np.asarray(frame[field.name] if frame is not None else columns[field.name])
+        if field.name in _DICTIONARIES:
+            dictionary = _DICTIONARIES[field.name]
+            index = {value: i for i, value in enumerate(dictionary)}
+            codes = np.fromiter((index[v] for v in values), dtype=np.int32, count=len(values))
+            arrays.append(pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(dictionary, pa.string())))
+        else:
+            arrays.append(pa.array(values).cast(field.type))
+    return pa.table(arrays, schema=schema)
