@@ -7,7 +7,7 @@ facts with no backward pass, and run it all over datasets.
 from .adapters import Adapter, Lens, get_adapter, register_adapter, supported_architectures
 from .bulk import project_dataset, read_results
 from .capture import Capture, capture
-from . import counterfact
+from . import counterfact, integrations
 from .context import ModelContext, bind, load_default_model, load_model
 from .counterfact import evaluate_counterfact
 from .editing import Edit, edit
@@ -18,12 +18,14 @@ from .ops.topk import TopBottomK, TopK, topk_bottomk_logits, topk_logits
 from .project import project
 from .spectrum import rank
 from .stats import GradientStats, gradient_stats
+from .training import TrainingLens, training_lens
+from .training_report import read_training_lens
 
 __version__ = "0.2.0"
 
 __all__ = [
     "Adapter", "Capture", "Edit", "GradientStats", "ImprintShiftReport", "Lens", "LensReport", "LowRankGradient", "ModelContext", "TopBottomK",
-    "TopK", "analyze", "bind", "capture", "counterfact", "edit", "evaluate_counterfact", "get_adapter", "gradient_stats", "imprint_shift", "lens", "load_default_model",
-    "load_model", "project", "project_dataset", "rank", "read_results", "register_adapter", "supported_architectures", "topk_bottomk_logits",
-    "topk_logits",
+    "TopK", "analyze", "bind", "capture", "counterfact", "edit", "evaluate_counterfact", "get_adapter", "gradient_stats", "imprint_shift", "integrations", "lens", "load_default_model",
+    "load_model", "project", "project_dataset", "rank", "read_results", "read_training_lens", "register_adapter", "supported_architectures", "topk_bottomk_logits",
+    "topk_logits", "TrainingLens", "training_lens",
 ]

@@ -18,6 +18,7 @@ COMMANDS = {
     "project-dataset": "project_dataset",
     "bench": "bench",
     "imprint-shift": "imprint_shift",
+    "training-lens-report": "training_lens_report",
 }
 
 

@@ -25,10 +25,12 @@ On a sampled step, for every watched (layer, module):
 * **Norm and spectrum.** ``norm`` is the exact ``||grad||_F`` (read from ``.grad`` in row blocks), the top-``rank``
   singular values come from the sketch with ``error_bar`` = the sketch's expected ``||G - Q B||_F``, which bounds
   every singular value's error (Weyl); 0 up to rounding when the step's gradient has rank ``<= 2 rank + 1`` (then the
-  values and vectors are the dense SVD's). ``stable_rank = norm^2 / sigma_1^2`` is the effective rank.
+  values and vectors are the dense SVD's). ``stable_rank = norm^2 / sigma_1^2`` is the effective rank. The change's
+  norm is estimated from the sketch's Gaussian samples, with its standard error as ``norm_error``.
 * **The update's lens.** Each singular direction ``(u_j, v_j)`` is oriented so that the step's mean input ``x`` has
-  ``x . u_j >= 0`` (the direction as the step's own tokens fire it) and read through the model's current lens with
-  the package's fused projection, as :mod:`blens_fast.lens` reads factors: FF1's input side ``u_j`` as ``ff1_top``,
+  ``x . u_j >= 0`` (the direction as the step's own tokens fire it) and read through the model's current lens (as
+  it is after the step: the lens the next forward uses) with the package's fused projection, as
+  :mod:`blens_fast.lens` reads factors: FF1's input side ``u_j`` as ``ff1_top``,
   FF2's output side ``v_j`` as ``ff2_bottom`` and ``ff2_top``. The sign follows the descent direction: a gradient step
   (for SGD the update is ``-lr * grad``) adds ``-lr s_j (x . u_j) v_j`` to FF2's output, so ``ff2_bottom`` lists the
   tokens the step **promotes** and ``ff2_top`` those it **demotes**, exactly as the Backward Lens's lists of one

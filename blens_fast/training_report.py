@@ -44,6 +44,19 @@ def read_training_lens(directory, table: str = "rows") -> pd.DataFrame:
     return frame.sort_values("step", kind="stable").reset_index(drop=True)
 
 
+def summary_table(steps: pd.DataFrame) -> str:
+    """Per (module, layer, source), over the sampled steps: their count, the first and last norm, the mean stable
+    rank and the largest consistency mismatch, as text."""
+    if steps.empty:
+        return "(no sampled step)"
+    grouped = steps.assign(module=steps["module"].astype(str), source=steps["source"].astype(str)).sort_values(
+        "step").groupby(["module", "layer", "source"])
+    table = pd.DataFrame({"steps": grouped["step"].count(), "first_norm": grouped["norm"].first(),
+                          "last_norm": grouped["norm"].last(), "mean_stable_rank": grouped["stable_rank"].mean(),
+                          "max_consistency": grouped["consistency"].max()})
+    return table.to_string(float_format=lambda v: f"{v:.4g}")
+
+
 def write_timelines(directory, out=None) -> dict[str, Path]:
     """Draw ``timeline_<module>.png`` and ``timeline_<module>.html`` for every module of the training lens in
     ``directory`` (into ``out``, default the same folder); returns the written paths."""
@@ -83,15 +96,18 @@ def _timeline_png(module: str, rows: pd.DataFrame, steps: pd.DataFrame, tracked:
     fig, axes = plt.subplots(panels, 1, figsize=(width, 1.2 + 0.6 * len(cells.index) * panels + 1.2 * (panels - 1)),
                              squeeze=False)
     ax = axes[0, 0]
-    image = ax.imshow(np.log10(norms.to_numpy(dtype=float).clip(min=1e-30)), aspect="auto", cmap="viridis")
+    shade = np.log10(norms.to_numpy(dtype=float).clip(min=1e-30))
+    image = ax.imshow(shade, aspect="auto", cmap="viridis")
+    low, high = image.get_clim()
     columns = list(cells.columns)
     stride = max(1, int(np.ceil(len(columns) / LABELLED_STEPS)))
     for ci in range(0, len(columns), stride):
         for li in range(len(cells.index)):
             token = cells.iloc[li, ci]
             if isinstance(token, str):
+                bright = (shade[li, ci] - low) > 0.6 * (high - low)  # viridis is light at its top
                 ax.text(ci, li, token.strip()[:9] or repr(token), ha="center", va="center", fontsize=7,
-                        color="white", rotation=90 if len(columns) > 12 else 0)
+                        color="black" if bright else "white", rotation=90 if len(columns) > 12 else 0)
     ax.set_xticks(range(0, len(columns), stride), [str(columns[i]) for i in range(0, len(columns), stride)],
                   fontsize=7)
     ax.set_yticks(range(len(cells.index)), [str(layer) for layer in cells.index])

@@ -12,6 +12,7 @@ import transformers
 
 import blens_fast as bl
 from blens_fast.training import TrainingLens, training_lens
+from blens_fast.training_report import read_training_lens
 
 from ..helpers import ARCHITECTURES, make_tiny_model, threads
 from .reference import LiveInputs, in_out, lists, module_of, oriented, svd
@@ -510,3 +511,50 @@ def test_no_dense_weight_sized_tensor_is_allocated(tokenizer, monkeypatch):
                                                                                   math.prod(s[:-1]) == 1)]
     assert not big, big[:5]
     assert not [s for _, s in mode.shapes if sorted(s[-2:]) == [d, d_ff]]
+
+
+def test_ddp_two_cpu_ranks_read_the_global_step(tokenizer, tmp_path):
+    """Two gloo ranks, each with its own batch: the ranks' sketches are summed, so rank 0 reads the global step's
+    gradient (the DDP average the optimizer reads); its spectrum, token count and lists are those of the dense
+    reference computed here in one process over both batches."""
+    import socket
+
+    from .ddp_worker import BATCHES, worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, result = tmp_path / "out", tmp_path / "grads.pt"
+    torch.multiprocessing.start_processes(worker, args=(2, port, str(out), str(result)), nprocs=2,
+                                          start_method="spawn")
+    grads = torch.load(result)
+    model = make_tiny_model("gpt2")
+    keys = reference_keys(model)
+    live = LiveInputs(model, keys)
+    for batch in BATCHES:  # DDP averages the ranks' gradients
+        (model(**encode(tokenizer, batch)).loss / len(BATCHES)).backward()
+    reference = dense_grads(model, keys)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # the lists read the lens after the step, as the ranks did
+    live.remove()
+    steps, spectrum = read_training_lens(out, "steps"), read_training_lens(out, "spectrum")
+    for key in keys:
+        torch.testing.assert_close(grads[key], reference[key], rtol=1e-5, atol=1e-8)
+        u, s, v = svd(reference[key])
+        r = int((s > 1e-6 * s[0]).sum().clamp(max=4))
+        got = spectrum[(spectrum.layer == key[0]) & (spectrum.module.astype(str) == key[1])].sort_values("index")
+        torch.testing.assert_close(torch.tensor(got.singular_value.to_numpy()[:r]), s[:r], rtol=1e-4,
+                                   atol=1e-6 * float(s[0]))
+        row = steps[(steps.layer == key[0]) & (steps.module.astype(str) == key[1])].iloc[0]
+        assert row.tokens == live.counts[key]
+        assert row.scale == pytest.approx(2.0, rel=1e-5)  # the sum over ranks against DDP's average
+    rows = read_training_lens(out, "rows")
+    for key in keys:
+        u, s, v = svd(reference[key])
+        r = int((s > 1e-6 * s[0]).sum().clamp(max=4))
+        u, v = oriented(u, v, live.sums[key] / live.counts[key], r)
+
+        class Read:  # the rows as check_lists_against_reference reads them from a lens
+            @staticmethod
+            def to_pandas(table):
+                return rows
+        check_lists_against_reference(model, Read, 1, key, u, v, r, 5)
