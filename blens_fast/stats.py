@@ -457,11 +457,16 @@ class StatsAccumulator:
 
     # -- the exact small step -------------------------------------------------------------------------
     # pragma: no mutate start
+    def finalize_module(self, key) -> ModuleStats:
+        """The small exact step of one (layer, module) (:meth:`finalize` does every one)."""
+        sketch = self.sketches[key]
+        norms = sketch.all_norms_sq().double().clamp_min(0).sqrt()
+        return sketch.finalize(self.sizes, self.rank, self._test(*sketch.sketch_shape)[1], norms)
+
     def finalize(self, order=None) -> GradientStats:
         """The rank-``r`` summed gradients and norms; ``order`` (a list of ids) sorts the per-example norms."""
         norms = {key: s.all_norms_sq().double().clamp_min(0).sqrt() for key, s in self.sketches.items()}
-        summed = {key: s.finalize(self.sizes, self.rank, self._test(*s.sketch_shape)[1], norms[key])
-                  for key, s in self.sketches.items()}
+        summed = {key: self.finalize_module(key) for key in self.sketches}
         ids = list(self.ids)
         if order is not None:
             position = {i: j for j, i in enumerate(ids)}

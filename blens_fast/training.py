@@ -253,7 +253,6 @@ class TrainingLens:
         self._memory: dict[str, list[pa.Table]] = {name: [] for name in TABLES}
         self._buffered_steps: list[int] = []
         self._warned: set = set()
-        self._vocabulary = pa.array(self.ctx.vocabulary, pa.string())
 
     # -- arguments ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -452,16 +451,18 @@ class TrainingLens:
         self.step += 1
         pending, self._pending = self._pending, None
         if pending is not None:
-            change = None
+            # the gradient's rows first, so that its directions are gone before the change's are read
+            tables = [self._source_tables(self.step, "gradient", pending.pop("gradient"), pending)]
             if pending["change"]:
                 for key in self.keys:
                     y, w = self._acc.sketch_matrix(key, self.ctx.weight_io(*key).detach())
                     sketch = self._acc.sketches[key]
                     sketch.y.add_(y)
                     sketch.w.add_(w)
-                change = self._acc.finalize().summed
                 pending["change_norm"] = {key: _sampled_norm(s.y, s.w) for key, s in self._acc.sketches.items()}
-            self._record(pending, change)
+                change = {key: self._read(key, pending["x_sum"][key], negate=True) for key in self.keys}
+                tables.append(self._source_tables(self.step, "change", change, pending))
+            self._store(self.step, tables, pending)
         self._arm_for_next_step()
 
     def _sum_over_ranks(self) -> None:
@@ -503,33 +504,29 @@ class TrainingLens:
             sketch.w.div_(scale)
             if key in factors.tracked:
                 factors.tracked[key].div_(scale)
-        stats = self._acc.finalize().summed
+        reads = {key: self._read(key, factors.x_sum[key], negate=False) for key in self.keys}
         lr = {key: _learning_rate(optimizer, self.ctx.weight(*key)) for key in self.keys}
-        return stats, {"scale": scales, "consistency": consistency, "norm": norms, "lr": lr,
+        return reads, {"scale": scales, "consistency": consistency, "norm": norms, "lr": lr,
                        "x_sum": dict(factors.x_sum), "tokens": {key: int(v) for key, v in factors.tokens.items()},
                        "tracked": dict(factors.tracked), "track_prob": self._track_prob}
 
     # -- reading and writing -----------------------------------------------------------------------------------
-    def _record(self, pending: dict, change: dict | None) -> None:
-        step = self.step
-        sources = {"gradient": pending["gradient"]}
-        if change is not None:
-            sources["change"] = change
-        directions = []  # (source, key, stats, u, v) oriented, v read as a gradient's output side
+    def _source_tables(self, step: int, source: str, reads: dict, pending: dict) -> dict[str, pa.Table]:
+        """The ``rows``, ``steps`` and ``spectrum`` tables of one source's reads."""
         steps_rows, spectrum_rows = [], []
-        for source, summed in sources.items():
-            for key in self.keys:
-                stats: ModuleStats = summed[key]
-                u, v = _oriented(stats, pending["x_sum"][key], negate=source == "change")
-                directions.append((source, key, stats, u, v))
-                steps_rows.append(self._step_row(step, source, key, stats, pending))
-                bar = _error_bar(stats)
-                spectrum_rows += [dict(step=step, layer=key[0], module=key[1], source=source, index=j + 1,
-                                       singular_value=float(s), error_bar=bar)
-                                  for j, s in enumerate(stats.singular_values.tolist())]
-        rows = self._lens_rows(step, directions)
-        tables = {"rows": rows, "steps": _table("steps", pd.DataFrame(steps_rows)),
-                  "spectrum": _table("spectrum", pd.DataFrame(spectrum_rows, columns=SCHEMAS["spectrum"].names))}
+        for key in self.keys:
+            read: _Read = reads[key]
+            steps_rows.append(self._step_row(step, source, key, read, pending))
+            spectrum_rows += [dict(step=step, layer=key[0], module=key[1], source=source, index=j + 1,
+                                   singular_value=float(s), error_bar=read.error_bar)
+                              for j, s in enumerate(read.singular_values.tolist())]
+        return {"rows": self._lens_rows(step, [(source, key, reads[key]) for key in self.keys]),
+                "steps": _table("steps", pd.DataFrame(steps_rows)),
+                "spectrum": _table("spectrum", pd.DataFrame(spectrum_rows, columns=SCHEMAS["spectrum"].names))}
+
+    def _store(self, step: int, parts: list[dict], pending: dict) -> None:
+        """Buffer one sampled step's tables (written every ``flush_every`` sampled steps) and its scalars."""
+        tables = {name: pa.concat_tables([part[name] for part in parts]) for name in parts[0]}
         if self.settings.track:
             tables["tracked"] = self._tracked_rows(step, pending)
         self._update_scalars(step, tables)
@@ -539,21 +536,25 @@ class TrainingLens:
         if len(self._buffered_steps) >= self.settings.flush_every:
             self._flush()
 
-    def _step_row(self, step: int, source: str, key, stats: ModuleStats, pending: dict) -> dict:
-        s = stats.singular_values.double()
+    def _step_row(self, step: int, source: str, key, read: "_Read", pending: dict) -> dict:
+        s = read.singular_values.double()
         top = float(s[0]) if len(s) else 0.0
         if source == "change":
             norm, norm_error = pending["change_norm"][key]
         elif math.isfinite(pending["norm"][key]):
             norm, norm_error = pending["norm"][key], 0.0
         else:
-            norm, norm_error = stats.frobenius, stats.approximation_error * stats.frobenius
+            norm, norm_error = read.frobenius, read.error_bar
         return dict(step=step, layer=key[0], module=key[1], source=source, tokens=pending["tokens"][key],
                     lr=pending["lr"][key], norm=norm, norm_error=norm_error, top_singular_value=top,
-                    error_bar=_error_bar(stats), stable_rank=norm ** 2 / top ** 2 if top > 0 else math.nan,
+                    error_bar=read.error_bar, stable_rank=norm ** 2 / top ** 2 if top > 0 else math.nan,
                     energy_share=min(1.0, float((s ** 2).sum()) / norm ** 2) if norm > 0 else 1.0,
                     scale=pending["scale"][key] if source == "gradient" else 1.0,
                     consistency=pending["consistency"][key] if source == "gradient" else math.nan)
+
+    def _read(self, key, x_sum: torch.Tensor, *, negate: bool) -> "_Read":
+        sides = {factor for _, factor, _ in self._lists(key[1])}
+        return _Read.of(self._acc.finalize_module(key), x_sum, sides, negate=negate)
 
     def _lists(self, module: str) -> list[tuple[str, str, bool]]:
         """``(list, factor, largest)`` of the lens lists that read ``module``'s side in the model's width."""
@@ -571,30 +572,30 @@ class TrainingLens:
             wanted = [(d, lists) for d, lists in wanted if lists]
             if not wanted:
                 continue
-            vectors = torch.cat([(d[3] if factor == "x" else d[4]).T for d, _ in wanted])
+            vectors = torch.cat([(d[2].u if factor == "x" else d[2].v).T for d, _ in wanted])
             if vectors.shape[0] == 0:
                 continue
             orders = {largest for _, lists in wanted for _, _, largest in lists}
-            read = project_lists(self.ctx, vectors.to(self.ctx.device), k=k, top=True in orders,
-                                 bottom=False in orders)
+            projected = project_lists(self.ctx, vectors.to(self.ctx.device), k=k, top=True in orders,
+                                      bottom=False in orders)
             row = 0
-            for (source, key, stats, _, _), lists in wanted:
-                count = len(stats.singular_values)
+            for (source, key, read), lists in wanted:
+                count = len(read.singular_values)
                 for name, _, largest in lists:
-                    part = read.top if largest else read.bottom
+                    part = projected.top if largest else projected.bottom
                     values = part.values[row:row + count].float().cpu()
                     parts.append(dict(
                         step=np.full(count * k, step), layer=np.full(count * k, key[0]), module=key[1],
                         source=source, direction=np.repeat(np.arange(1, count + 1), k),
-                        singular_value=np.repeat(stats.singular_values.double().numpy(), k),
-                        error_bar=np.full(count * k, _error_bar(stats)), list=name,
+                        singular_value=np.repeat(read.singular_values.double().numpy(), k),
+                        error_bar=np.full(count * k, read.error_bar), list=name,
                         rank=np.tile(np.arange(1, k + 1), count),
                         token_id=part.indices[row:row + count].reshape(-1).cpu().numpy().astype(np.int32),
                         logit=values.reshape(-1).numpy(),
-                        score=(stats.singular_values.double()[:, None] * values.double()
+                        score=(read.singular_values.double()[:, None] * values.double()
                                * (1 if largest else -1)).reshape(-1).numpy()))
                 row += count
-        return _table("rows", _concat(parts, SCHEMAS["rows"].names), self._vocabulary)
+        return _table("rows", _concat(parts, SCHEMAS["rows"].names), self.ctx.token_texts)
 
     def _tracked_rows(self, step: int, pending: dict) -> pa.Table:
         k = self.settings.k
@@ -607,15 +608,15 @@ class TrainingLens:
         ranks = read.target_rank_bottom.reshape(len(self.tracked_keys), n).cpu()
         indices = read.bottom.indices.reshape(len(self.tracked_keys), n, k).cpu()
         logits = read.bottom.values.reshape(len(self.tracked_keys), n, k).float().cpu()
-        vocabulary = self.ctx.vocabulary
         rows = []
+        texts = self.ctx.token_texts
         for li, (layer, _) in enumerate(self.tracked_keys):
             for i, e in enumerate(examples):
                 for r in range(k):
                     rows.append(dict(step=step, track=i, prompt=e.prompt, target=e.target,
-                                     target_token=vocabulary[targets[i]], layer=layer,
+                                     target_token=texts([targets[i]])[0], layer=layer,
                                      target_prob=float(pending["track_prob"][i]), target_rank=int(ranks[li, i]),
-                                     rank=r + 1, token_id=int(indices[li, i, r]), token=vocabulary[int(indices[li, i, r])],
+                                     rank=r + 1, token_id=int(indices[li, i, r]), token=texts([indices[li, i, r]])[0],
                                      logit=float(logits[li, i, r])))
         return _table("tracked", pd.DataFrame(rows))
 
@@ -700,17 +701,26 @@ def _learning_rate(optimizer, weight) -> float:
     return math.nan
 
 
-def _oriented(stats: ModuleStats, x_sum: torch.Tensor, *, negate: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u, v)`` (``d_in x r``, ``d_out x r``, float32) with each pair's sign chosen so that the step's mean input
-    has ``x . u_j >= 0``; ``negate`` reads the matrix's negative (``v -> -v``)."""
-    u, v = stats.u.float(), stats.v.float()
-    signs = torch.where(x_sum.cpu().double() @ stats.u.double() < 0, -1.0, 1.0).float()
-    return u * signs, v * signs * (-1.0 if negate else 1.0)
+@dataclass(frozen=True)
+class _Read:
+    """One sketch's small exact step, kept compact until the step's rows are written: the singular values, the
+    directions that the lens reads as float32 (``u``: ``d_in x r`` when ``"x"`` is in ``sides``, ``v``: ``d_out x r``
+    when ``"delta"`` is; else None) with each pair's sign chosen so that the step's mean input has ``x . u_j >= 0``
+    (``negate``: ``v`` of the matrix's negative), the Frobenius estimate and the error bar (the sketch's expected
+    ``||G - Q B||_F``, a bound on each singular value's error by Weyl's inequality)."""
 
+    singular_values: torch.Tensor
+    u: torch.Tensor | None
+    v: torch.Tensor | None
+    frobenius: float
+    error_bar: float
 
-def _error_bar(stats: ModuleStats) -> float:
-    """The sketch's expected ``||G - Q B||_F``: a bound on each singular value's error (Weyl's inequality)."""
-    return stats.approximation_error * stats.frobenius
+    @classmethod
+    def of(cls, stats: ModuleStats, x_sum: torch.Tensor, sides, *, negate: bool) -> "_Read":
+        signs = torch.where(x_sum.cpu().double() @ stats.u.double() < 0, -1.0, 1.0)
+        u = (stats.u * signs).float() if "x" in sides else None
+        v = (stats.v * signs * (-1.0 if negate else 1.0)).float() if "delta" in sides else None
+        return cls(stats.singular_values.double(), u, v, stats.frobenius, stats.approximation_error * stats.frobenius)
 
 
 def _sampled_norm(y: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
@@ -737,9 +747,9 @@ def _concat(parts: list[dict], columns) -> dict:
     return out
 
 
-def _table(name: str, columns, vocabulary: pa.Array | None = None) -> pa.Table:
+def _table(name: str, columns, token_texts=None) -> pa.Table:
     """An Arrow table of :data:`SCHEMAS` ``[name]`` from a DataFrame or a dict of columns; dictionary columns use the
-    fixed dictionaries (every part of a dataset alike); ``vocabulary`` fills ``token`` from ``token_id``."""
+    fixed dictionaries (every part of a dataset alike); ``token_texts`` (ids -> texts) fills ``token``."""
     schema = SCHEMAS[name]
     frame = columns if isinstance(columns, pd.DataFrame) else None
     length = len(frame) if frame is not None else len(next(iter(columns.values()), []))
@@ -747,8 +757,8 @@ def _table(name: str, columns, vocabulary: pa.Array | None = None) -> pa.Table:
         return schema.empty_table()
     arrays = []
     for field in schema:
-        if field.name == "token" and vocabulary is not None:
-            arrays.append(vocabulary.take(pa.array(np.asarray(columns["token_id"], dtype=np.int32))))
+        if field.name == "token" and token_texts is not None:
+            arrays.append(pa.array(token_texts(columns["token_id"]), pa.string()))
             continue
         values = np.asarray(frame[field.name] if frame is not None else columns[field.name])
         if field.name in _DICTIONARIES:
