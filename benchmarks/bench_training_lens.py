@@ -4,7 +4,9 @@ cost:     trains the shipped default model and a GPT-2-small-dims model (12 laye
           (fp32, the CPU) on packed CounterFact sentences, without the lens and with it at every=10 and every=1
           (FF1 + FF2 of every layer, rank 4, k 10: the defaults), interleaved round by round in one process, at 1 and
           2 torch threads. Step-time overhead = mean step time with the lens / without - 1 (every=10: over whole
-          rounds of 10 steps, one of them sampled). Extra peak memory: peak RSS of a fresh process training the
+          rounds of 10 steps, one of them sampled), medians over the rounds; beside it the time spent inside the
+          lens's own code per sampled step over the step time without the lens (the same overhead, free of the
+          shared machine's noise between rounds). Extra peak memory: peak RSS of a fresh process training the
           same steps with the lens at every=1 minus that of one without, both measured from the state after one
           warm-up step with the lens (the optimizer's state and the compiled kernels loaded in both) (the peak is reset through /proc/self/clear_refs; glibc is told to return every block of
           64 KiB or more, so RSS follows live memory), against the bytes of the weights' gradients.
@@ -81,6 +83,32 @@ def lens_for(model, tokenizer, every: int, start_step: int):
     return bl.TrainingLens(model, tokenizer, every=every, start_step=start_step)
 
 
+class LensClock:
+    """Seconds spent inside the lens's own code (hooks and optimizer hooks) while ``on``."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.on = False
+
+    def wrap(self, cls) -> None:
+        import functools
+
+        for name in ("_forward_hook", "_gradient_hook", "_pre_step", "_post_step"):
+            original = getattr(cls, name)
+
+            @functools.wraps(original)
+            def timed(*args, _original=original, **kwargs):
+                if not self.on:
+                    return _original(*args, **kwargs)
+                begin = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - begin
+
+            setattr(cls, name, timed)
+
+
 def cost_one(name: str, threads: int, rounds: int, batch: int, tokens: int, every1_steps: int) -> dict:
     torch.set_num_threads(threads)
     model, tokenizer = build(name)
@@ -93,6 +121,11 @@ def cost_one(name: str, threads: int, rounds: int, batch: int, tokens: int, ever
         train(model, opt, data, 1, done)
     done += 1
     per = {"baseline": [], "every10": [], "every1": []}
+    from blens_fast.training import TrainingLens
+
+    clock = LensClock()
+    clock.wrap(TrainingLens)
+    inside = []
     for _ in range(rounds):
         per["baseline"].append(statistics.mean(train(model, opt, data, 10, done)))
         done += 10
@@ -100,8 +133,11 @@ def cost_one(name: str, threads: int, rounds: int, batch: int, tokens: int, ever
             per["every10"].append(statistics.mean(train(model, opt, data, 10, done)))
         assert len(lens.to_pandas("steps").step.unique()) == 1
         done += 10
+        clock.seconds, clock.on = 0.0, True
         with lens_for(model, tokenizer, 1, done):
             per["every1"].append(statistics.mean(train(model, opt, data, every1_steps, done)))
+        clock.on = False
+        inside.append(clock.seconds / every1_steps)
         done += every1_steps
     base = statistics.median(per["baseline"])
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -110,6 +146,9 @@ def cost_one(name: str, threads: int, rounds: int, batch: int, tokens: int, ever
             "step_seconds_per_round": per,
             "overhead_every10": statistics.median(per["every10"]) / base - 1,
             "overhead_every1": statistics.median(per["every1"]) / base - 1,
+            "lens_seconds_per_sampled_step": statistics.median(inside),
+            "lens_share_every1": statistics.median(inside) / base,
+            "lens_share_every10": statistics.median(inside) / (10 * base),
             "gradient_bytes": grads}
 
 
@@ -349,7 +388,10 @@ def main() -> None:
                   "step s (no lens)": r["step_seconds"]["baseline"], "step s (every=10)": r["step_seconds"]["every10"],
                   "step s (every=1)": r["step_seconds"]["every1"],
                   "overhead every=10": f"{100 * r['overhead_every10']:+.1f}%",
-                  "overhead every=1": f"{100 * r['overhead_every1']:+.1f}%"} for r in result["runs"]]
+                  "overhead every=1": f"{100 * r['overhead_every1']:+.1f}%",
+                  "lens s per sampled step": r["lens_seconds_per_sampled_step"],
+                  "lens time / step, every=10": f"{100 * r['lens_share_every10']:.1f}%",
+                  "lens time / step, every=1": f"{100 * r['lens_share_every1']:.1f}%"} for r in result["runs"]]
         mem = [{"model": m["model"], "gradients MiB": m["gradient_bytes"] / 2 ** 20,
                 "lens tensors, peak MiB": m["lens_tensor_peak_bytes"] / 2 ** 20,
                 "share of gradients": f"{100 * m['lens_tensor_peak_share_of_gradients']:.2f}%",

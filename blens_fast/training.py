@@ -451,8 +451,7 @@ class TrainingLens:
         self.step += 1
         pending, self._pending = self._pending, None
         if pending is not None:
-            # the gradient's rows first, so that its directions are gone before the change's are read
-            tables = [self._source_tables(self.step, "gradient", pending.pop("gradient"), pending)]
+            sources = {"gradient": pending.pop("gradient")}
             if pending["change"]:
                 for key in self.keys:
                     y, w = self._acc.sketch_matrix(key, self.ctx.weight_io(*key).detach())
@@ -460,9 +459,8 @@ class TrainingLens:
                     sketch.y.add_(y)
                     sketch.w.add_(w)
                 pending["change_norm"] = {key: _sampled_norm(s.y, s.w) for key, s in self._acc.sketches.items()}
-                change = {key: self._read(key, pending["x_sum"][key], negate=True) for key in self.keys}
-                tables.append(self._source_tables(self.step, "change", change, pending))
-            self._store(self.step, tables, pending)
+                sources["change"] = {key: self._read(key, pending["x_sum"][key], negate=True) for key in self.keys}
+            self._store(self.step, sources, pending)
         self._arm_for_next_step()
 
     def _sum_over_ranks(self) -> None:
@@ -511,22 +509,20 @@ class TrainingLens:
                        "tracked": dict(factors.tracked), "track_prob": self._track_prob}
 
     # -- reading and writing -----------------------------------------------------------------------------------
-    def _source_tables(self, step: int, source: str, reads: dict, pending: dict) -> dict[str, pa.Table]:
-        """The ``rows``, ``steps`` and ``spectrum`` tables of one source's reads."""
-        steps_rows, spectrum_rows = [], []
-        for key in self.keys:
-            read: _Read = reads[key]
-            steps_rows.append(self._step_row(step, source, key, read, pending))
-            spectrum_rows += [dict(step=step, layer=key[0], module=key[1], source=source, index=j + 1,
-                                   singular_value=float(s), error_bar=read.error_bar)
-                              for j, s in enumerate(read.singular_values.tolist())]
-        return {"rows": self._lens_rows(step, [(source, key, reads[key]) for key in self.keys]),
-                "steps": _table("steps", pd.DataFrame(steps_rows)),
-                "spectrum": _table("spectrum", pd.DataFrame(spectrum_rows, columns=SCHEMAS["spectrum"].names))}
-
-    def _store(self, step: int, parts: list[dict], pending: dict) -> None:
-        """Buffer one sampled step's tables (written every ``flush_every`` sampled steps) and its scalars."""
-        tables = {name: pa.concat_tables([part[name] for part in parts]) for name in parts[0]}
+    def _store(self, step: int, sources: dict, pending: dict) -> None:
+        """Build one sampled step's tables from its reads (``{source: {key: _Read}}``; every direction read through the
+        lens in one projection), buffer them (written every ``flush_every`` sampled steps), update the scalars."""
+        steps_rows, spectrum_rows, directions = [], [], []
+        for source, reads in sources.items():
+            for key in self.keys:
+                read: _Read = reads[key]
+                directions.append((source, key, read))
+                steps_rows.append(self._step_row(step, source, key, read, pending))
+                spectrum_rows += [dict(step=step, layer=key[0], module=key[1], source=source, index=j + 1,
+                                       singular_value=float(s), error_bar=read.error_bar)
+                                  for j, s in enumerate(read.singular_values.tolist())]
+        tables = {"rows": self._lens_rows(step, directions), "steps": _table("steps", pd.DataFrame(steps_rows)),
+                  "spectrum": _table("spectrum", pd.DataFrame(spectrum_rows, columns=SCHEMAS["spectrum"].names))}
         if self.settings.track:
             tables["tracked"] = self._tracked_rows(step, pending)
         self._update_scalars(step, tables)
@@ -563,38 +559,35 @@ class TrainingLens:
                 if (part == "in" and module in ff1) or (part == "out" and module == "mlp.out")]
 
     def _lens_rows(self, step: int, directions: list) -> pa.Table:
-        """Every direction's lists, read in one projection per side: the input sides (``x``) and the output sides
-        (``delta``, top and bottom from one pass)."""
+        """Every direction's lists (``directions``: ``(source, key, read)``), all read through the lens in one pass
+        over the vocabulary (input sides and output sides together; top and bottom lists from that one pass)."""
         k = self.settings.k
-        parts = []
-        for factor in ("x", "delta"):
-            wanted = [(d, [lst for lst in self._lists(d[1][1]) if lst[1] == factor]) for d in directions]
-            wanted = [(d, lists) for d, lists in wanted if lists]
-            if not wanted:
-                continue
-            vectors = torch.cat([(d[2].u if factor == "x" else d[2].v).T for d, _ in wanted])
-            if vectors.shape[0] == 0:
-                continue
-            orders = {largest for _, lists in wanted for _, _, largest in lists}
-            projected = project_lists(self.ctx, vectors.to(self.ctx.device), k=k, top=True in orders,
-                                      bottom=False in orders)
-            row = 0
-            for (source, key, read), lists in wanted:
-                count = len(read.singular_values)
-                for name, _, largest in lists:
-                    part = projected.top if largest else projected.bottom
-                    values = part.values[row:row + count].float().cpu()
-                    parts.append(dict(
-                        step=np.full(count * k, step), layer=np.full(count * k, key[0]), module=key[1],
-                        source=source, direction=np.repeat(np.arange(1, count + 1), k),
-                        singular_value=np.repeat(read.singular_values.double().numpy(), k),
-                        error_bar=np.full(count * k, read.error_bar), list=name,
-                        rank=np.tile(np.arange(1, k + 1), count),
-                        token_id=part.indices[row:row + count].reshape(-1).cpu().numpy().astype(np.int32),
-                        logit=values.reshape(-1).numpy(),
-                        score=(read.singular_values.double()[:, None] * values.double()
-                               * (1 if largest else -1)).reshape(-1).numpy()))
-                row += count
+        wanted = []  # (source, key, read, [(list, largest)], vectors)
+        for source, key, read in directions:
+            for factor, vectors in (("x", read.u), ("delta", read.v)):
+                lists = [(name, largest) for name, side, largest in self._lists(key[1]) if side == factor]
+                if lists and vectors is not None and vectors.shape[1]:
+                    wanted.append((source, key, read, lists, vectors))
+        if not wanted:
+            return SCHEMAS["rows"].empty_table()
+        orders = {largest for *_, lists, _ in wanted for _, largest in lists}
+        vectors = torch.cat([v.T for *_, v in wanted]).to(self.ctx.device)
+        projected = project_lists(self.ctx, vectors, k=k, top=True in orders, bottom=False in orders)
+        parts, row = [], 0
+        for source, key, read, lists, chosen in wanted:
+            count = chosen.shape[1]
+            s = read.singular_values.double()[:count]
+            for name, largest in lists:
+                part = projected.top if largest else projected.bottom
+                values = part.values[row:row + count].float().cpu()
+                parts.append(dict(
+                    step=np.full(count * k, step), layer=np.full(count * k, key[0]), module=key[1], source=source,
+                    direction=np.repeat(np.arange(1, count + 1), k), singular_value=np.repeat(s.numpy(), k),
+                    error_bar=np.full(count * k, read.error_bar), list=name, rank=np.tile(np.arange(1, k + 1), count),
+                    token_id=part.indices[row:row + count].reshape(-1).cpu().numpy().astype(np.int32),
+                    logit=values.reshape(-1).numpy(),
+                    score=(s[:, None] * values.double() * (1 if largest else -1)).reshape(-1).numpy()))
+            row += count
         return _table("rows", _concat(parts, SCHEMAS["rows"].names), self.ctx.token_texts)
 
     def _tracked_rows(self, step: int, pending: dict) -> pa.Table:
