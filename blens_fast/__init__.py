@@ -18,8 +18,7 @@ from .ops.topk import TopBottomK, TopK, topk_bottomk_logits, topk_logits
 from .project import project
 from .spectrum import rank
 from .stats import GradientStats, gradient_stats
-from .training import TrainingLens, training_lens
-from .training_report import read_training_lens
+from .training import TrainingLens, read_training_lens, training_lens
 
 __version__ = "0.2.0"
 

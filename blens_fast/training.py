@@ -64,6 +64,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -78,7 +79,7 @@ from .lens import LISTS
 from .project import project_lists
 from .stats import ModuleStats, StatsAccumulator, sketch_sizes
 
-__all__ = ["TrainingLens", "TrainingLensSettings", "training_lens", "TABLES", "SCHEMAS"]
+__all__ = ["SCHEMAS", "TABLES", "TrainingLens", "TrainingLensSettings", "read_training_lens", "training_lens"]
 
 FORMAT = "blens_fast.training_lens/1"
 SOURCES = ("gradient", "change")
@@ -295,7 +296,7 @@ class TrainingLens:
         self._disarm()
         self._flush()
         if report and self.out is not None and self.writes and self._has_rows():
-            from .training_report import write_timelines
+            from .training_report import write_timelines  # the drawing sits above this module
 
             write_timelines(self.out)
 
@@ -311,9 +312,10 @@ class TrainingLens:
         return (self.step + 1) % self.settings.every == 0
 
     def _prepare_out(self) -> None:
-        from .commands._common import check_writable_folder
-
-        check_writable_folder(self.out, "out")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"out={str(self.out)!r} cannot be created: {error.strerror or error}") from None
         described = {"format": FORMAT, **asdict(self.settings)}
         described = {key: (list(value) if isinstance(value, tuple) else value) for key, value in described.items()}
         described["track"] = [list(pair) for pair in self.settings.track]
@@ -667,11 +669,25 @@ class TrainingLens:
             self._flush()
             if not self.writes:
                 raise ValueError(f"rank {self.rank_in_group} does not write: read the results on rank 0")
-            from .training_report import read_training_lens
-
             return read_training_lens(self.out, table)
         tables = self._memory[table] + self._buffers[table]
         return (pa.concat_tables(tables) if tables else SCHEMAS[table].empty_table()).to_pandas()
+
+
+def read_training_lens(directory, table: str = "rows") -> pd.DataFrame:
+    """One table of a training lens's ``out`` folder (``rows``, ``steps``, ``spectrum`` or ``tracked``) as a
+    DataFrame sorted by step; a ``ValueError`` naming the folder when it holds no training lens."""
+    check_choice(table, "table", TABLES)
+    out = Path(directory)
+    if not (out / "run.json").is_file():
+        raise ValueError(f"{str(out)!r} holds no training lens (no run.json): expected the out= folder of a "
+                         "TrainingLens or BackwardLensCallback")
+    folder = out / table
+    files = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    if not files:
+        return SCHEMAS[table].empty_table().to_pandas()
+    frame = pq.read_table(folder, schema=SCHEMAS[table]).to_pandas()
+    return frame.sort_values("step", kind="stable").reset_index(drop=True)
 
 
 # -- the small maths ---------------------------------------------------------------------------------------------

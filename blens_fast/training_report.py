@@ -1,4 +1,4 @@
-"""Reading a training lens's folder back, and its timelines: one PNG and one HTML page per module.
+"""A training lens's timelines: one PNG and one HTML page per module, drawn from its folder.
 
 A timeline reads at a glance: a heatmap of layers (rows) by sampled steps (columns), coloured by the step's gradient
 norm (log10), each cell naming the token the step writes most strongly there (FF2: the leading direction's first
@@ -14,34 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from ._checks import check_choice
 from ._io import atomic_write_bytes, atomic_write_text
 from ._report import figure_png, pyplot
+from .training import read_training_lens
 
 #: the list a timeline cell names, per module side
 CELL_LIST = {"out": "ff2_bottom", "in": "ff1_top"}
 #: at most this many step columns carry a token label (more are drawn, unlabelled)
 LABELLED_STEPS = 24
-
-
-def read_training_lens(directory, table: str = "rows") -> pd.DataFrame:
-    """One table of a training lens's ``out`` folder (``rows``, ``steps``, ``spectrum`` or ``tracked``) as a
-    DataFrame sorted by step; a ``ValueError`` naming the folder when it holds no training lens."""
-    from .training import SCHEMAS, TABLES
-
-    check_choice(table, "table", TABLES)
-    out = Path(directory)
-    if not (out / "run.json").is_file():
-        raise ValueError(f"{str(out)!r} holds no training lens (no run.json): expected the out= folder of a "
-                         "TrainingLens or BackwardLensCallback")
-    folder = out / table
-    files = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
-    if not files:
-        return SCHEMAS[table].empty_table().to_pandas()
-    frame = pq.read_table(folder, schema=SCHEMAS[table]).to_pandas() if files else None
-    return frame.sort_values("step", kind="stable").reset_index(drop=True)
 
 
 def summary_table(steps: pd.DataFrame) -> str:

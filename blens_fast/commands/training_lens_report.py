@@ -15,7 +15,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ..training_report import read_training_lens, summary_table, write_timelines
+    from ..training import read_training_lens
+    from ..training_report import summary_table, write_timelines
 
     steps = read_training_lens(args.directory, "steps")
     written = write_timelines(args.directory, args.out)

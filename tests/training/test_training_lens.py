@@ -11,8 +11,7 @@ import torch
 import transformers
 
 import blens_fast as bl
-from blens_fast.training import TrainingLens, training_lens
-from blens_fast.training_report import read_training_lens
+from blens_fast.training import TrainingLens, read_training_lens, training_lens
 
 from ..helpers import ARCHITECTURES, make_tiny_model, threads
 from .reference import LiveInputs, in_out, lists, module_of, oriented, svd
