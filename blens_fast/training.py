@@ -358,13 +358,16 @@ class TrainingLens:
         # recomputed output (its hook never fires and goes with that tensor).
         if self._paused or self._factors is None or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
-        output.register_hook(functools.partial(self._gradient_hook, key, args[0].detach()))
+        # The input is handed over in a list that the hook empties: the hook stays on the graph's node until the
+        # graph is freed (often after the next forward), and the input must not stay with it.
+        output.register_hook(functools.partial(self._gradient_hook, key, [args[0].detach()]))
 
     @torch.no_grad()
-    def _gradient_hook(self, key, x: torch.Tensor, delta: torch.Tensor) -> None:
+    def _gradient_hook(self, key, held: list, delta: torch.Tensor) -> None:
         factors = self._factors
-        if self._paused or factors is None:
+        if self._paused or factors is None or not held:
             return
+        x = held.pop()
         if key not in factors.seen:
             factors.seen.add(key)
         elif self.ctx.weight(*key).grad is None:

@@ -557,3 +557,26 @@ def test_ddp_two_cpu_ranks_read_the_global_step(tokenizer, tmp_path):
             def to_pandas(table):
                 return rows
         check_lists_against_reference(model, Read, 1, key, u, v, r, 5)
+
+
+def test_the_inputs_are_not_kept_after_the_backward(tokenizer):
+    """The hooks stay on the graph's nodes while the loss lives (a loop often keeps it until the next forward): the
+    modules' inputs they read must be released when read, as the backward releases its own saved tensors."""
+    def storage_uses(with_lens: bool) -> list[int]:
+        model = make_tiny_model("gpt2").train()
+        inputs = []
+        handles = [module_of(model, *key).register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+                   for key in reference_keys(model)]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        lens = training_lens(model, tokenizer, every=1, k=2, rank=1).start() if with_lens else None
+        out = model(**encode(tokenizer, TEXTS))
+        out.loss.backward()  # `out` and its graph stay alive
+        uses = [torch._C._storage_Use_Count(x.untyped_storage()._cdata) for x in inputs]
+        opt.step()
+        if lens:
+            lens.close()
+        for h in handles:
+            h.remove()
+        return uses
+
+    assert storage_uses(True) == storage_uses(False)
