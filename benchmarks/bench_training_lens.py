@@ -10,9 +10,10 @@ cost:     trains the shipped default model and a GPT-2-small-dims model (12 laye
           same steps with the lens at every=1 minus that of one without, both measured from the state after one
           warm-up step with the lens (the optimizer's state and the compiled kernels loaded in both) (the peak is reset through /proc/self/clear_refs; glibc is told to return every block of
           64 KiB or more, so RSS follows live memory), against the bytes of the weights' gradients.
-accuracy: one AdamW step of the shipped model on a batch (the step's rank far above the sketch): the sketch's
-          singular values against the dense ``.grad``'s SVD (relative to the stated error bar), the overlap of the
-          leading direction's lists with the dense ones, and, for the change of the weights, the share of
+accuracy: one AdamW step of the shipped model on a batch of 128 tokens (the step's rank far above the sketch's 9):
+          the sketch's singular values against the dense ``.grad``'s SVD (relative to the stated error bar), the
+          overlap of the leading direction's lists with the dense ones beside its angle bound, and, for the change of
+          the weights, the share of
           ``W_after - W_before`` inside the span of the step's inputs (why it is read from a sketch of the
           difference) and the sketch of the difference against the dense change.
 
@@ -307,7 +308,7 @@ def accuracy(args) -> dict:
     ctx = bl.load_default_model()
     model, tokenizer = ctx.model.train(), ctx.tokenizer
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    data = batches(tokenizer, 8, 64, 2)
+    data = batches(tokenizer, 4, 32, 2)  # 128 tokens: fewer than either side of an MLP weight, so spans mean something
     keys = [(layer, name) for layer in range(ctx.num_layers) for name in ("mlp.in", "mlp.out")]
     inputs = {key: [] for key in keys}
     handles = [ctx.module(*key).register_forward_hook(
@@ -334,11 +335,13 @@ def accuracy(args) -> dict:
             err = (torch.tensor(got.singular_value.to_numpy()) - s).abs()
             bar = float(got.error_bar.iloc[0])
             lists = _leading_overlap(ctx, dense, rows, key, source, inputs[key][0])
+            bound = float(got.angle_bound.iloc[0])
             out.append({"layer": key[0], "module": key[1], "source": source, "tokens": int(x.shape[0]),
                         "sigma_1": float(s[0]), "max_abs_error_top4": float(err.max()), "error_bar": bar,
-                        "error_within_bar": bool(err.max() <= bar), "leading_list_overlap": lists,
+                        "error_within_bar": bool(err.max() <= bar), "angle_bound_1": bound,
+                        "leading_list_overlap": lists,
                         "change_share_in_input_span": span_share if source == "change" else None})
-    return {"benchmark": "training lens accuracy", "model": "default", "batch": "8 x 64 tokens", "rank": 4,
+    return {"benchmark": "training lens accuracy", "model": "default", "batch": "4 x 32 tokens", "rank": 4,
             "rows": out, **machine_info()}
 
 

@@ -22,11 +22,17 @@ On a sampled step, for every watched (layer, module):
   ``consistency`` their relative mismatch beyond it (about 1e-7 in float32, 1e-3 with bfloat16 gradients). A
   mismatch above 1e-2 means the hooks did not see the whole gradient (a micro-batch outside the lens, a gradient
   changed entry by entry): it is warned about and kept in the ``steps`` table.
-* **Norm and spectrum.** ``norm`` is the exact ``||grad||_F`` (read from ``.grad`` in row blocks), the top-``rank``
-  singular values come from the sketch with ``error_bar`` = the sketch's expected ``||G - Q B||_F``, which bounds
-  every singular value's error (Weyl); 0 up to rounding when the step's gradient has rank ``<= 2 rank + 1`` (then the
-  values and vectors are the dense SVD's). ``stable_rank = norm^2 / sigma_1^2`` is the effective rank. The change's
-  norm is estimated from the sketch's Gaussian samples, with its standard error as ``norm_error``.
+* **Norm and spectrum.** ``norm`` is the exact ``||grad||_F`` (read from ``.grad`` in row blocks). The top-``rank``
+  singular values and directions come from the sketch of the step's factors: its range (``2 rank + 1`` columns) is
+  refined by one power iteration on the ``.grad`` the optimizer reads (``refine=True``, the default: ``.grad`` is read
+  twice more in row blocks, never copied), and the step's gradient projected on that subspace gives them, with the
+  exact ``error_bar = ||G - P G||_F`` (it bounds every singular value's error, Weyl); ``refine=False`` keeps the
+  sketch's own single-pass reading and its expected error. Either way the values and vectors are the dense SVD's (to
+  rounding) when the step's gradient has rank ``<= 2 rank + 1``. Each direction's ``angle_bound`` =
+  ``min(1, error_bar / gap)`` (the gap to its neighbouring singular values) is Wedin's bound on the sine of its angle
+  to the dense gradient's direction: near 1, the reading does not pin that direction down and its lists are not the
+  dense direction's. ``stable_rank = norm^2 / sigma_1^2`` is the effective rank. The change's norm is estimated from
+  the sketch's Gaussian samples, with its standard error as ``norm_error``.
 * **The update's lens.** Each singular direction ``(u_j, v_j)`` is oriented so that the step's mean input ``x`` has
   ``x . u_j >= 0`` (the direction as the step's own tokens fire it) and read through the model's current lens (as
   it is after the step: the lens the next forward uses) with the package's fused projection, as
@@ -77,7 +83,7 @@ from .context import ModelContext, bind
 from .forward import forward_hidden
 from .lens import LISTS
 from .project import project_lists
-from .stats import ModuleStats, StatsAccumulator, sketch_sizes
+from .stats import StatsAccumulator, sketch_sizes
 
 __all__ = ["SCHEMAS", "TABLES", "TrainingLens", "TrainingLensSettings", "read_training_lens", "training_lens"]
 
@@ -93,7 +99,8 @@ _CATEGORY = pa.dictionary(pa.int32(), pa.string())
 _KEY = [("step", pa.int64()), ("layer", pa.int16()), ("module", _CATEGORY), ("source", _CATEGORY)]
 SCHEMAS = {
     "rows": pa.schema(_KEY + [
-        ("direction", pa.int16()), ("singular_value", pa.float64()), ("error_bar", pa.float64()), ("list", _CATEGORY),
+        ("direction", pa.int16()), ("singular_value", pa.float64()), ("error_bar", pa.float64()),
+        ("angle_bound", pa.float64()), ("list", _CATEGORY),
         ("rank", pa.int16()), ("token_id", pa.int32()), ("token", pa.string()), ("logit", pa.float32()),
         ("score", pa.float64())]),
     "steps": pa.schema(_KEY + [
@@ -101,7 +108,7 @@ SCHEMAS = {
         ("top_singular_value", pa.float64()), ("error_bar", pa.float64()), ("stable_rank", pa.float64()),
         ("energy_share", pa.float64()), ("scale", pa.float64()), ("consistency", pa.float64())]),
     "spectrum": pa.schema(_KEY + [("index", pa.int16()), ("singular_value", pa.float64()),
-                                  ("error_bar", pa.float64())]),
+                                  ("error_bar", pa.float64()), ("angle_bound", pa.float64())]),
     "tracked": pa.schema([
         ("step", pa.int64()), ("track", pa.int16()), ("prompt", pa.string()), ("target", pa.string()),
         ("target_token", pa.string()), ("layer", pa.int16()), ("target_prob", pa.float64()),
@@ -127,6 +134,7 @@ class TrainingLensSettings:
     change: str
     track: tuple[tuple[str, str], ...]
     flush_every: int
+    refine: bool
 
 
 def training_lens(model, tokenizer=None, **options) -> "TrainingLens":
@@ -161,7 +169,7 @@ def _blocks(n: int):
 
 def _frobenius(matrix: torch.Tensor) -> float:
     """``||matrix||_F``, read in blocks of at most an eighth of its rows (a 16-bit matrix is never copied whole)."""
-    rows = max(1, min(BLOCK_ROWS, -(-matrix.shape[0] // 8)))
+    rows = _block_rows(matrix.shape[0])
     return math.sqrt(sum(float(torch.linalg.vector_norm(matrix[s:s + rows], dtype=torch.float32)) ** 2
                          for s in range(0, matrix.shape[0], rows)))
 
@@ -199,7 +207,8 @@ class TrainingLens:
     ``sketch_size`` overrides it); ``track`` (``(prompt, target)`` pairs, needs ``mlp.out``); ``change``
     (``"auto"``: the lens of the actual parameter change for every optimizer but plain SGD; ``"always"``,
     ``"never"``); ``out`` (a folder for the Parquet tables, ``run.json`` and the timelines; None keeps the results
-    in memory); ``flush_every`` (sampled steps per Parquet part); ``start_step`` (steps already done, e.g. a resumed
+    in memory); ``flush_every`` (sampled steps per Parquet part); ``refine`` (one power iteration on the optimizer's
+    ``.grad`` from the sketch's range, module docstring); ``start_step`` (steps already done, e.g. a resumed
     Trainer's ``global_step``); ``seed`` (the sketch's test matrices); ``impl`` (the fused kernels' implementation).
 
     Use as a context manager (:func:`training_lens`) or call :meth:`start` and :meth:`close`. See the module docstring
@@ -208,8 +217,8 @@ class TrainingLens:
 
     def __init__(self, model, tokenizer=None, *, modules=("mlp.in", "mlp.out"), layers=None, every: int = 10,
                  k: int = 10, rank: int = 4, track: Sequence = (), change: str = "auto", out=None,
-                 flush_every: int = 10, start_step: int = 0, sketch_size: int | None = None, seed: int = 0,
-                 impl: str = "auto", adapter=None):
+                 flush_every: int = 10, refine: bool = True, start_step: int = 0, sketch_size: int | None = None,
+                 seed: int = 0, impl: str = "auto", adapter=None):
         self.ctx: ModelContext = bind(_unwrap(model) if not isinstance(model, ModelContext) else model, tokenizer,
                                       adapter=adapter)
         self.ctx.require_tokenizer()
@@ -217,6 +226,8 @@ class TrainingLens:
         check_positive_int(k, "k", upper=self.ctx.vocab_size)
         check_positive_int(flush_every, "flush_every")
         check_choice(change, "change", CHANGE_MODES)
+        if not isinstance(refine, bool):
+            raise TypeError(f"refine must be a bool, got {type(refine).__name__}: {refine!r}")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step={start_step!r}: expected an int >= 0")
         layer_ids = self.ctx.check_layers(layers)
@@ -225,7 +236,7 @@ class TrainingLens:
         track = self._check_track(track, names)
         sizes = sketch_sizes(rank, sketch_size)
         self.settings = TrainingLensSettings(self.ctx.adapter.name, layer_ids, names, every, k, rank, sizes, seed,
-                                             change, track, flush_every)
+                                             change, track, flush_every, refine)
         self.tracked_keys = [key for key in self.keys if key[1] == "mlp.out"] if track else []
         self._track_examples = self.ctx.tokenize([p for p, _ in track], [t for _, t in track]) if track else []
         for key in self.keys:
@@ -233,7 +244,8 @@ class TrainingLens:
                 raise ValueError(f"the weight of {key[1]} at layer {key[0]} does not require grad: the lens reads what "
                                  "the optimizer writes into trained weights (leave frozen modules out of modules=)")
         shapes = {key: (*self.ctx.weight_io(*key).shape, "in_out") for key in self.keys}
-        self._acc = StatsAccumulator(shapes, rank=rank, sketch_size=sizes[0], cosketch_size=sizes[1],
+        # one singular value more than is read: the gap below the last direction read
+        self._acc = StatsAccumulator(shapes, rank=min(rank + 1, sizes[0]), sketch_size=sizes[0], cosketch_size=sizes[1],
                                      residual_size=sizes[2], seed=seed, device=self.ctx.device, impl=impl)
         self._weights = {id(self.ctx.weight(*key)) for key in self.keys}
         self.rank_in_group, self.world_size = _distributed()
@@ -507,7 +519,16 @@ class TrainingLens:
             sketch.w.div_(scale)
             if key in factors.tracked:
                 factors.tracked[key].div_(scale)
-        reads = {key: self._read(key, factors.x_sum[key], negate=False) for key in self.keys}
+        reads = {}
+        for key in self.keys:
+            grad = self.ctx.grad_io(*key)
+            if self.settings.refine and grad is not None and consistency[key] <= CONSISTENCY_WARNING:
+                sketch = self._acc.sketches[key]
+                start = sketch.y[:, :self.settings.sketch[0]]
+                found = _refined(grad.detach(), start, "out" if sketch.swap else "in", norms[key])
+                reads[key] = _Read.of(*found, factors.x_sum[key], self._sides(key), self.settings.rank, negate=False)
+            else:
+                reads[key] = self._read(key, factors.x_sum[key], negate=False)
         lr = {key: _learning_rate(optimizer, self.ctx.weight(*key)) for key in self.keys}
         return reads, {"scale": scales, "consistency": consistency, "norm": norms, "lr": lr,
                        "x_sum": dict(factors.x_sum), "tokens": {key: int(v) for key, v in factors.tokens.items()},
@@ -524,8 +545,9 @@ class TrainingLens:
                 directions.append((source, key, read))
                 steps_rows.append(self._step_row(step, source, key, read, pending))
                 spectrum_rows += [dict(step=step, layer=key[0], module=key[1], source=source, index=j + 1,
-                                       singular_value=float(s), error_bar=read.error_bar)
-                                  for j, s in enumerate(read.singular_values.tolist())]
+                                       singular_value=float(s), error_bar=read.error_bar, angle_bound=float(a))
+                                  for j, (s, a) in enumerate(zip(read.singular_values.tolist(),
+                                                                 read.angle_bound.tolist()))]
         tables = {"rows": self._lens_rows(step, directions), "steps": _table("steps", pd.DataFrame(steps_rows)),
                   "spectrum": _table("spectrum", pd.DataFrame(spectrum_rows, columns=SCHEMAS["spectrum"].names))}
         if self.settings.track:
@@ -554,8 +576,14 @@ class TrainingLens:
                     consistency=pending["consistency"][key] if source == "gradient" else math.nan)
 
     def _read(self, key, x_sum: torch.Tensor, *, negate: bool) -> "_Read":
-        sides = {factor for _, factor, _ in self._lists(key[1])}
-        return _Read.of(self._acc.finalize_module(key), x_sum, sides, negate=negate)
+        """The sketch's own reading (its small exact step)."""
+        stats = self._acc.finalize_module(key)
+        return _Read.of(stats.singular_values, stats.u, stats.v, stats.frobenius,
+                        stats.approximation_error * stats.frobenius, x_sum, self._sides(key), self.settings.rank,
+                        negate=negate)
+
+    def _sides(self, key) -> set[str]:
+        return {factor for _, factor, _ in self._lists(key[1])}
 
     def _lists(self, module: str) -> list[tuple[str, str, bool]]:
         """``(list, factor, largest)`` of the lens lists that read ``module``'s side in the model's width."""
@@ -588,7 +616,8 @@ class TrainingLens:
                 parts.append(dict(
                     step=np.full(count * k, step), layer=np.full(count * k, key[0]), module=key[1], source=source,
                     direction=np.repeat(np.arange(1, count + 1), k), singular_value=np.repeat(s.numpy(), k),
-                    error_bar=np.full(count * k, read.error_bar), list=name, rank=np.tile(np.arange(1, k + 1), count),
+                    error_bar=np.full(count * k, read.error_bar), angle_bound=np.repeat(read.angle_bound.numpy(), k),
+                    list=name, rank=np.tile(np.arange(1, k + 1), count),
                     token_id=part.indices[row:row + count].reshape(-1).cpu().numpy().astype(np.int32),
                     logit=values.reshape(-1).numpy(),
                     score=(s[:, None] * values.double() * (1 if largest else -1)).reshape(-1).numpy()))
@@ -718,21 +747,75 @@ class _Read:
     """One sketch's small exact step, kept compact until the step's rows are written: the singular values, the
     directions that the lens reads as float32 (``u``: ``d_in x r`` when ``"x"`` is in ``sides``, ``v``: ``d_out x r``
     when ``"delta"`` is; else None) with each pair's sign chosen so that the step's mean input has ``x . u_j >= 0``
-    (``negate``: ``v`` of the matrix's negative), the Frobenius estimate and the error bar (the sketch's expected
-    ``||G - Q B||_F``, a bound on each singular value's error by Weyl's inequality)."""
+    (``negate``: ``v`` of the matrix's negative), the Frobenius estimate, the error bar (the sketch's expected
+    ``||G - Q B||_F``, a bound on each singular value's error by Weyl's inequality) and each direction's
+    ``angle_bound``: ``min(1, error_bar / gap)`` with the gap to its neighbouring singular values, Wedin's bound on the
+    sine of the angle between the sketched direction and the dense gradient's (0 when the step's rank fits the sketch;
+    near 1: the sketch does not pin that direction down, and its lists are not the dense direction's)."""
 
     singular_values: torch.Tensor
     u: torch.Tensor | None
     v: torch.Tensor | None
     frobenius: float
     error_bar: float
+    angle_bound: torch.Tensor
 
     @classmethod
-    def of(cls, stats: ModuleStats, x_sum: torch.Tensor, sides, *, negate: bool) -> "_Read":
-        signs = torch.where(x_sum.cpu().double() @ stats.u.double() < 0, -1.0, 1.0)
-        u = (stats.u * signs).float() if "x" in sides else None
-        v = (stats.v * signs * (-1.0 if negate else 1.0)).float() if "delta" in sides else None
-        return cls(stats.singular_values.double(), u, v, stats.frobenius, stats.approximation_error * stats.frobenius)
+    def of(cls, s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, frobenius: float, error_bar: float,
+           x_sum: torch.Tensor, sides, rank: int, *, negate: bool) -> "_Read":
+        """From singular values ``s`` and vectors ``u``, ``v`` (any float dtype, on the CPU; one value more than
+        ``rank`` gives the last gap)."""
+        s = s.double()
+        r = min(rank, s.numel())
+        below = torch.cat([s[1:r + 1], s.new_zeros(max(0, r + 1 - s.numel()))])[:r]
+        above = torch.cat([s.new_full((1,), math.inf), s[:r - 1]])[:r]
+        gap = torch.minimum(above - s[:r], s[:r] - below)
+        angle = torch.where(gap > 0, error_bar / gap.clamp_min(1e-300), torch.ones_like(gap)).clamp(max=1.0)
+        if error_bar == 0:
+            angle = torch.zeros_like(angle)
+        signs = torch.where(x_sum.cpu().double() @ u[:, :r].double() < 0, -1.0, 1.0)
+        u_read = (u[:, :r].double() * signs).float() if "x" in sides else None
+        v_read = (v[:, :r].double() * signs * (-1.0 if negate else 1.0)).float() if "delta" in sides else None
+        return cls(s[:r], u_read, v_read, frobenius, error_bar, angle)
+
+
+def _refined(grad: torch.Tensor, start: torch.Tensor, side: str, norm: float):
+    """A power iteration on the optimizer's ``.grad`` (``G``, ``d_in x d_out``, read in row blocks, never copied)
+    started from the sketch's range (``start``: its ``y`` columns, spanning the ``"in"`` or ``"out"`` side): ``T`` =
+    ``orth(G^T S)`` (after ``S <- orth(G S)`` when ``S`` spans outputs) spans outputs, and the projection ``G T T^T``
+    gives ``(s, u, v, norm, error_bar)`` with the exact ``error_bar = ||G - G T T^T||_F`` (it bounds every singular
+    value's error, Weyl), computed directly rather than as a difference of squares."""
+    basis = torch.linalg.qr(start.double()).Q.float()
+    if side == "out":
+        basis = torch.linalg.qr(_product(grad, basis, transpose=False).double()).Q.float()
+    outputs = torch.linalg.qr(_product(grad, basis, transpose=True).double()).Q.float()
+    rows = _block_rows(grad.shape[0])
+    w = torch.empty(grad.shape[0], outputs.shape[1], dtype=torch.float32, device=grad.device)
+    outputs = outputs.to(grad.device)
+    residual_sq = 0.0
+    for first in range(0, grad.shape[0], rows):
+        block = grad[first:first + rows].float()
+        torch.mm(block, outputs, out=w[first:first + rows])
+        residual_sq += float(torch.linalg.vector_norm(block - w[first:first + rows] @ outputs.T)) ** 2
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return s.cpu(), u.cpu(), (outputs.double() @ vh.T).cpu(), norm, math.sqrt(residual_sq)
+
+
+def _block_rows(n: int) -> int:
+    """Rows of a weight-sized matrix read at a time: at most :data:`BLOCK_ROWS` and an eighth of them."""
+    return max(1, min(BLOCK_ROWS, -(-n // 8)))
+
+
+def _product(matrix: torch.Tensor, other: torch.Tensor, *, transpose: bool) -> torch.Tensor:
+    """``matrix @ other`` (``transpose``: ``matrix.T @ other``) in float32, ``matrix`` read in row blocks."""
+    rows = _block_rows(matrix.shape[0])
+    other = other.to(matrix.device)
+    if transpose:
+        out = torch.zeros(matrix.shape[1], other.shape[1], dtype=torch.float32, device=matrix.device)
+        for first in range(0, matrix.shape[0], rows):
+            out.addmm_(matrix[first:first + rows].float().T, other[first:first + rows])
+        return out
+    return torch.cat([matrix[first:first + rows].float() @ other for first in range(0, matrix.shape[0], rows)])
 
 
 def _sampled_norm(y: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:

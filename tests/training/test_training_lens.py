@@ -110,13 +110,17 @@ def test_step_lens_equals_the_dense_gradient_when_its_rank_fits(arch, tokenizer)
     assert set(spectrum.source.astype(str)) == {"gradient"}  # plain SGD: its change is -lr * grad, not read again
 
 
-def test_singular_values_within_the_error_bar_when_the_rank_exceeds_the_sketch(tokenizer):
+@pytest.mark.parametrize("refine", [True, False])
+def test_singular_values_within_the_error_bar_when_the_rank_exceeds_the_sketch(tokenizer, refine):
+    """The step's rank is far above the sketch: each singular value is within the stated error bar of the dense one
+    (the sketch's expected error, or with ``refine`` the exact residual of the projection), and each direction is
+    within its angle bound of the dense direction (Wedin), seen through its lists' reference logits."""
     model = make_tiny_model("gpt2").train()
     texts = ["The mother tongue of Danielle Darrieux is French and she was born in Bordeaux, France, in 1917",
              "The Eiffel Tower is in Paris, the capital of France, on the left bank of the Seine river"]
-    rank = 2
-    tl, grads, live = one_sgd_step(model, tokenizer, encode(tokenizer, texts), rank=rank, k=3)
-    spectrum, steps = tl.to_pandas("spectrum"), tl.to_pandas("steps")
+    rank, k = 2, 5
+    tl, grads, live = one_sgd_step(model, tokenizer, encode(tokenizer, texts), rank=rank, k=k, refine=refine)
+    spectrum, steps, rows = tl.to_pandas("spectrum"), tl.to_pandas("steps"), tl.to_pandas("rows")
     for key, grad in grads.items():
         assert live.counts[key] > 2 * rank + 1 + 10
         u, s, v = svd(grad)
@@ -124,8 +128,19 @@ def test_singular_values_within_the_error_bar_when_the_rank_exceeds_the_sketch(t
         bar = float(got.error_bar.iloc[0])
         assert bar > 0
         assert (torch.tensor(got.singular_value.to_numpy()) - s[:rank]).abs().max() <= bar
+        gaps = torch.minimum(torch.cat([torch.tensor([math.inf]), s[:rank - 1]]) - s[:rank], s[:rank] - s[1:rank + 1])
+        assert torch.tensor(got.angle_bound.to_numpy()) == pytest.approx((bar / gaps).clamp(max=1), rel=0.3)
         row = steps[(steps.layer == key[0]) & (steps.module.astype(str) == key[1])].iloc[0]
         assert row.stable_rank == pytest.approx(float(grad.norm() ** 2 / float(got.singular_value.iloc[0]) ** 2))
+        if refine and key[1] == "mlp.out":  # a pinned-down direction reads the dense direction's tokens
+            u, v = oriented(u, v, live.sums[key] / live.counts[key], rank)
+            for j in range(rank):
+                bound = float(got.angle_bound.iloc[j])
+                if bound < 0.05:
+                    logits, expected = lists(model, v[:, j:j + 1], k, largest=False)
+                    ids = rows[(rows.layer == key[0]) & (rows.module.astype(str) == "mlp.out")
+                               & (rows.list.astype(str) == "ff2_bottom") & (rows.direction == j + 1)].token_id
+                    assert len(set(ids) & set(expected[0].tolist())) >= k - 1, (key, j, bound)
 
 
 def test_sgd_change_is_the_gradient_read_as_a_descent_step(tokenizer):
@@ -135,7 +150,8 @@ def test_sgd_change_is_the_gradient_read_as_a_descent_step(tokenizer):
     lr = 0.5
     tl, grads, live = one_sgd_step(model, tokenizer, encode(tokenizer, TEXTS), lr=lr, change="always")
     rows, spectrum = tl.to_pandas("rows"), tl.to_pandas("spectrum")
-    by_source = {s: part.drop(columns=["source", "singular_value", "error_bar", "logit", "score"]).reset_index(drop=True)
+    by_source = {s: part.drop(columns=["source", "singular_value", "error_bar", "angle_bound", "logit", "score"])
+                 .reset_index(drop=True)
                  for s, part in rows.groupby(rows.source.astype(str))}
     pd.testing.assert_frame_equal(by_source["gradient"], by_source["change"])
     grad_s = spectrum[spectrum.source.astype(str) == "gradient"].singular_value.to_numpy()
