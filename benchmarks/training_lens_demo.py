@@ -67,7 +67,8 @@ def fine_tune(ctx, records, epochs: int, lens_out: Path, seed: int = 0) -> tuple
     track = [(r["prompt"], " " + r["target_new"]) for r in records[:TRACKED]]
     callback = bl.integrations.BackwardLensCallback(every=1, k=10, rank=4, track=track, out=lens_out)
     trainer = transformers.Trainer(model=model.train(), args=args, train_dataset=dataset(tokenizer, records),
-                                   data_collator=collate(ctx.pad_id), callbacks=[callback])
+                                   data_collator=collate(ctx.pad_id), processing_class=tokenizer,
+                                   callbacks=[callback])
     trainer.train()
     return callback.lens, trainer.state.log_history
 
@@ -86,22 +87,23 @@ def picture(hits, tracked, history, records) -> bytes:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(19, 4.6))
     image = axes[0].imshow(hits.to_numpy(), aspect="auto", cmap="magma", interpolation="nearest")
-    axes[0].set(title=f"new objects (of {len(records)}) among FF2's promoted tokens\n(ff2_bottom, top-4 directions "
-                      "x 10 tokens, of each step's gradient)", xlabel="step", ylabel="layer",
+    axes[0].set(title=f"new objects (of {len(records)}; 8 per batch) among FF2's promoted tokens\n(ff2_bottom, "
+                      "top-4 directions x 10 tokens, of each step's gradient)", xlabel="step", ylabel="layer",
                 yticks=range(len(hits.index)), yticklabels=[str(i) for i in hits.index])
     ticks = list(range(0, hits.shape[1], max(1, hits.shape[1] // 10)))
     axes[0].set_xticks(ticks, [str(hits.columns[i]) for i in ticks])
     fig.colorbar(image, ax=axes[0], fraction=0.04)
     first = tracked[tracked["rank"] == 1]
-    for (track, layer), part in first.groupby(["track", "layer"]):
-        if track == 0 or layer == first.layer.max():
-            axes[1].plot(part.step, part.target_rank, "o-", ms=2.5, lw=1,
-                         label=f"{part.target.iloc[0].strip()!r} layer {layer}")
-    axes[1].set_yscale("log")
-    axes[1].invert_yaxis()
-    axes[1].set(title="tracked prompts: rank of the new object among\nthe tokens each step promotes at FF2 "
-                      "(1 = most promoted)", xlabel="step", ylabel="rank in ff2_bottom")
-    axes[1].legend(fontsize=7)
+    grid = first.pivot_table(index=["track", "layer"], columns="step", values="target_rank")
+    image = axes[1].imshow(grid.transform("log10").to_numpy(), aspect="auto", cmap="viridis_r", vmin=0,
+                           interpolation="nearest")
+    labels = [f"{first[first.track == t].target.iloc[0].strip()!r} L{layer}" for t, layer in grid.index]
+    axes[1].set(title="tracked prompts: log10 rank of the new object among the tokens\nthe step promotes at FF2 "
+                      "(yellow: rank 1; steps whose batch holds the fact)", xlabel="step",
+                yticks=range(len(labels)), yticklabels=labels)
+    axes[1].tick_params(axis="y", labelsize=7)
+    axes[1].set_xticks(ticks, [str(grid.columns[i]) for i in ticks])
+    fig.colorbar(image, ax=axes[1], fraction=0.04)
     for track, part in first[first.layer == first.layer.min()].groupby("track"):
         axes[2].plot(part.step, part.target_prob, "o-", ms=2.5, lw=1, label=f"P({part.target.iloc[0].strip()!r})")
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]

@@ -27,19 +27,24 @@ from ..training import TrainingLens
 class BackwardLensCallback(TrainerCallback):
     """A ``TrainerCallback`` that runs a :class:`~blens_fast.TrainingLens` over training; keyword arguments as
     :class:`~blens_fast.TrainingLens` (``modules``, ``layers``, ``every``, ``k``, ``rank``, ``track``, ``change``,
-    ``out``, ...). ``lens`` is the running (or last) lens."""
+    ``out``, ...); ``tokenizer`` when the Trainer has no ``processing_class``. ``lens`` is the running (or last)
+    lens."""
 
-    def __init__(self, **options):
-        for name in ("model", "tokenizer", "start_step"):
+    def __init__(self, *, tokenizer=None, **options):
+        for name in ("model", "start_step"):
             if name in options:
                 raise TypeError(f"BackwardLensCallback takes no {name}=: the Trainer's own is used")
+        self.tokenizer = tokenizer
         self.options = options
         self.lens: TrainingLens | None = None
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._go_first()
-        tokenizer = processing_class if processing_class is not None else kwargs.get("tokenizer")
+        tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+        if tokenizer is None:
+            raise ValueError("BackwardLensCallback needs the model's tokenizer: give the Trainer "
+                             "processing_class=tokenizer, or the callback tokenizer=tokenizer")
         self.lens = TrainingLens(model, tokenizer, start_step=state.global_step, **self.options)
         self.lens.start()
 

@@ -78,6 +78,12 @@ def test_callback_reads_the_clipped_gradient_with_checkpointing_and_bf16(tokeniz
     assert (norms <= 1e-3 * 1.01).all()
 
 
-def test_callback_refuses_a_model_of_its_own():
+def test_callback_refuses_a_model_of_its_own_and_needs_a_tokenizer(tokenizer, tmp_path):
     with pytest.raises(TypeError, match="model="):
         bl.integrations.BackwardLensCallback(model=torch.nn.Linear(2, 2))
+    model = make_tiny_model("gpt2").train()
+    trainer = trainer_for(model, tokenizer, tmp_path, [bl.integrations.BackwardLensCallback(every=1)])
+    trainer.processing_class = None
+    trainer.callback_handler.processing_class = None
+    with pytest.raises(ValueError, match="processing_class=tokenizer"):
+        trainer.train()
