@@ -230,8 +230,8 @@ class ModuleSketch:
     def sketch_matrix(self, matrix: torch.Tensor, test_matrices, *, probes_only: bool = False,
                       block_rows: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The sketches ``(y, w)`` of a dense ``d_in x d_out`` matrix (a weight or its ``.grad``, any strides) with
-        this module's test matrices, as :meth:`update` would build them; read in blocks of at most ``block_rows``
-        rows and an eighth of the matrix, so no temporary holds more. ``probes_only``: only ``y``'s residual-probe
+        this module's test matrices, as :meth:`update` would build them: a float32 matrix is read in place, another
+        in blocks of at most ``block_rows`` rows and an eighth of the matrix, so no float32 copy holds more. ``probes_only``: only ``y``'s residual-probe
         columns (``p x m``) and ``w = None``."""
         right, left_t = test_matrices
         k = self.y.shape[1] - self.residual_columns
@@ -239,6 +239,11 @@ class ModuleSketch:
         right = right[:, k:] if probes_only else right
         y = torch.empty(oriented.shape[0], right.shape[1], dtype=torch.float32, device=self.y.device)
         w = None if probes_only else torch.zeros_like(self.w)
+        if oriented.dtype == torch.float32 and oriented.device == self.y.device:  # read in place, no copy
+            y.T.copy_(right.T @ oriented.T)  # the narrow factor on the left: several times faster in BLAS
+            if w is not None:
+                torch.mm(left_t.T, oriented, out=w)
+            return y, w
         block_rows = max(1, min(block_rows, -(-oriented.shape[0] // 8)))
         for start in range(0, oriented.shape[0], block_rows):
             block = oriented[start:start + block_rows].to(device=self.y.device, dtype=torch.float32)

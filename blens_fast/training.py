@@ -47,14 +47,17 @@ On a sampled step, for every watched (layer, module):
   backward ``x_t G`` is accumulated exactly from the factors (what the step writes at that position) and read as
   ``ff2_bottom``, with the target's rank in it (its first token; 1 = the most promoted token).
 * **The actual parameter change** (``change="auto"``: every optimizer but plain SGD, whose change is ``-lr * grad``
-  exactly): an adaptive optimizer's change leaves the factors' span (Adam rescales each entry; the imprint analysis
-  measured 64% of an Adam step inside span{x_i}), so it is read from a **sketch of the difference**: the weight's
-  sketch before the step is subtracted from its sketch after it (the same test matrices; linear, so it is the sketch
-  of ``W_after - W_before``, read in row blocks, never copied). Its lists read ``-(W_after - W_before)`` so that the
-  names mean the same for both sources (``ff2_bottom`` = promoted); ``source`` says which.
+  exactly): an adaptive optimizer's change leaves the factors' span (Adam rescales each entry: 53-82% of an AdamW
+  step of the shipped model lies in the span of its inputs, ``benchmarks/bench_training_lens.py accuracy``), so it is
+  read from a **sketch of the difference**: the weight's sketch before the step is subtracted from its sketch after
+  it (the same test matrices; linear, so it is the sketch of ``W_after - W_before``, read in row blocks, never
+  copied). Its lists read ``-(W_after - W_before)`` so that the names mean the same for both sources (``ff2_bottom``
+  = promoted); ``source`` says which. Adam's change is nearly full rank with a flat spectrum: its norm and singular
+  values are read well, its directions rarely (their angle bounds say so).
 
 Results: :meth:`TrainingLens.to_pandas` (``rows``, ``steps``, ``spectrum``, ``tracked``), Parquet datasets under
-``out`` (``rows/`` etc., readable as they are by pandas, pyarrow and ``datasets``), :attr:`TrainingLens.scalars` (the
+``out`` (``rows/`` etc., one fixed schema per table: readable as they are by ``pandas.read_parquet`` and
+``pyarrow.dataset``), :attr:`TrainingLens.scalars` (the
 last sampled step's summaries, which the Trainer callback puts into ``logs``), and a PNG + HTML timeline per module
 (:mod:`blens_fast.training_report`).
 """
@@ -169,6 +172,8 @@ def _blocks(n: int):
 
 def _frobenius(matrix: torch.Tensor) -> float:
     """``||matrix||_F``, read in blocks of at most an eighth of its rows (a 16-bit matrix is never copied whole)."""
+    if matrix.dtype == torch.float32:
+        return float(torch.linalg.vector_norm(matrix))
     rows = _block_rows(matrix.shape[0])
     return math.sqrt(sum(float(torch.linalg.vector_norm(matrix[s:s + rows], dtype=torch.float32)) ** 2
                          for s in range(0, matrix.shape[0], rows)))
@@ -789,14 +794,12 @@ def _refined(grad: torch.Tensor, start: torch.Tensor, side: str, norm: float):
     if side == "out":
         basis = torch.linalg.qr(_product(grad, basis, transpose=False).double()).Q.float()
     outputs = torch.linalg.qr(_product(grad, basis, transpose=True).double()).Q.float()
-    rows = _block_rows(grad.shape[0])
-    w = torch.empty(grad.shape[0], outputs.shape[1], dtype=torch.float32, device=grad.device)
     outputs = outputs.to(grad.device)
-    residual_sq = 0.0
-    for first in range(0, grad.shape[0], rows):
-        block = grad[first:first + rows].float()
-        torch.mm(block, outputs, out=w[first:first + rows])
-        residual_sq += float(torch.linalg.vector_norm(block - w[first:first + rows] @ outputs.T)) ** 2
+    w = _product(grad, outputs, transpose=False)
+    rows = _block_rows(grad.shape[0])
+    residual_sq = sum(float(torch.linalg.vector_norm(grad[first:first + rows].float()
+                                                     - w[first:first + rows] @ outputs.T)) ** 2
+                      for first in range(0, grad.shape[0], rows))
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     return s.cpu(), u.cpu(), (outputs.double() @ vh.T).cpu(), norm, math.sqrt(residual_sq)
 
@@ -807,9 +810,12 @@ def _block_rows(n: int) -> int:
 
 
 def _product(matrix: torch.Tensor, other: torch.Tensor, *, transpose: bool) -> torch.Tensor:
-    """``matrix @ other`` (``transpose``: ``matrix.T @ other``) in float32, ``matrix`` read in row blocks."""
+    """``matrix @ other`` (``transpose``: ``matrix.T @ other``) in float32: a float32 ``matrix`` read in place, another
+    in row blocks (no float32 copy of it whole)."""
     rows = _block_rows(matrix.shape[0])
     other = other.to(matrix.device)
+    if matrix.dtype == torch.float32:  # the narrow factor on the left: BLAS runs such products several times faster
+        return (other.T @ (matrix if transpose else matrix.T)).T
     if transpose:
         out = torch.zeros(matrix.shape[1], other.shape[1], dtype=torch.float32, device=matrix.device)
         for first in range(0, matrix.shape[0], rows):

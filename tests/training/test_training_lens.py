@@ -344,7 +344,7 @@ def test_bf16_autocast_and_a_bf16_model(tokenizer):
         model = make_tiny_model("llama", dtype=dtype).train()
         keys = reference_keys(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with training_lens(model, tokenizer, every=1, k=3, rank=4) as tl:
+        with training_lens(model, tokenizer, every=1, k=3, rank=4, change="always") as tl:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss = model(**batch).loss
             loss.backward()
