@@ -8,7 +8,7 @@ import importlib
 
 from .adapters import Adapter, Lens, get_adapter, register_adapter, supported_architectures
 from .capture import Capture, capture
-from . import counterfact
+from . import counterfact, integrations
 from .context import ModelContext, bind, load_default_model, load_model
 from .counterfact import evaluate_counterfact
 from .editing import Edit, edit
@@ -22,7 +22,8 @@ __version__ = "0.2.0"
 #: public names whose modules load pandas (and with it pyarrow) at import: imported on first use, so that
 #: ``import blens_fast`` (and ``import blens_fast.ops``) stays free of them
 _ON_FIRST_USE = {"project_dataset": "bulk", "read_results": "bulk", "ImprintShiftReport": "imprint",
-                 "imprint_shift": "imprint", "rank": "spectrum", "GradientStats": "stats", "gradient_stats": "stats"}
+                 "imprint_shift": "imprint", "rank": "spectrum", "GradientStats": "stats", "gradient_stats": "stats",
+                 "TrainingLens": "training", "read_training_lens": "training", "training_lens": "training"}
 
 
 def __getattr__(name: str):
@@ -38,7 +39,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Adapter", "Capture", "Edit", "GradientStats", "ImprintShiftReport", "Lens", "LensReport", "LowRankGradient", "ModelContext", "TopBottomK",
-    "TopK", "analyze", "bind", "capture", "counterfact", "edit", "evaluate_counterfact", "get_adapter", "gradient_stats", "imprint_shift", "lens", "load_default_model",
-    "load_model", "project", "project_dataset", "rank", "read_results", "register_adapter", "supported_architectures", "topk_bottomk_logits",
-    "topk_logits",
+    "TopK", "analyze", "bind", "capture", "counterfact", "edit", "evaluate_counterfact", "get_adapter", "gradient_stats", "imprint_shift", "integrations", "lens", "load_default_model",
+    "load_model", "project", "project_dataset", "rank", "read_results", "read_training_lens", "register_adapter", "supported_architectures", "topk_bottomk_logits",
+    "topk_logits", "TrainingLens", "training_lens",
 ]

@@ -20,6 +20,7 @@ COMMANDS = {
     "imprint-shift": "imprint_shift",
     "rank": "rank",
     "edit": "edit",
+    "training-lens-report": "training_lens_report",
 }
 
 

@@ -119,6 +119,19 @@ class ModelContext:
                 pass
         return found
 
+    def token_texts(self, token_ids) -> list[str]:
+        """The texts of some token ids, as :attr:`vocabulary` names them, decoded on demand and cached (the whole
+        vocabulary is never built: the training lens names a few hundred tokens per step)."""
+        tokenizer = self.require_tokenizer()
+        cache = self.__dict__.setdefault("_token_texts", {})
+        texts = []
+        for token_id in map(int, token_ids):
+            if token_id not in cache:
+                token = tokenizer.convert_ids_to_tokens(token_id) if 0 <= token_id < len(tokenizer) else None
+                cache[token_id] = tokenizer.convert_tokens_to_string([token]) if token is not None else f"<{token_id}>"
+            texts.append(cache[token_id])
+        return texts
+
     def require_tokenizer(self):
         """The tokenizer; a ``ValueError`` saying how to pass one when the context has none."""
         if self.tokenizer is None:

@@ -191,6 +191,7 @@ class ModuleSketch:
         # The range sketch (k + m columns) goes on the larger side when the co-range sketch is wider.
         self.swap = (d_in < d_out) if l >= k + m else (d_in > d_out)
         p, q = (d_out, d_in) if self.swap else (d_in, d_out)
+        self.residual_columns = m
         self.y = torch.zeros(p, k + m, dtype=torch.float32, device=device)
         self.w = torch.zeros(l, q, dtype=torch.float32, device=device)
         self.tokens = 0
@@ -206,14 +207,59 @@ class ModuleSketch:
         lengths = [x.shape[0] for x in xs]
         offsets = torch.zeros(len(xs) + 1, dtype=torch.long)
         offsets[1:] = torch.tensor(lengths, dtype=torch.long).cumsum(0)
-        x = torch.cat(xs).to(self.y.device)
-        d = torch.cat(deltas).to(self.y.device)
-        a, b = (d, x) if self.swap else (x, d)
-        right, left_t = test_matrices
-        norms_sq = sketch_update(a, b, offsets, right, left_t, self.y, self.w, impl=impl).cpu()
-        self.tokens += int(offsets[-1])
+        norms_sq = self._sketch(torch.cat(xs), torch.cat(deltas), offsets, test_matrices, impl).cpu()
         self.norms_sq.append(norms_sq)
         return norms_sq
+
+    def add_rows(self, x: torch.Tensor, delta: torch.Tensor, test_matrices, impl: str, *,
+                 block_rows: int = 256) -> None:
+        """Add the summed gradient ``x^T delta`` of token rows (``N x d_in``, ``N x d_out``) with no per-example norm
+        (one training step's tokens), ``block_rows`` rows at a time so that no temporary holds more rows."""
+        for start in range(0, x.shape[0], block_rows):
+            rows = x[start:start + block_rows]
+            # one "example" per row: the fused op's per-example norms then cost O(rows), not O(rows^2)
+            self._sketch(rows, delta[start:start + block_rows], torch.arange(rows.shape[0] + 1), test_matrices, impl)
+
+    def _sketch(self, x: torch.Tensor, d: torch.Tensor, offsets: torch.Tensor, test_matrices, impl: str
+                ) -> torch.Tensor:
+        x, d = x.to(self.y.device), d.to(self.y.device)
+        a, b = (d, x) if self.swap else (x, d)
+        right, left_t = test_matrices
+        norms_sq = sketch_update(a, b, offsets, right, left_t, self.y, self.w, impl=impl)
+        self.tokens += int(offsets[-1])
+        return norms_sq
+
+    def sketch_matrix(self, matrix: torch.Tensor, test_matrices, *, probes_only: bool = False,
+                      block_rows: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sketches ``(y, w)`` of a dense ``d_in x d_out`` matrix (a weight or its ``.grad``, any strides) with
+        this module's test matrices, as :meth:`update` would build them: a float32 matrix is read in place, another
+        in blocks of at most ``block_rows`` rows and an eighth of the matrix, so no float32 copy holds more.
+        ``probes_only``: only ``y``'s residual-probe columns (``p x m``) and ``w = None``."""
+        right, left_t = test_matrices
+        k = self.y.shape[1] - self.residual_columns
+        oriented = matrix.T if self.swap else matrix  # p x q, a view
+        right = right[:, k:] if probes_only else right
+        y = torch.empty(oriented.shape[0], right.shape[1], dtype=torch.float32, device=self.y.device)
+        w = None if probes_only else torch.zeros_like(self.w)
+        if oriented.dtype == torch.float32 and oriented.device == self.y.device:  # read in place, no copy
+            y.T.copy_(right.T @ oriented.T)  # the narrow factor on the left: several times faster in BLAS
+            if w is not None:
+                torch.mm(left_t.T, oriented, out=w)
+            return y, w
+        block_rows = max(1, min(block_rows, -(-oriented.shape[0] // 8)))
+        for start in range(0, oriented.shape[0], block_rows):
+            block = oriented[start:start + block_rows].to(device=self.y.device, dtype=torch.float32)
+            torch.mm(block, right, out=y[start:start + block_rows])
+            if w is not None:
+                w.addmm_(left_t[start:start + block_rows].T, block)
+        return y, w
+
+    def clear(self) -> None:
+        """Back to the state of no examples."""
+        self.y.zero_()
+        self.w.zero_()
+        self.tokens = 0
+        self.norms_sq.clear()
 
     # pragma: no mutate end
     def merge(self, other: "ModuleSketch") -> None:
@@ -327,6 +373,22 @@ class StatsAccumulator:
         sketch = self.sketches[key]
         return sketch.update(xs, deltas, self._test(*sketch.sketch_shape), self.impl)
 
+    def add_rows(self, key, x: torch.Tensor, delta: torch.Tensor) -> None:
+        """Add the summed gradient ``x^T delta`` of token rows of one (layer, module), with no per-example norm."""
+        sketch = self.sketches[key]
+        sketch.add_rows(x, delta, self._test(*sketch.sketch_shape), self.impl)
+
+    def sketch_matrix(self, key, matrix: torch.Tensor, *, probes_only: bool = False):
+        """:meth:`ModuleSketch.sketch_matrix` of a dense ``d_in x d_out`` matrix with the test matrices of ``key``."""
+        sketch = self.sketches[key]
+        return sketch.sketch_matrix(matrix, self._test(*sketch.sketch_shape), probes_only=probes_only)
+
+    def reset(self) -> None:
+        """Empty every sketch (the test matrices stay): the state of no examples."""
+        for sketch in self.sketches.values():
+            sketch.clear()
+        self.ids.clear()
+
     def update(self, cap: Capture, ids=None) -> dict:
         """Add every example of a capture; ``ids`` name them (default: running indices). Returns the per-key
         ``||grad_i||_F`` (float64) of this batch."""
@@ -403,11 +465,16 @@ class StatsAccumulator:
 
     # -- the exact small step -------------------------------------------------------------------------
     # pragma: no mutate start
+    def finalize_module(self, key) -> ModuleStats:
+        """The small exact step of one (layer, module) (:meth:`finalize` does every one)."""
+        sketch = self.sketches[key]
+        norms = sketch.all_norms_sq().double().clamp_min(0).sqrt()
+        return sketch.finalize(self.sizes, self.rank, self._test(*sketch.sketch_shape)[1], norms)
+
     def finalize(self, order=None) -> GradientStats:
         """The rank-``r`` summed gradients and norms; ``order`` (a list of ids) sorts the per-example norms."""
         norms = {key: s.all_norms_sq().double().clamp_min(0).sqrt() for key, s in self.sketches.items()}
-        summed = {key: s.finalize(self.sizes, self.rank, self._test(*s.sketch_shape)[1], norms[key])
-                  for key, s in self.sketches.items()}
+        summed = {key: self.finalize_module(key) for key in self.sketches}
         ids = list(self.ids)
         if order is not None:
             position = {i: j for j, i in enumerate(ids)}
