@@ -18,6 +18,7 @@ accuracy: one AdamW step of the shipped model on a batch of 128 tokens (the step
           difference) and the sketch of the difference against the dense change.
 
     python benchmarks/bench_training_lens.py cost [--models default,gpt2-small] [--threads-list 1,2] [--rounds 2]
+                                                  [--device cuda]  (results: training_lens_cost_cuda.*)
     python benchmarks/bench_training_lens.py accuracy
 """
 from __future__ import annotations
@@ -66,14 +67,21 @@ def batches(tokenizer, batch: int, tokens: int, count: int) -> list[torch.Tensor
     return [torch.tensor(stream[i * size:(i + 1) * size]).view(batch, tokens) for i in range(count)]
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train(model, opt, data, steps: int, start: int) -> list[float]:
     times = []
     for i in range(steps):
         ids = data[(start + i) % len(data)]
+        _synchronize(ids.device)
         begin = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _synchronize(ids.device)
         times.append(time.perf_counter() - begin)
     return times
 
@@ -110,11 +118,13 @@ class LensClock:
             setattr(cls, name, timed)
 
 
-def cost_one(name: str, threads: int, rounds: int, batch: int, tokens: int, every1_steps: int) -> dict:
+def cost_one(name: str, threads: int, rounds: int, batch: int, tokens: int, every1_steps: int,
+             device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
     model, tokenizer = build(name)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    data = batches(tokenizer, batch, tokens, 16)
+    data = [ids.to(device) for ids in batches(tokenizer, batch, tokens, 16)]
     done = 0
     train(model, opt, data, 2, done)  # warm-up: optimizer state, allocator
     done += 2
@@ -142,7 +152,8 @@ def cost_one(name: str, threads: int, rounds: int, batch: int, tokens: int, ever
         done += every1_steps
     base = statistics.median(per["baseline"])
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return {"model": name, "threads": threads, "batch": f"{batch} x {tokens} tokens", "rounds": rounds,
+    return {"model": name, "device": device, "threads": threads, "batch": f"{batch} x {tokens} tokens",
+            "rounds": rounds,
             "step_seconds": {k: statistics.median(v) for k, v in per.items()},
             "step_seconds_per_round": per,
             "overhead_every10": statistics.median(per["every10"]) / base - 1,
@@ -285,15 +296,42 @@ def memory_one(name: str, batch: int, tokens: int, steps: int, repeats: int) -> 
             "rss_extra_share_of_gradients": extra / grads, "rss_noise_bytes": max(base) - min(base)}
 
 
+def cuda_memory_one(name: str, batch: int, tokens: int, steps: int) -> dict:
+    """On a GPU: the peak of allocated memory over ``steps`` steps with the lens (every=1) minus that without, in one
+    process after a warm-up step with the lens (the optimizer's state and the lens's test matrices exist in both)."""
+    model, tokenizer = build(name)
+    model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    data = [ids.cuda() for ids in batches(tokenizer, batch, tokens, 4)]
+    with lens_for(model, tokenizer, 1, 0):
+        train(model, opt, data, 1, 0)
+    peaks = {}
+    for lens in (False, True):
+        torch.cuda.reset_peak_memory_stats()
+        if lens:
+            with lens_for(model, tokenizer, 1, 1):
+                train(model, opt, data, steps, 1)
+        else:
+            train(model, opt, data, steps, 1)
+        peaks[lens] = torch.cuda.max_memory_allocated()
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    extra = peaks[True] - peaks[False]
+    return {"model": name, "gradient_bytes": grads, "cuda_peak_without": peaks[False], "cuda_peak_with": peaks[True],
+            "cuda_extra_peak_bytes": extra, "cuda_extra_share_of_gradients": extra / grads}
+
+
 def cost(args) -> dict:
     runs, memory = [], []
     for name in args.models.split(","):
         batch, tokens = (8, 64) if name == "default" else (4, 64)
         for threads in (int(t) for t in args.threads_list.split(",")):
-            runs.append(cost_one(name, threads, args.rounds, batch, tokens, args.every1_steps))
+            runs.append(cost_one(name, threads, args.rounds, batch, tokens, args.every1_steps, args.device))
             print(json.dumps(runs[-1]["step_seconds"]), runs[-1]["overhead_every10"], runs[-1]["overhead_every1"],
                   flush=True)
-        memory.append(memory_one(name, batch, tokens, 2, args.memory_repeats))
+        if args.device == "cuda":
+            memory.append(cuda_memory_one(name, batch, tokens, 2))
+        else:
+            memory.append(memory_one(name, batch, tokens, 2, args.memory_repeats))
         print(json.dumps(memory[-1]), flush=True)
     return {"benchmark": "training lens cost", "optimizer": "AdamW, fp32", "lens": "FF1 + FF2 of every layer, "
             "rank 4, k 10, change read (AdamW)", "targets": {"overhead_every10": 0.05, "overhead_every1": 0.25,
@@ -369,6 +407,8 @@ def main() -> None:
     parser.add_argument("mode", choices=("cost", "accuracy", "memory-worker"))
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads-list", default="1,2")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the models train (cuda: the memory part measures allocated GPU memory)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--every1-steps", type=int, default=3)
     parser.add_argument("--memory-repeats", type=int, default=2)
@@ -387,7 +427,7 @@ def main() -> None:
     setup(args)
     if args.mode == "cost":
         result = cost(args)
-        table = [{"model": r["model"], "threads": r["threads"], "batch": r["batch"],
+        table = [{"model": r["model"], "device": r["device"], "threads": r["threads"], "batch": r["batch"],
                   "step s (no lens)": r["step_seconds"]["baseline"], "step s (every=10)": r["step_seconds"]["every10"],
                   "step s (every=1)": r["step_seconds"]["every1"],
                   "overhead every=10": f"{100 * r['overhead_every10']:+.1f}%",
@@ -401,9 +441,12 @@ def main() -> None:
                 "buffered rows per sampled step MiB": m["arrow_bytes_per_buffered_step"] / 2 ** 20,
                 "RSS: extra peak MiB": m["rss_extra_peak_bytes"] / 2 ** 20,
                 "RSS: share": f"{100 * m['rss_extra_share_of_gradients']:.2f}%",
-                "RSS noise MiB (runs without)": m["rss_noise_bytes"] / 2 ** 20} for m in result["memory"]]
+                "RSS noise MiB (runs without)": m["rss_noise_bytes"] / 2 ** 20} if "rss_noise_bytes" in m else
+               {"model": m["model"], "gradients MiB": m["gradient_bytes"] / 2 ** 20,
+                "GPU: extra peak MiB": m["cuda_extra_peak_bytes"] / 2 ** 20,
+                "GPU: share": f"{100 * m['cuda_extra_share_of_gradients']:.2f}%"} for m in result["memory"]]
+        name = "training_lens_cost" if args.device == "cpu" else "training_lens_cost_cuda"
         lines = [markdown_table(table), "", markdown_table(mem)]
-        name = "training_lens_cost"
     else:
         result = accuracy(args)
         lines = [markdown_table(result["rows"])]

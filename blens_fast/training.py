@@ -326,6 +326,7 @@ class TrainingLens:
 
     @property
     def next_step_sampled(self) -> bool:
+        """Whether the next optimizer step is one the lens reads (``(step + 1) % every == 0``)."""
         return (self.step + 1) % self.settings.every == 0
 
     def _prepare_out(self) -> None:

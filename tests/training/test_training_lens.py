@@ -83,12 +83,8 @@ def one_sgd_step(model, tokenizer, batch, *, rank=4, k=5, lr=0.1, **options):
     return tl, grads, live
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_step_lens_equals_the_dense_gradient_when_its_rank_fits(arch, tokenizer):
-    model = make_tiny_model(arch).train()
-    batch = encode(tokenizer, TEXTS)
-    rank, k = 4, 5
-    tl, grads, live = one_sgd_step(model, tokenizer, batch, rank=rank, k=k)
+def assert_step_equals_the_dense_gradient(model, tl, grads, live, rank, k):
+    """One SGD step's spectrum, norms and lists against the dense gradients, the step's rank fitting the sketch."""
     spectrum = tl.to_pandas("spectrum")
     steps = tl.to_pandas("steps")
     for key, grad in grads.items():
@@ -108,6 +104,27 @@ def test_step_lens_equals_the_dense_gradient_when_its_rank_fits(arch, tokenizer)
         u, v = oriented(u, v, live.sums[key] / count, r)
         check_lists_against_reference(model, tl, 1, key, u, v, r, k)
     assert set(spectrum.source.astype(str)) == {"gradient"}  # plain SGD: its change is -lr * grad, not read again
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_step_lens_equals_the_dense_gradient_when_its_rank_fits(arch, tokenizer):
+    model = make_tiny_model(arch).train()
+    rank, k = 4, 5
+    tl, grads, live = one_sgd_step(model, tokenizer, encode(tokenizer, TEXTS), rank=rank, k=k)
+    assert_step_equals_the_dense_gradient(model, tl, grads, live, rank, k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_step_lens_on_cuda_equals_the_dense_gradient(arch, tokenizer):
+    """The same step on the GPU (hooks, the sketch op, the projection there), checked on the CPU in float64."""
+    model = make_tiny_model(arch).train().cuda()
+    rank, k = 4, 5
+    tl, grads, live = one_sgd_step(model, tokenizer, encode(tokenizer, TEXTS, "cuda"), rank=rank, k=k)
+    assert tl.ctx.device.type == "cuda"
+    grads = {key: grad.cpu() for key, grad in grads.items()}
+    live.sums = {key: total.cpu() for key, total in live.sums.items()}
+    assert_step_equals_the_dense_gradient(model.cpu(), tl, grads, live, rank, k)
 
 
 @pytest.mark.parametrize("refine", [True, False])
