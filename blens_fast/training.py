@@ -97,6 +97,8 @@ CHANGE_MODES = ("auto", "always", "never")
 CONSISTENCY_WARNING = 1e-2
 #: rows of a factor or weight read at a time (bounds every temporary)
 BLOCK_ROWS = 256
+#: the share of ||G||^2 outside the refined subspace above which the error bar is a difference of squares
+DIFFERENCE_OF_SQUARES = 1e-2
 
 _CATEGORY = pa.dictionary(pa.int32(), pa.string())
 _KEY = [("step", pa.int64()), ("layer", pa.int16()), ("module", _CATEGORY), ("source", _CATEGORY)]
@@ -191,7 +193,7 @@ class _StepFactors:
 
     def __init__(self, lens: "TrainingLens"):
         device = lens.ctx.device
-        shapes = {key: tuple(lens.ctx.weight_io(*key).shape) for key in lens.keys}
+        shapes = {key: tuple(lens._weight_io(key).shape) for key in lens.keys}
         self.x_sum = {key: torch.zeros(shapes[key][0], dtype=torch.float32, device=device) for key in lens.keys}
         self.tokens = {key: torch.zeros((), dtype=torch.int64, device=device) for key in lens.keys}
         self.tracked = {key: torch.zeros(len(lens.settings.track), shapes[key][1], dtype=torch.float32, device=device)
@@ -244,15 +246,17 @@ class TrainingLens:
                                              change, track, flush_every, refine)
         self.tracked_keys = [key for key in self.keys if key[1] == "mlp.out"] if track else []
         self._track_examples = self.ctx.tokenize([p for p, _ in track], [t for _, t in track]) if track else []
+        # the watched parameters, looked up once (the lens reads and hooks these objects for its whole life)
+        self._params = {key: self.ctx.weight(*key) for key in self.keys}
         for key in self.keys:
-            if not self.ctx.weight(*key).requires_grad:
+            if not self._params[key].requires_grad:
                 raise ValueError(f"the weight of {key[1]} at layer {key[0]} does not require grad: the lens reads what "
                                  "the optimizer writes into trained weights (leave frozen modules out of modules=)")
-        shapes = {key: tuple(self.ctx.weight_io(*key).shape) for key in self.keys}
+        shapes = {key: tuple(self._weight_io(key).shape) for key in self.keys}
         # one singular value more than is read: the gap below the last direction read
         self._acc = StatsAccumulator(shapes, rank=min(rank + 1, sizes[0]), sketch_size=sizes[0], cosketch_size=sizes[1],
                                      residual_size=sizes[2], seed=seed, device=self.ctx.device, impl=impl)
-        self._weights = {id(self.ctx.weight(*key)) for key in self.keys}
+        self._weights = {id(param) for param in self._params.values()}
         self.rank_in_group, self.world_size = _distributed()
         self.writes = self.rank_in_group == 0
         self.out = Path(out) if out is not None else None
@@ -345,6 +349,15 @@ class TrainingLens:
         else:
             atomic_write_json(found, described)
 
+    def _weight_io(self, key) -> torch.Tensor:
+        """The watched weight as a ``(d_in, d_out)`` view (:meth:`ModelContext.weight_io` of the looked-up parameter)."""
+        return self.ctx.adapter.as_io(self._params[key])
+
+    def _grad_io(self, key) -> torch.Tensor | None:
+        """Its ``.grad`` as a ``(d_in, d_out)`` view, or None."""
+        grad = self._params[key].grad
+        return None if grad is None else self.ctx.adapter.as_io(grad)
+
     # -- module hooks ------------------------------------------------------------------------------------------
     def _arm_for_next_step(self) -> None:
         if not self._optimizer_hooks:
@@ -386,7 +399,7 @@ class TrainingLens:
         x = held.pop()
         if key not in factors.seen:
             factors.seen.add(key)
-        elif self.ctx.weight(*key).grad is None:
+        elif self._params[key].grad is None:
             # .grad was emptied with no optimizer step in between (a step a GradScaler skipped): start again
             self._restart(key)
         x = x.reshape(-1, x.shape[-1])
@@ -433,7 +446,7 @@ class TrainingLens:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         found = self._weights & held
         if found and found != self._weights:
-            missing = [key for key in self.keys if id(self.ctx.weight(*key)) not in held]
+            missing = [key for key in self.keys if id(self._params[key]) not in held]
             raise ValueError(f"the optimizer that stepped holds {len(found)} of the {len(self._weights)} watched "
                              f"weights (not {missing[:3]}): the lens reads one optimizer's step; watch the modules "
                              "of one optimizer")
@@ -455,7 +468,7 @@ class TrainingLens:
         if self._pending["change"]:
             self._acc.reset()
             for key in self.keys:
-                y, w = self._acc.sketch_matrix(key, self.ctx.weight_io(*key).detach())
+                y, w = self._acc.sketch_matrix(key, self._weight_io(key).detach())
                 sketch = self._acc.sketches[key]
                 sketch.y.sub_(y)
                 sketch.w.sub_(w)
@@ -472,7 +485,7 @@ class TrainingLens:
             sources = {"gradient": pending.pop("gradient")}
             if pending["change"]:
                 for key in self.keys:
-                    y, w = self._acc.sketch_matrix(key, self.ctx.weight_io(*key).detach())
+                    y, w = self._acc.sketch_matrix(key, self._weight_io(key).detach())
                     sketch = self._acc.sketches[key]
                     sketch.y.add_(y)
                     sketch.w.add_(w)
@@ -500,7 +513,7 @@ class TrainingLens:
         m = self.settings.sketch[2]
         scales, consistency, norms = {}, {}, {}
         for key in self.keys:
-            grad = self.ctx.grad_io(*key)
+            grad = self._grad_io(key)
             sketch = self._acc.sketches[key]
             if grad is None:
                 scales[key], consistency[key] = float(self.world_size), math.nan
@@ -522,7 +535,7 @@ class TrainingLens:
                 factors.tracked[key].div_(scale)
         reads = {}
         for key in self.keys:
-            grad = self.ctx.grad_io(*key)
+            grad = self._grad_io(key)
             if self.settings.refine and grad is not None and consistency[key] <= CONSISTENCY_WARNING:
                 sketch = self._acc.sketches[key]
                 start = sketch.y[:, :self.settings.sketch[0]]
@@ -530,7 +543,7 @@ class TrainingLens:
                 reads[key] = _Read.of(*found, factors.x_sum[key], self._sides(key), self.settings.rank, negate=False)
             else:
                 reads[key] = self._read(key, factors.x_sum[key], negate=False)
-        lr = {key: _learning_rate(optimizer, self.ctx.weight(*key)) for key in self.keys}
+        lr = {key: _learning_rate(optimizer, self._params[key]) for key in self.keys}
         return reads, {"scale": scales, "consistency": consistency, "norm": norms, "lr": lr,
                        "x_sum": dict(factors.x_sum), "tokens": {key: int(v) for key, v in factors.tokens.items()},
                        "tracked": dict(factors.tracked), "track_prob": self._track_prob}
@@ -786,17 +799,21 @@ def _refined(grad: torch.Tensor, start: torch.Tensor, side: str, norm: float):
     started from the sketch's range (``start``: its ``y`` columns, spanning the ``"in"`` or ``"out"`` side): ``T`` =
     ``orth(G^T S)`` (after ``S <- orth(G S)`` when ``S`` spans outputs) spans outputs, and the projection ``G T T^T``
     gives ``(s, u, v, norm, error_bar)`` with the exact ``error_bar = ||G - G T T^T||_F`` (it bounds every singular
-    value's error, Weyl), computed directly rather than as a difference of squares."""
+    value's error, Weyl): ``||G||^2 - ||G T||^2`` when that holds at least :data:`DIFFERENCE_OF_SQUARES` of
+    ``||G||^2`` (float32 rounding, ~1e-6 of ``||G||^2``, then moves it by under 1e-3 of itself), else computed
+    directly, in row blocks (a step whose rank fits the subspace, where the difference would be rounding)."""
     basis = torch.linalg.qr(start.double()).Q.float()
     if side == "out":
         basis = torch.linalg.qr(_product(grad, basis, transpose=False).double()).Q.float()
     outputs = torch.linalg.qr(_product(grad, basis, transpose=True).double()).Q.float()
     outputs = outputs.to(grad.device)
     w = _product(grad, outputs, transpose=False)
-    rows = _block_rows(grad.shape[0])
-    residual_sq = sum(float(torch.linalg.vector_norm(grad[first:first + rows].float()
-                                                     - w[first:first + rows] @ outputs.T)) ** 2
-                      for first in range(0, grad.shape[0], rows))
+    residual_sq = norm ** 2 - float(torch.linalg.vector_norm(w.double())) ** 2
+    if residual_sq < DIFFERENCE_OF_SQUARES * norm ** 2:  # most of G is in the subspace: its rounding would dominate
+        rows = _block_rows(grad.shape[0])
+        residual_sq = sum(float(torch.linalg.vector_norm(grad[first:first + rows].float()
+                                                         - w[first:first + rows] @ outputs.T)) ** 2
+                          for first in range(0, grad.shape[0], rows))
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     return s.cpu(), u.cpu(), (outputs.double() @ vh.T).cpu(), norm, math.sqrt(residual_sq)
 

@@ -613,3 +613,26 @@ def test_the_inputs_are_not_kept_after_the_backward(tokenizer):
         return uses
 
     assert storage_uses(True) == storage_uses(False)
+
+
+@pytest.mark.parametrize("rank_of_g", [3, 200])
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_the_refined_error_bar_is_the_residual_of_its_subspace(rank_of_g, side):
+    """``||G - G T T^T||_F`` against float64 from the returned directions: a gradient of rank 3 (inside the 9-column
+    subspace: the residual is rounding, computed directly) and of rank 200 (most of it outside: the difference of
+    squares), for a subspace started on either side."""
+    from blens_fast.training import _frobenius, _refined
+
+    g = torch.Generator().manual_seed(rank_of_g)
+    d_in, d_out = 96, 160
+    grad = (torch.randn(d_in, rank_of_g, generator=g) @ torch.randn(rank_of_g, d_out, generator=g)).float()
+    start = torch.randn(d_in if side == "in" else d_out, 9, generator=g)
+    s, u, v, norm, bar = _refined(grad, start, side, _frobenius(grad))
+    dense = grad.double()
+    residual = float(torch.linalg.matrix_norm(dense - dense @ v @ v.T))
+    assert v.shape == (d_out, 9) and torch.allclose(v.T @ v, torch.eye(9, dtype=v.dtype), atol=1e-5)
+    if rank_of_g < 9:
+        assert bar <= 1e-5 * norm and residual <= 1e-5 * norm
+    else:
+        assert bar == pytest.approx(residual, rel=1e-4)
+    torch.testing.assert_close(s.double(), torch.linalg.svdvals(dense @ v), rtol=1e-5, atol=1e-6 * norm)
