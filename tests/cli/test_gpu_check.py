@@ -29,12 +29,21 @@ def test_the_script_parses():
 
 def test_the_dry_run_plans_every_stage_within_the_budget(tmp_path):
     out, stages = plan(tmp_path)
-    assert list(stages) == ["info", "build", "tests", "roofline", "lens"]
+    assert list(stages) == ["info", "build", "tests", "roofline", "lens", "training"]
     assert sum(seconds for _, seconds, _ in stages.values()) <= 560
+    assert stages["lens"][2] == 190  # the optional training stage takes nothing from the stages before it
     assert "bench_gpu_roofline.py" in out and "profile_projection.py" in out
     assert re.search(r"blens_fast\.cli bench --model gpt-j --device cuda .*--prompts 1000", out)
     assert re.search(r"pytest .*-k cuda\\ or\\ triton\\ or\\ gpu", out)  # the GPU-only tests, by name
     assert (tmp_path / "gpu_check_log.txt").read_text() == out
+
+
+def test_the_optional_training_stage_runs_in_the_time_the_others_leave(tmp_path):
+    out, stages = plan(tmp_path, "--budget", "640")
+    assert stages["training"][0] == "plan" and stages["lens"][2] == 200
+    assert re.search(r"bench_training_lens\.py cost --device cuda", out)
+    _, stages = plan(tmp_path, "--stages", "training")
+    assert stages == {"training": ("plan", 70, 120)}
 
 
 def test_a_small_budget_shortens_the_stages_and_skips_what_no_longer_fits(tmp_path):
