@@ -375,15 +375,17 @@ def test_bf16_autocast_and_a_bf16_model(tokenizer):
             assert abs(got.singular_value.iloc[0] - float(s[0])) <= 2e-2 * float(s[0]), (dtype, key)
 
 
-def test_grad_scaler_and_clipping_are_measured_as_the_scale(tokenizer):
+@pytest.mark.parametrize("refine", [True, False])
+def test_grad_scaler_and_clipping_are_measured_as_the_scale(tokenizer, refine):
     """A GradScaler's loss scale and gradient clipping change what the optimizer reads by one number: the lens
-    reports that number and the singular values of the gradient the optimizer reads."""
+    reports that number and the singular values of the gradient the optimizer reads (refined from ``.grad``, or read
+    from the factors' sketch divided by that number)."""
     model = make_tiny_model("gpt2").train()
     keys = reference_keys(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     batch = encode(tokenizer, TEXTS)
-    with training_lens(model, tokenizer, every=1, k=3, rank=4) as tl:
+    with training_lens(model, tokenizer, every=1, k=3, rank=4, refine=refine) as tl:
         scaler.scale(model(**batch).loss).backward()
         scaler.unscale_(opt)
         total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.5)
