@@ -38,8 +38,9 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_ON_FIRST_USE))
 
 __all__ = [
-    "Adapter", "Capture", "Edit", "GradientStats", "ImprintShiftReport", "Lens", "LensReport", "LowRankGradient", "ModelContext", "TopBottomK",
-    "TopK", "analyze", "bind", "capture", "counterfact", "edit", "evaluate_counterfact", "get_adapter", "gradient_stats", "imprint_shift", "integrations", "lens", "load_default_model",
-    "load_model", "project", "project_dataset", "rank", "read_results", "read_training_lens", "register_adapter", "supported_architectures", "topk_bottomk_logits",
-    "topk_logits", "TrainingLens", "training_lens",
+    "Adapter", "analyze", "bind", "Capture", "capture", "counterfact", "Edit", "edit", "evaluate_counterfact",
+    "get_adapter", "gradient_stats", "GradientStats", "imprint_shift", "ImprintShiftReport", "integrations", "Lens",
+    "lens", "LensReport", "load_default_model", "load_model", "LowRankGradient", "ModelContext", "project",
+    "project_dataset", "rank", "read_results", "read_training_lens", "register_adapter", "supported_architectures",
+    "TopBottomK", "TopK", "topk_bottomk_logits", "topk_logits", "training_lens", "TrainingLens",
 ]

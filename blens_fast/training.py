@@ -85,6 +85,7 @@ from .bulk.shards import shard_file
 from .context import ModelContext, bind
 from .forward import forward_hidden
 from .lists import LIST_NAMES, LISTS
+from .ops.topk import TOPK
 from .project import project_lists
 from .stats import StatsAccumulator, sketch_sizes
 
@@ -216,7 +217,8 @@ class TrainingLens:
     ``"never"``); ``out`` (a folder for the Parquet tables, ``run.json`` and the timelines; None keeps the results
     in memory); ``flush_every`` (sampled steps per Parquet part); ``refine`` (one power iteration on the optimizer's
     ``.grad`` from the sketch's range, module docstring); ``start_step`` (steps already done, e.g. a resumed
-    Trainer's ``global_step``); ``seed`` (the sketch's test matrices); ``impl`` (the fused kernels' implementation).
+    Trainer's ``global_step``); ``seed`` (the sketch's test matrices); ``impl`` (the projection's implementation, as in
+    :func:`~blens_fast.ops.topk.topk_logits`).
 
     Use as a context manager (:func:`training_lens`) or call :meth:`start` and :meth:`close`. See the module docstring
     for what is read and how.
@@ -255,7 +257,9 @@ class TrainingLens:
         shapes = {key: tuple(self._weight_io(key).shape) for key in self.keys}
         # one singular value more than is read: the gap below the last direction read
         self._acc = StatsAccumulator(shapes, rank=min(rank + 1, sizes[0]), sketch_size=sizes[0], cosketch_size=sizes[1],
-                                     residual_size=sizes[2], seed=seed, device=self.ctx.device, impl=impl)
+                                     residual_size=sizes[2], seed=seed, device=self.ctx.device)
+        TOPK.resolve(impl, self.ctx.device)  # a ValueError naming an unknown or unavailable implementation now
+        self.impl = impl
         self._weights = {id(param) for param in self._params.values()}
         self.rank_in_group, self.world_size = _distributed()
         self.writes = self.rank_in_group == 0
@@ -350,7 +354,8 @@ class TrainingLens:
             atomic_write_json(found, described)
 
     def _weight_io(self, key) -> torch.Tensor:
-        """The watched weight as a ``(d_in, d_out)`` view (:meth:`ModelContext.weight_io` of the looked-up parameter)."""
+        """The watched weight as a ``(d_in, d_out)`` view (:meth:`ModelContext.weight_io` of the parameter looked up
+        once)."""
         return self.ctx.adapter.as_io(self._params[key])
 
     def _grad_io(self, key) -> torch.Tensor | None:
@@ -618,7 +623,8 @@ class TrainingLens:
             return SCHEMAS["rows"].empty_table()
         orders = {largest for *_, lists, _ in wanted for _, largest in lists}
         vectors = torch.cat([v.T for *_, v in wanted]).to(self.ctx.device)
-        projected = project_lists(self.ctx, vectors, k=k, top=True in orders, bottom=False in orders)
+        projected = project_lists(self.ctx, vectors, k=k, top=True in orders, bottom=False in orders,
+                                  impl=self.impl)
         parts, row = [], 0
         for source, key, read, lists, chosen in wanted:
             count = chosen.shape[1]
@@ -642,7 +648,7 @@ class TrainingLens:
         examples = self._track_examples
         targets = [e.target_ids[0] for e in examples]
         vectors = torch.cat([pending["tracked"][key] for key in self.tracked_keys])
-        read = project_lists(self.ctx, vectors, k=k, top=False, bottom=True,
+        read = project_lists(self.ctx, vectors, k=k, top=False, bottom=True, impl=self.impl,
                              targets=torch.tensor(targets * len(self.tracked_keys), device=vectors.device))
         n = len(examples)
         ranks = read.target_rank_bottom.reshape(len(self.tracked_keys), n).cpu()

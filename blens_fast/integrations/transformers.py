@@ -11,7 +11,8 @@ steps are the Trainer's ``global_step`` (a resumed run goes on counting). At eac
 summaries (``blens/L<layer>/<module>/grad_norm``, ``top_singular_value``, ``stable_rank``, ``error_bar``,
 ``change_norm``, and ``blens/track<i>/...`` for tracked prompts) go into the Trainer's ``logs``, so the loggers it
 reports to (TensorBoard, W&B, MLflow, the console) show them with no code of their own: the callback puts itself
-ahead of them in the Trainer's callback list. They are kept in ``state.log_history`` (``trainer_state.json``) too. Under ``torchrun`` every rank runs the lens and rank 0 writes.
+ahead of them in the Trainer's callback list. They are kept in ``state.log_history`` (``trainer_state.json``) too.
+Under ``torchrun`` every rank runs the lens and rank 0 writes.
 """
 from __future__ import annotations
 

@@ -482,6 +482,8 @@ def test_bad_arguments_are_refused_with_their_value(tokenizer):
         TrainingLens(model, tokenizer, track=[("only a prompt",)])
     with pytest.raises(ValueError, match="tokenizer"):
         TrainingLens(model)
+    with pytest.raises(ValueError, match="'fastest'"):
+        TrainingLens(model, tokenizer, impl="fastest")
     model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)
     with pytest.raises(ValueError, match="mlp.in at layer 0 does not require grad"):
         TrainingLens(model, tokenizer)
@@ -638,3 +640,21 @@ def test_the_refined_error_bar_is_the_residual_of_its_subspace(rank_of_g, side):
     else:
         assert bar == pytest.approx(residual, rel=1e-4)
     torch.testing.assert_close(s.double(), torch.linalg.svdvals(dense @ v), rtol=1e-5, atol=1e-6 * norm)
+
+
+def test_impl_chooses_the_projection(tokenizer, monkeypatch):
+    """``impl`` reaches every projection the lens makes (its lists and the tracked prompts'), and the torch
+    reference's lists equal the default's."""
+    import blens_fast.training as training
+
+    seen = []
+    project_lists = training.project_lists
+    monkeypatch.setattr(training, "project_lists", lambda *a, **kw: seen.append(kw["impl"]) or project_lists(*a, **kw))
+    rows = {}
+    for impl in ("auto", "torch"):
+        model = make_tiny_model("gpt2").train()
+        tl, _, _ = one_sgd_step(model, tokenizer, encode(tokenizer, TEXTS), impl=impl,
+                                track=[("The Eiffel Tower is in", " Paris")])
+        rows[impl] = tl.to_pandas("rows")[["layer", "module", "direction", "list", "rank", "token_id"]]
+    assert seen == ["auto", "auto", "torch", "torch"]
+    pd.testing.assert_frame_equal(rows["auto"], rows["torch"])
