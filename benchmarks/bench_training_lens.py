@@ -423,6 +423,8 @@ def main() -> None:
     if args.mode == "memory-worker":
         memory_worker(args)
         return
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU")
     args.out = Path(args.out) if args.out else None
     setup(args)
     if args.mode == "cost":

@@ -643,18 +643,19 @@ def test_the_refined_error_bar_is_the_residual_of_its_subspace(rank_of_g, side):
 
 
 def test_impl_chooses_the_projection(tokenizer, monkeypatch):
-    """``impl`` reaches every projection the lens makes (its lists and the tracked prompts'), and the torch
-    reference's lists equal the default's."""
+    """``impl`` reaches every projection the lens makes (its lists and the tracked prompts'), and the lists of the
+    torch reference and of the Triton kernel (its GPU path, through the interpreter here) equal the default's."""
     import blens_fast.training as training
 
     seen = []
     project_lists = training.project_lists
     monkeypatch.setattr(training, "project_lists", lambda *a, **kw: seen.append(kw["impl"]) or project_lists(*a, **kw))
     rows = {}
-    for impl in ("auto", "torch"):
+    for impl in ("auto", "torch", "triton"):
         model = make_tiny_model("gpt2").train()
         tl, _, _ = one_sgd_step(model, tokenizer, encode(tokenizer, TEXTS), impl=impl,
                                 track=[("The Eiffel Tower is in", " Paris")])
         rows[impl] = tl.to_pandas("rows")[["layer", "module", "direction", "list", "rank", "token_id"]]
-    assert seen == ["auto", "auto", "torch", "torch"]
+    assert seen == ["auto", "auto", "torch", "torch", "triton", "triton"]
     pd.testing.assert_frame_equal(rows["auto"], rows["torch"])
+    pd.testing.assert_frame_equal(rows["auto"], rows["triton"])
