@@ -66,6 +66,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,6 +123,8 @@ SCHEMAS = {
         ("logit", pa.float32())]),
 }
 TABLES = tuple(SCHEMAS)
+#: the lenses started and not closed (their hooks are live)
+_STARTED: "weakref.WeakSet[TrainingLens]" = weakref.WeakSet()
 _DICTIONARIES = {"module": MODULE_NAMES, "source": SOURCES, "list": LIST_NAMES}
 
 
@@ -306,10 +309,17 @@ class TrainingLens:
         """Install the optimizer hooks (and the module hooks when the next step is sampled); write ``run.json``."""
         if self._optimizer_hooks:
             raise RuntimeError("this TrainingLens is already started")
+        for other in _STARTED:
+            if other._weights & self._weights:
+                # two lenses on one weight would both hook each step (a run interrupted without close(), then
+                # started again): each would read the other's steps and write its own rows of them
+                raise RuntimeError(f"another TrainingLens (out={other.out}) is still started on these weights: "
+                                   "close it first (lens.close(); a with-block or the Trainer callback does it)")
         if self.out is not None and self.writes:
             self._prepare_out()
         self._optimizer_hooks = [register_optimizer_step_pre_hook(self._pre_step),
                                  register_optimizer_step_post_hook(self._post_step)]
+        _STARTED.add(self)
         self._arm_for_next_step()
         return self
 
@@ -318,6 +328,7 @@ class TrainingLens:
         for handle in self._optimizer_hooks:
             handle.remove()
         self._optimizer_hooks = []
+        _STARTED.discard(self)
         self._disarm()
         self._flush()
         if report and self.out is not None and self.writes and self._has_rows():
@@ -350,6 +361,12 @@ class TrainingLens:
             if old != described:
                 raise ValueError(f"{str(self.out)!r} holds a training lens run with other settings ({str(found)!r}): "
                                  "use another out folder or the same settings")
+            done = read_training_lens(self.out, "steps").step
+            if len(done) and int(done.max()) > self.step:
+                # a run that starts again below the steps it wrote would overwrite some of its parts and not others
+                raise ValueError(f"{str(self.out)!r} holds steps up to {int(done.max())}, beyond this lens's start at "
+                                 f"step {self.step}: it is another run's (or a run resumed from an earlier "
+                                 "checkpoint); use another out folder, or delete the parts of later steps")
         else:
             atomic_write_json(found, described)
 

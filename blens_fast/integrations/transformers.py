@@ -41,6 +41,8 @@ class BackwardLensCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._go_first()
+        if self.lens is not None:  # a training that ended without on_train_end (interrupted): its rows kept
+            self.lens.close(report=False)
         tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
         if tokenizer is None:

@@ -87,3 +87,49 @@ def test_callback_refuses_a_model_of_its_own_and_needs_a_tokenizer(tokenizer, tm
     trainer.callback_handler.processing_class = None
     with pytest.raises(ValueError, match="processing_class=tokenizer"):
         trainer.train()
+
+
+class Interrupt(transformers.TrainerCallback):
+    """Interrupts the first training at its first step, as a KeyboardInterrupt in a notebook does."""
+
+    def __init__(self):
+        self.fired = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_training_started_again_leaves_one_lens(tokenizer, tmp_path):
+    """train() interrupted (no on_train_end) and called again: the callback closes its first lens, keeping its rows;
+    the second run, counting steps from 0 again, is refused the folder that holds step 1 (it would overwrite some of
+    the first run's parts and not others); in another folder it runs, each step hooked once, no hook left."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    hooks = len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks)
+    model = make_tiny_model("gpt2").train()
+    callback = bl.integrations.BackwardLensCallback(every=1, k=3, rank=2, out=tmp_path / "tlens")
+    trainer = trainer_for(model, tokenizer, tmp_path, [callback, Interrupt()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    with pytest.raises(ValueError, match="holds steps up to 1, beyond this lens's start at step 0"):
+        trainer.train()
+    assert (len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks)) == hooks
+    assert sorted(set(bl.read_training_lens(tmp_path / "tlens", "steps").step)) == [1]  # the first run's step kept
+    callback = bl.integrations.BackwardLensCallback(every=1, k=3, rank=2, out=tmp_path / "again")
+    trainer_for(model, tokenizer, tmp_path, [callback]).train()
+    assert (len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks)) == hooks
+    steps = bl.read_training_lens(tmp_path / "again", "steps")
+    assert steps.groupby(["step", "layer", "module", "source"]).size().max() == 1  # each step read once
+    assert sorted(set(steps.step)) == [1, 2, 3, 4]
+
+
+def test_a_second_lens_on_the_same_weights_is_refused_until_the_first_closes(tokenizer):
+    model = make_tiny_model("gpt2").train()
+    first = bl.TrainingLens(model, tokenizer, every=1).start()
+    with pytest.raises(RuntimeError, match="another TrainingLens .* still started on these weights: close it first"):
+        bl.TrainingLens(model, tokenizer, every=1).start()
+    bl.TrainingLens(make_tiny_model("gpt2"), tokenizer, every=1).start().close()  # another model's weights: fine
+    first.close()
+    bl.TrainingLens(model, tokenizer, every=1).start().close()
