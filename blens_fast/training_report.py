@@ -73,8 +73,10 @@ def _timeline_png(module: str, rows: pd.DataFrame, steps: pd.DataFrame, tracked:
                                                                                    columns=cells.columns)
     panels = 2 if (module == "mlp.out" and not tracked.empty) else 1
     width = min(22.0, max(7.0, 0.55 * len(cells.columns) + 3))
-    fig, axes = plt.subplots(panels, 1, figsize=(width, 1.2 + 0.6 * len(cells.index) * panels + 1.2 * (panels - 1)),
-                             squeeze=False)
+    tracked_rows = tracked[["track", "layer"]].drop_duplicates().shape[0] if panels == 2 else 0
+    fig, axes = plt.subplots(panels, 1, figsize=(width, 1.2 + 0.6 * len(cells.index) + (1.2 + 0.22 * tracked_rows)
+                                                 * (panels - 1)),
+                             squeeze=False, height_ratios=[len(cells.index), 0.4 * tracked_rows][:panels])
     ax = axes[0, 0]
     shade = np.log10(norms.to_numpy(dtype=float).clip(min=1e-30))
     image = ax.imshow(shade, aspect="auto", cmap="viridis")
@@ -103,17 +105,23 @@ def _timeline_png(module: str, rows: pd.DataFrame, steps: pd.DataFrame, tracked:
 
 
 def _tracked_panel(ax, tracked: pd.DataFrame) -> None:
+    """A heatmap: one row per (tracked prompt, layer), one column per sampled step, coloured by the target's log10
+    rank among the tokens the step promotes there (yellow: rank 1)."""
     first = tracked[tracked["rank"] == 1]
-    for (track, layer), part in first.groupby(["track", "layer"]):
-        label = f"#{track} {part['target'].iloc[0].strip()} L{layer}"
-        ax.plot(part["step"], part["target_rank"], "o-", ms=3, lw=1, label=label)
-    ax.set_yscale("log")
-    ax.invert_yaxis()
-    ax.set(xlabel="step", ylabel="target rank in ff2_bottom (1 = top)")
-    ax.set_title("tracked prompts: the target's rank among the tokens the step promotes at the prompt's last "
-                 "position", fontsize=9)
-    if first.groupby(["track", "layer"]).ngroups <= 16:
-        ax.legend(fontsize=6, ncol=2)
+    ranks = first.pivot_table(index=["track", "layer"], columns="step", values="target_rank", aggfunc="first")
+    targets = first.groupby("track")["target"].first()
+    image = ax.imshow(np.log10(ranks.to_numpy(dtype=float).clip(min=1)), aspect="auto", cmap="viridis_r",
+                      interpolation="nearest")
+    columns = list(ranks.columns)
+    stride = max(1, int(np.ceil(len(columns) / LABELLED_STEPS)))
+    ax.set_xticks(range(0, len(columns), stride), [str(columns[i]) for i in range(0, len(columns), stride)],
+                  fontsize=7)
+    ax.set_yticks(range(len(ranks.index)), [f"#{track} {targets[track].strip()!r} L{layer}"
+                                            for track, layer in ranks.index], fontsize=7)
+    ax.set(xlabel="step")
+    ax.set_title("tracked prompts: log10 rank of the target among the tokens the step promotes at the prompt's "
+                 "last position (ff2_bottom; yellow: rank 1)", fontsize=9)
+    ax.figure.colorbar(image, ax=ax, fraction=0.03)
 
 
 def _timeline_html(module: str, png: bytes, rows: pd.DataFrame) -> str:
