@@ -74,13 +74,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from ._checks import check_choice, check_positive_int
-from ._io import atomic_write_json, atomic_write_table, make_folder, read_json, refuse_symlinks
+from ._io import atomic_write_json, atomic_write_table, make_folder, read_json, refuse_symlinks, remove_inside
 from .adapters import MODULE_NAMES
 from .bulk.shards import shard_file
 from .context import ModelContext, bind
@@ -361,12 +362,7 @@ class TrainingLens:
             if old != described:
                 raise ValueError(f"{str(self.out)!r} holds a training lens run with other settings ({str(found)!r}): "
                                  "use another out folder or the same settings")
-            done = read_training_lens(self.out, "steps").step
-            if len(done) and int(done.max()) > self.step:
-                # a run that starts again below the steps it wrote would overwrite some of its parts and not others
-                raise ValueError(f"{str(self.out)!r} holds steps up to {int(done.max())}, beyond this lens's start at "
-                                 f"step {self.step}: it is another run's (or a run resumed from an earlier "
-                                 "checkpoint); use another out folder, or delete the parts of later steps")
+            self._drop_steps_after_start()
         else:
             atomic_write_json(found, described)
 
@@ -379,6 +375,28 @@ class TrainingLens:
         """Its ``.grad`` as a ``(d_in, d_out)`` view, or None."""
         grad = self._params[key].grad
         return None if grad is None else self.ctx.adapter.as_io(grad)
+
+    def _drop_steps_after_start(self) -> None:
+        """Rows of steps after :attr:`step` (a run resumed from an earlier checkpoint, or started again from 0) are
+        taken again by this run: drop them now, so that the folder never mixes the old and the new (parts are named by
+        their first step, and new parts would replace some old ones and not others)."""
+        dropped = set()
+        for table in TABLES:
+            for part in sorted((self.out / table).glob("part-*.parquet")):
+                steps = pq.read_table(part, columns=["step"], schema=SCHEMAS[table]).column("step")
+                if len(steps) == 0 or pc.max(steps).as_py() <= self.step:
+                    continue
+                dropped.update(s for s in steps.to_pylist() if s > self.step)
+                if pc.min(steps).as_py() > self.step:
+                    remove_inside(self.out, part)
+                else:  # a part that holds steps on both sides: keep those up to the start
+                    kept = pq.read_table(part, schema=SCHEMAS[table])
+                    atomic_write_table(part, kept.filter(pc.less_equal(kept.column("step"), self.step)))
+        if dropped:
+            warnings.warn(f"training lens: {str(self.out)!r} held {len(dropped)} sampled steps after this lens's start "
+                          f"(steps {min(dropped)}-{max(dropped)}, start {self.step}: a run resumed from an earlier "
+                          "checkpoint, or started again); their rows are dropped and written again as the steps are "
+                          "taken", stacklevel=4)
 
     # -- module hooks ------------------------------------------------------------------------------------------
     def _arm_for_next_step(self) -> None:

@@ -102,9 +102,9 @@ class Interrupt(transformers.TrainerCallback):
 
 
 def test_an_interrupted_training_started_again_leaves_one_lens(tokenizer, tmp_path):
-    """train() interrupted (no on_train_end) and called again: the callback closes its first lens, keeping its rows;
-    the second run, counting steps from 0 again, is refused the folder that holds step 1 (it would overwrite some of
-    the first run's parts and not others); in another folder it runs, each step hooked once, no hook left."""
+    """train() interrupted (no on_train_end) and called again: the callback closes its first lens (its rows written)
+    before the second starts, so each step is hooked once and no hook is left; the second run counts from 0 again, so
+    the first run's step 1 is dropped with a warning and taken again (the folder never mixes the two runs)."""
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
     hooks = len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks)
@@ -113,14 +113,11 @@ def test_an_interrupted_training_started_again_leaves_one_lens(tokenizer, tmp_pa
     trainer = trainer_for(model, tokenizer, tmp_path, [callback, Interrupt()])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    with pytest.raises(ValueError, match="holds steps up to 1, beyond this lens's start at step 0"):
+    # the interrupted lens's step 1 is written when the callback closes it, then dropped by the new run
+    with pytest.warns(UserWarning, match=r"held 1 sampled steps after this lens's start \(steps 1-1, start 0"):
         trainer.train()
     assert (len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks)) == hooks
-    assert sorted(set(bl.read_training_lens(tmp_path / "tlens", "steps").step)) == [1]  # the first run's step kept
-    callback = bl.integrations.BackwardLensCallback(every=1, k=3, rank=2, out=tmp_path / "again")
-    trainer_for(model, tokenizer, tmp_path, [callback]).train()
-    assert (len(_global_optimizer_pre_hooks), len(_global_optimizer_post_hooks)) == hooks
-    steps = bl.read_training_lens(tmp_path / "again", "steps")
+    steps = bl.read_training_lens(tmp_path / "tlens", "steps")
     assert steps.groupby(["step", "layer", "module", "source"]).size().max() == 1  # each step read once
     assert sorted(set(steps.step)) == [1, 2, 3, 4]
 

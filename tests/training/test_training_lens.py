@@ -659,3 +659,36 @@ def test_impl_chooses_the_projection(tokenizer, monkeypatch):
     assert seen == ["auto", "auto", "torch", "torch", "triton", "triton"]
     pd.testing.assert_frame_equal(rows["auto"], rows["torch"])
     pd.testing.assert_frame_equal(rows["auto"], rows["triton"])
+
+
+def test_a_lens_resumed_from_an_earlier_step_drops_the_later_rows_it_retakes(tokenizer, tmp_path):
+    """Steps 1-5 written in parts of 2 sampled steps (1-2, 3-4, 5); a lens resumed at step 3 (a Trainer resumed from
+    an earlier checkpoint) keeps steps 1-3, rewriting the part that straddles its start, drops 4 and 5 with a warning,
+    and writes its own 4 and 5: one row set per step, the old ones up to the start."""
+    model = make_tiny_model("gpt2").train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = encode(tokenizer, TEXTS)
+
+    def train(steps, **options):
+        with training_lens(model, tokenizer, every=1, k=3, rank=2, out=tmp_path / "tlens", flush_every=2,
+                           **options) as tl:
+            for _ in range(steps):
+                model(**batch).loss.backward()
+                opt.step()
+                opt.zero_grad()
+        return tl
+
+    train(5)
+    old = read_training_lens(tmp_path / "tlens", "steps")
+    assert sorted((tmp_path / "tlens" / "steps").glob("part-*")) == [
+        tmp_path / "tlens" / "steps" / f"part-{first:06d}.parquet" for first in (1, 3, 5)]
+    with pytest.warns(UserWarning, match=r"held 2 sampled steps after this lens's start \(steps 4-5, start 3"):
+        train(2, start_step=3)
+    new = read_training_lens(tmp_path / "tlens", "steps")
+    key = ["step", "layer", "module", "source"]
+    assert new.groupby(key).size().max() == 1 and sorted(set(new.step)) == [1, 2, 3, 4, 5]
+    kept = new[new.step <= 3].set_index(key).norm
+    pd.testing.assert_series_equal(kept, old[old.step <= 3].set_index(key).norm)
+    assert not new[new.step == 4].set_index(key).norm.equals(old[old.step == 4].set_index(key).norm)
+    rows = read_training_lens(tmp_path / "tlens", "rows")
+    assert rows.groupby(key + ["direction", "list", "rank"]).size().max() == 1
