@@ -307,7 +307,8 @@ class TrainingLens:
         self.close(report=exc[0] is None)
 
     def start(self) -> "TrainingLens":
-        """Install the optimizer hooks (and the module hooks when the next step is sampled); write ``run.json``."""
+        """Install the optimizer hooks (and the module hooks when the next step is sampled); write ``run.json``, or
+        check it against these settings and drop the rows of steps after ``start_step`` (they are taken again)."""
         if self._optimizer_hooks:
             raise RuntimeError("this TrainingLens is already started")
         for other in _STARTED:
