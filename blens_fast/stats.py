@@ -58,6 +58,32 @@ __all__ = ["GradientStats", "ModuleSketch", "ModuleStats", "StatsAccumulator", "
 # Mutation testing's core (setup.cfg) in this module is the merge of statistics and their saved state; the
 # sketch maths (exercised through gradient_stats' accuracy tests) and the public call are left out.
 # pragma: no mutate start
+#: rows of a factor or of a weight-sized matrix read at a time (bounds every temporary)
+BLOCK_ROWS = 256
+
+
+def block_rows(n: int) -> int:
+    """Rows of an ``n``-row weight-sized matrix read at a time: at most :data:`BLOCK_ROWS` and an eighth of them, so
+    that no float32 copy of a block holds more."""
+    return max(1, min(BLOCK_ROWS, -(-n // 8)))
+
+
+def skinny_product(matrix: torch.Tensor, other: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+    """``matrix @ other`` (``transpose``: ``matrix.T @ other``) in float32 for a weight-sized ``matrix`` and a narrow
+    ``other``: a float32 ``matrix`` read in place, another in blocks of :func:`block_rows` rows (no float32 copy of it
+    whole)."""
+    rows = block_rows(matrix.shape[0])
+    other = other.to(matrix.device)
+    if matrix.dtype == torch.float32:  # the narrow factor on the left: BLAS runs such products several times faster
+        return (other.T @ (matrix if transpose else matrix.T)).T
+    if transpose:
+        out = torch.zeros(matrix.shape[1], other.shape[1], dtype=torch.float32, device=matrix.device)
+        for first in range(0, matrix.shape[0], rows):
+            out.addmm_(matrix[first:first + rows].float().T, other[first:first + rows])
+        return out
+    return torch.cat([matrix[first:first + rows].float() @ other for first in range(0, matrix.shape[0], rows)])
+
+
 def sketch_sizes(rank: int, sketch_size: int | None = None, cosketch_size: int | None = None,
                  residual_size: int | None = None) -> tuple[int, int, int]:
     """``(k, l, m)``: range sketch ``k = 2r + 1``, co-range sketch ``l = 2k + 1``, residual probes ``m = 8``."""
@@ -215,44 +241,33 @@ class ModuleSketch:
         self.norms_sq.append(norms_sq)
         return norms_sq
 
-    def add_rows(self, x: torch.Tensor, delta: torch.Tensor, test_matrices, *, block_rows: int = 256) -> None:
+    def add_rows(self, x: torch.Tensor, delta: torch.Tensor, test_matrices) -> None:
         """Add the summed gradient ``x^T delta`` of token rows (``N x d_in``, ``N x d_out``) with no per-example norm
-        (one training step's tokens), ``block_rows`` rows at a time so that no temporary holds more rows. Plain
+        (one training step's tokens), :data:`BLOCK_ROWS` rows at a time so that no temporary holds more rows. Plain
         matrix products: without per-example norms (what the fused op is for) BLAS is 1.6-1.8x faster here."""
         right, left_t = test_matrices
-        for start in range(0, x.shape[0], block_rows):
-            rows = x[start:start + block_rows].to(self.y.device, torch.float32)
-            deltas = delta[start:start + block_rows].to(self.y.device, torch.float32)
+        for start in range(0, x.shape[0], BLOCK_ROWS):
+            rows = x[start:start + BLOCK_ROWS].to(self.y.device, torch.float32)
+            deltas = delta[start:start + BLOCK_ROWS].to(self.y.device, torch.float32)
             a, b = (deltas, rows) if self.swap else (rows, deltas)
             self.y.addmm_(a.T, b @ right)
             self.w.addmm_((a @ left_t).T, b)
             self.tokens += rows.shape[0]
 
 
-    def sketch_matrix(self, matrix: torch.Tensor, test_matrices, *, probes_only: bool = False,
-                      block_rows: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sketch_matrix(self, matrix: torch.Tensor, test_matrices, *, probes_only: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The sketches ``(y, w)`` of a dense ``d_in x d_out`` matrix (a weight or its ``.grad``, any strides) with
-        this module's test matrices, as :meth:`update` would build them: a float32 matrix is read in place, another
-        in blocks of at most ``block_rows`` rows and an eighth of the matrix, so no float32 copy holds more.
-        ``probes_only``: only ``y``'s residual-probe columns (``p x m``) and ``w = None``."""
+        this module's test matrices, as :meth:`update` would build them (:func:`skinny_product`: a float32 matrix is
+        read in place, another in blocks). ``probes_only``: only ``y``'s residual-probe columns (``p x m``) and
+        ``w = None``."""
         right, left_t = test_matrices
         k = self.y.shape[1] - self.residual_columns
         oriented = matrix.T if self.swap else matrix  # p x q, a view
-        right = right[:, k:] if probes_only else right
-        y = torch.empty(oriented.shape[0], right.shape[1], dtype=torch.float32, device=self.y.device)
-        w = None if probes_only else torch.zeros_like(self.w)
-        if oriented.dtype == torch.float32 and oriented.device == self.y.device:  # read in place, no copy
-            y.T.copy_(right.T @ oriented.T)  # the narrow factor on the left: several times faster in BLAS
-            if w is not None:
-                torch.mm(left_t.T, oriented, out=w)
-            return y, w
-        block_rows = max(1, min(block_rows, -(-oriented.shape[0] // 8)))
-        for start in range(0, oriented.shape[0], block_rows):
-            block = oriented[start:start + block_rows].to(device=self.y.device, dtype=torch.float32)
-            torch.mm(block, right, out=y[start:start + block_rows])
-            if w is not None:
-                w.addmm_(left_t[start:start + block_rows].T, block)
-        return y, w
+        y = skinny_product(oriented, right[:, k:] if probes_only else right).to(self.y.device)
+        if probes_only:
+            return y, None
+        return y, skinny_product(oriented, left_t, transpose=True).T.contiguous().to(self.w.device)
 
     def clear(self) -> None:
         """Back to the state of no examples."""

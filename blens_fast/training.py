@@ -89,7 +89,7 @@ from .forward import forward_hidden
 from .lists import LIST_NAMES, LISTS
 from .ops.topk import TOPK
 from .project import project_lists
-from .stats import StatsAccumulator, sketch_sizes
+from .stats import BLOCK_ROWS, StatsAccumulator, block_rows, sketch_sizes, skinny_product
 
 __all__ = ["SCHEMAS", "TABLES", "TrainingLens", "TrainingLensSettings", "read_training_lens", "training_lens"]
 
@@ -98,8 +98,6 @@ SOURCES = ("gradient", "change")
 CHANGE_MODES = ("auto", "always", "never")
 #: relative mismatch between the hooks' factor sum and ``.grad`` above which a step is warned about
 CONSISTENCY_WARNING = 1e-2
-#: rows of a factor or weight read at a time (bounds every temporary)
-BLOCK_ROWS = 256
 #: the share of ||G||^2 outside the refined subspace above which the error bar is a difference of squares
 DIFFERENCE_OF_SQUARES = 1e-2
 
@@ -181,7 +179,7 @@ def _frobenius(matrix: torch.Tensor) -> float:
     """``||matrix||_F``, read in blocks of at most an eighth of its rows (a 16-bit matrix is never copied whole)."""
     if matrix.dtype == torch.float32:
         return float(torch.linalg.vector_norm(matrix))
-    rows = _block_rows(matrix.shape[0])
+    rows = block_rows(matrix.shape[0])
     return math.sqrt(sum(float(torch.linalg.vector_norm(matrix[s:s + rows], dtype=torch.float32)) ** 2
                          for s in range(0, matrix.shape[0], rows)))
 
@@ -846,38 +844,18 @@ def _refined(grad: torch.Tensor, start: torch.Tensor, side: str, norm: float):
     directly, in row blocks (a step whose rank fits the subspace, where the difference would be rounding)."""
     basis = torch.linalg.qr(start.double()).Q.float()
     if side == "out":
-        basis = torch.linalg.qr(_product(grad, basis, transpose=False).double()).Q.float()
-    outputs = torch.linalg.qr(_product(grad, basis, transpose=True).double()).Q.float()
+        basis = torch.linalg.qr(skinny_product(grad, basis, transpose=False).double()).Q.float()
+    outputs = torch.linalg.qr(skinny_product(grad, basis, transpose=True).double()).Q.float()
     outputs = outputs.to(grad.device)
-    w = _product(grad, outputs, transpose=False)
+    w = skinny_product(grad, outputs, transpose=False)
     residual_sq = norm ** 2 - float(torch.linalg.vector_norm(w.double())) ** 2
     if residual_sq < DIFFERENCE_OF_SQUARES * norm ** 2:  # most of G is in the subspace: its rounding would dominate
-        rows = _block_rows(grad.shape[0])
+        rows = block_rows(grad.shape[0])
         residual_sq = sum(float(torch.linalg.vector_norm(grad[first:first + rows].float()
                                                          - w[first:first + rows] @ outputs.T)) ** 2
                           for first in range(0, grad.shape[0], rows))
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     return s.cpu(), u.cpu(), (outputs.double() @ vh.T).cpu(), norm, math.sqrt(residual_sq)
-
-
-def _block_rows(n: int) -> int:
-    """Rows of a weight-sized matrix read at a time: at most :data:`BLOCK_ROWS` and an eighth of them."""
-    return max(1, min(BLOCK_ROWS, -(-n // 8)))
-
-
-def _product(matrix: torch.Tensor, other: torch.Tensor, *, transpose: bool) -> torch.Tensor:
-    """``matrix @ other`` (``transpose``: ``matrix.T @ other``) in float32: a float32 ``matrix`` read in place, another
-    in row blocks (no float32 copy of it whole)."""
-    rows = _block_rows(matrix.shape[0])
-    other = other.to(matrix.device)
-    if matrix.dtype == torch.float32:  # the narrow factor on the left: BLAS runs such products several times faster
-        return (other.T @ (matrix if transpose else matrix.T)).T
-    if transpose:
-        out = torch.zeros(matrix.shape[1], other.shape[1], dtype=torch.float32, device=matrix.device)
-        for first in range(0, matrix.shape[0], rows):
-            out.addmm_(matrix[first:first + rows].float().T, other[first:first + rows])
-        return out
-    return torch.cat([matrix[first:first + rows].float() @ other for first in range(0, matrix.shape[0], rows)])
 
 
 def _sampled_norm(y: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
